@@ -1,0 +1,30 @@
+"""deployd's Python client: torch::deploy's C++ API over gRPC.
+
+with InterpreterManager("127.0.0.1:50051") as manager:
+    model = manager.load_package("my_package.pt").load_pickle("model", "model.pkl")
+    output = model(torch.ones(1, 1, 10, 10))
+"""
+
+from client._errors import (
+    DeadlineExceededError,
+    DeployError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RemoteError,
+    UnavailableError,
+)
+from client._manager import InterpreterManager, Package, ReplicatedObj
+
+__all__ = [
+    "DeadlineExceededError",
+    "DeployError",
+    "InterpreterManager",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "Package",
+    "PermissionDeniedError",
+    "RemoteError",
+    "ReplicatedObj",
+    "UnavailableError",
+]

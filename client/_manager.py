@@ -1,0 +1,170 @@
+"""InterpreterManager, Package and ReplicatedObj: torch::deploy's C++ API, over gRPC."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import grpc
+
+from client._errors import InvalidArgumentError, translate_rpc_error
+from client._proto import deployd_pb2 as pb
+from client._proto import deployd_pb2_grpc as pb_grpc
+from client._values import from_wire, to_wire
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+Response = TypeVar("Response")
+
+
+class InterpreterManager:
+    """A connection to a deployd daemon (C++: torch::deploy::InterpreterManager).
+
+    timeout: default deadline in seconds for every call (None: no deadline).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._chunk_bytes = chunk_bytes
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = pb_grpc.DeploydStub(self._channel)
+
+    def __enter__(self) -> InterpreterManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def call(self, rpc: Callable[..., Response], request: Any, timeout: float | None = None) -> Response:
+        """Run one RPC, turning a grpc.RpcError into a DeployError."""
+        try:
+            return rpc(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as error:
+            raise translate_rpc_error(error) from None
+
+    # ------------------------------------------------------------------ C++ API
+
+    def load_package(
+        self, path_or_bytes: str | os.PathLike[str] | bytes | None = None, *, server_path: str | None = None
+    ) -> Package:
+        """Load a torch.package archive: a local file, its bytes, or a path on the daemon's host."""
+        if (path_or_bytes is None) == (server_path is None):
+            raise TypeError("load_package takes a path or bytes, or server_path=, not both")
+        if server_path is not None:
+            requests: Iterator[pb.LoadPackageRequest] = iter([pb.LoadPackageRequest(server_path=server_path)])
+        elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+            requests = self._chunks_of_bytes(bytes(path_or_bytes))
+        else:
+            requests = self._chunks_of_file(Path(path_or_bytes))  # type: ignore[arg-type]
+        response = self.call(self._stub.LoadPackage, requests)
+        return Package(self, response.package_id)
+
+    def register_module_source(self, name: str, src: str) -> None:
+        """Make `import name` work in every worker, including workers started later."""
+        self.call(self._stub.RegisterModuleSource, pb.RegisterModuleSourceRequest(name=name, source=src))
+
+    def status(self) -> pb.StatusResponse:
+        """The daemon's workers, packages, objects and registered modules."""
+        return self.call(self._stub.Status, pb.StatusRequest())
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.status().workers)
+
+    def _chunks_of_bytes(self, data: bytes) -> Iterator[pb.LoadPackageRequest]:
+        for start in range(0, max(len(data), 1), self._chunk_bytes):
+            yield pb.LoadPackageRequest(chunk=data[start : start + self._chunk_bytes])
+
+    def _chunks_of_file(self, path: Path) -> Iterator[pb.LoadPackageRequest]:
+        with open(path, "rb") as source:  # opened here, so a missing file raises before any RPC
+            yield from (
+                pb.LoadPackageRequest(chunk=chunk) for chunk in iter(lambda: source.read(self._chunk_bytes), b"")
+            )
+
+
+class Package:
+    """A loaded torch.package archive (C++: torch::deploy::Package)."""
+
+    def __init__(self, manager: InterpreterManager, package_id: str) -> None:
+        self.manager = manager
+        self.id = package_id
+
+    def __repr__(self) -> str:
+        return f"<Package {self.id[:12]}>"
+
+    def load_pickle(self, module: str, file: str) -> ReplicatedObj:
+        """Unpickle an object on every worker and return a handle to its replicas."""
+        request = pb.LoadPickleRequest(package_id=self.id, module=module, file=file)
+        response = self.manager.call(self.manager._stub.LoadPickle, request)
+        return ReplicatedObj(self.manager, response.object_id)
+
+    def load_text(self, module: str, resource: str) -> str:
+        request = pb.LoadResourceRequest(package_id=self.id, module=module, resource=resource)
+        return self.manager.call(self.manager._stub.LoadText, request).text
+
+    def load_binary(self, module: str, resource: str) -> bytes:
+        request = pb.LoadResourceRequest(package_id=self.id, module=module, resource=resource)
+        return self.manager.call(self.manager._stub.LoadBinary, request).data
+
+    def unload(self) -> list[str]:
+        """Unload the package and every object loaded from it; returns those objects' ids."""
+        response = self.manager.call(self.manager._stub.UnloadPackage, pb.UnloadPackageRequest(package_id=self.id))
+        return list(response.object_ids)
+
+
+class ReplicatedObj:
+    """One object replicated on every worker; a call runs on a free worker (C++: ReplicatedObj)."""
+
+    def __init__(self, manager: InterpreterManager, object_id: str, *, timeout: float | None = None) -> None:
+        self.manager = manager
+        self.id = object_id
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<ReplicatedObj {self.id}>"
+
+    def options(self, *, timeout: float | None = None) -> ReplicatedObj:
+        """The same object with per-call options, e.g. obj.options(timeout=1)(x)."""
+        return ReplicatedObj(self.manager, self.id, timeout=timeout)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """C++: operator() and callKwargs."""
+        return self.call_method("__call__", *args, **kwargs)
+
+    def call_method(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        request = pb.InvokeRequest(object_id=self.id, method=name)
+        try:
+            for arg in args:
+                to_wire(arg, request.args.add())
+            for key, value in kwargs.items():
+                to_wire(value, request.kwargs[key])
+        except (TypeError, ValueError) as error:
+            raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        response = self.manager.call(self.manager._stub.Invoke, request, self._timeout)
+        return from_wire(response.result)
+
+    def hasattr(self, name: str) -> bool:
+        request = pb.HasAttrRequest(object_id=self.id, name=name)
+        return self.manager.call(self.manager._stub.HasAttr, request).present
+
+    def unload(self) -> None:
+        self.manager.call(self.manager._stub.UnloadObject, pb.UnloadObjectRequest(object_id=self.id))

@@ -1,0 +1,283 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class NoneValue(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NONE_VALUE: _ClassVar[NoneValue]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
+    DTYPE_INT16: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+    DTYPE_COMPLEX64: _ClassVar[DType]
+    DTYPE_COMPLEX128: _ClassVar[DType]
+NONE_VALUE: NoneValue
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT16: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT64: DType
+DTYPE_BFLOAT16: DType
+DTYPE_INT8: DType
+DTYPE_INT16: DType
+DTYPE_INT32: DType
+DTYPE_INT64: DType
+DTYPE_UINT8: DType
+DTYPE_BOOL: DType
+DTYPE_COMPLEX64: DType
+DTYPE_COMPLEX128: DType
+
+class Value(_message.Message):
+    __slots__ = ("none_value", "bool_value", "int_value", "double_value", "string_value", "bytes_value", "tensor_value", "list_value", "tuple_value", "dict_value")
+    NONE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DOUBLE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    LIST_VALUE_FIELD_NUMBER: _ClassVar[int]
+    TUPLE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DICT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    none_value: NoneValue
+    bool_value: bool
+    int_value: int
+    double_value: float
+    string_value: str
+    bytes_value: bytes
+    tensor_value: Tensor
+    list_value: ValueList
+    tuple_value: ValueList
+    dict_value: Dict
+    def __init__(self, none_value: _Optional[_Union[NoneValue, str]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., double_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bytes_value: _Optional[bytes] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., tuple_value: _Optional[_Union[ValueList, _Mapping]] = ..., dict_value: _Optional[_Union[Dict, _Mapping]] = ...) -> None: ...
+
+class ValueList(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class Dict(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[DictEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[DictEntry, _Mapping]]] = ...) -> None: ...
+
+class DictEntry(_message.Message):
+    __slots__ = ("string_key", "int_key", "value")
+    STRING_KEY_FIELD_NUMBER: _ClassVar[int]
+    INT_KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    string_key: str
+    int_key: int
+    value: Value
+    def __init__(self, string_key: _Optional[str] = ..., int_key: _Optional[int] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LoadPackageRequest(_message.Message):
+    __slots__ = ("chunk", "server_path")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SERVER_PATH_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    server_path: str
+    def __init__(self, chunk: _Optional[bytes] = ..., server_path: _Optional[str] = ...) -> None: ...
+
+class LoadPackageResponse(_message.Message):
+    __slots__ = ("package_id", "size_bytes")
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    package_id: str
+    size_bytes: int
+    def __init__(self, package_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class LoadPickleRequest(_message.Message):
+    __slots__ = ("package_id", "module", "file")
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    package_id: str
+    module: str
+    file: str
+    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
+
+class LoadPickleResponse(_message.Message):
+    __slots__ = ("object_id",)
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    def __init__(self, object_id: _Optional[str] = ...) -> None: ...
+
+class InvokeRequest(_message.Message):
+    __slots__ = ("object_id", "method", "args", "kwargs")
+    class KwargsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    method: str
+    args: _containers.RepeatedCompositeFieldContainer[Value]
+    kwargs: _containers.MessageMap[str, Value]
+    def __init__(self, object_id: _Optional[str] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+
+class InvokeResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: Value
+    def __init__(self, result: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class HasAttrRequest(_message.Message):
+    __slots__ = ("object_id", "name")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    name: str
+    def __init__(self, object_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class HasAttrResponse(_message.Message):
+    __slots__ = ("present",)
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    def __init__(self, present: _Optional[bool] = ...) -> None: ...
+
+class UnloadObjectRequest(_message.Message):
+    __slots__ = ("object_id",)
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    def __init__(self, object_id: _Optional[str] = ...) -> None: ...
+
+class UnloadObjectResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnloadPackageRequest(_message.Message):
+    __slots__ = ("package_id",)
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    package_id: str
+    def __init__(self, package_id: _Optional[str] = ...) -> None: ...
+
+class UnloadPackageResponse(_message.Message):
+    __slots__ = ("object_ids",)
+    OBJECT_IDS_FIELD_NUMBER: _ClassVar[int]
+    object_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, object_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoadResourceRequest(_message.Message):
+    __slots__ = ("package_id", "module", "resource")
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    package_id: str
+    module: str
+    resource: str
+    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., resource: _Optional[str] = ...) -> None: ...
+
+class LoadTextResponse(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class LoadBinaryResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class RegisterModuleSourceRequest(_message.Message):
+    __slots__ = ("name", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class RegisterModuleSourceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("workers", "packages", "objects", "modules")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PACKAGES_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    packages: _containers.RepeatedCompositeFieldContainer[PackageStatus]
+    objects: _containers.RepeatedCompositeFieldContainer[ObjectStatus]
+    modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., packages: _Optional[_Iterable[_Union[PackageStatus, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectStatus, _Mapping]]] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("index", "pid", "state", "calls_served", "restarts")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    pid: int
+    state: str
+    calls_served: int
+    restarts: int
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., calls_served: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
+
+class PackageStatus(_message.Message):
+    __slots__ = ("package_id", "size_bytes")
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    package_id: str
+    size_bytes: int
+    def __init__(self, package_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ObjectStatus(_message.Message):
+    __slots__ = ("object_id", "package_id", "module", "file")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    package_id: str
+    module: str
+    file: str
+    def __init__(self, object_id: _Optional[str] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
+
+class ErrorDetail(_message.Message):
+    __slots__ = ("remote_type", "remote_traceback")
+    REMOTE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    remote_type: str
+    remote_traceback: str
+    def __init__(self, remote_type: _Optional[str] = ..., remote_traceback: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,113 @@
+"""Python values, torch tensors and numpy arrays <-> wire values (deployd.v1.Value)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from client._proto import deployd_pb2 as pb
+
+_DTYPES: dict[torch.dtype, int] = {
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.float64: pb.DTYPE_FLOAT64,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.int8: pb.DTYPE_INT8,
+    torch.int16: pb.DTYPE_INT16,
+    torch.int32: pb.DTYPE_INT32,
+    torch.int64: pb.DTYPE_INT64,
+    torch.uint8: pb.DTYPE_UINT8,
+    torch.bool: pb.DTYPE_BOOL,
+    torch.complex64: pb.DTYPE_COMPLEX64,
+    torch.complex128: pb.DTYPE_COMPLEX128,
+}
+_TORCH_DTYPES = {wire: dtype for dtype, wire in _DTYPES.items()}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def to_wire(value: Any, out: pb.Value) -> None:
+    """Fill out with the wire form of value. Raises TypeError or ValueError for what cannot go."""
+    if value is None:
+        out.none_value = pb.NONE_VALUE
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"integer {value} does not fit in int64")
+        out.int_value = value
+    elif isinstance(value, float):
+        out.double_value = value
+    elif isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        out.bytes_value = bytes(value)
+    elif isinstance(value, torch.Tensor):
+        _tensor_to_wire(value, out.tensor_value)
+    elif isinstance(value, tuple):
+        for item in value:
+            to_wire(item, out.tuple_value.items.add())
+        out.tuple_value.SetInParent()
+    elif isinstance(value, list):
+        for item in value:
+            to_wire(item, out.list_value.items.add())
+        out.list_value.SetInParent()
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            entry = out.dict_value.entries.add()
+            if isinstance(key, str):
+                entry.string_key = key
+            elif isinstance(key, int) and not isinstance(key, bool):
+                entry.int_key = key
+            else:
+                raise TypeError(f"dict keys must be str or int, not {type(key).__qualname__}")
+            to_wire(item, entry.value)
+        out.dict_value.SetInParent()
+    elif type(value).__module__ == "numpy":  # numpy is optional: never imported here
+        if type(value).__name__ == "ndarray":
+            _tensor_to_wire(torch.tensor(value), out.tensor_value)
+        else:
+            to_wire(value.item(), out)  # a numpy scalar
+    else:
+        raise TypeError(f"a value of type {type(value).__qualname__} cannot be sent to deployd")
+
+
+def _tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> None:
+    wire_dtype = _DTYPES.get(tensor.dtype)
+    if wire_dtype is None:
+        raise TypeError(f"tensors of dtype {tensor.dtype} cannot be sent to deployd")
+    dense = tensor.detach()
+    if dense.layout != torch.strided:
+        dense = dense.to_dense()
+    # Any layout (transposed, sliced, conjugated views) goes as dense C-order bytes.
+    dense = dense.cpu().resolve_conj().resolve_neg().contiguous()
+    out.dtype = wire_dtype  # type: ignore[assignment]
+    out.shape.extend(dense.shape)
+    out.data = dense.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def from_wire(value: pb.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "tensor_value":
+        return _tensor_from_wire(value.tensor_value)
+    if kind == "list_value":
+        return [from_wire(item) for item in value.list_value.items]
+    if kind == "tuple_value":
+        return tuple(from_wire(item) for item in value.tuple_value.items)
+    if kind == "dict_value":
+        return {
+            getattr(entry, entry.WhichOneof("key") or "string_key"): from_wire(entry.value)
+            for entry in value.dict_value.entries
+        }
+    if kind == "none_value" or kind is None:
+        return None
+    return getattr(value, kind)
+
+
+def _tensor_from_wire(tensor: pb.Tensor) -> torch.Tensor:
+    dtype = _TORCH_DTYPES[tensor.dtype]
+    shape = list(tensor.shape)
+    if not tensor.data:
+        return torch.empty(shape, dtype=dtype)
+    # bytearray: a writable buffer, so the tensor owns ordinary mutable memory.
+    return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(shape)

@@ -1,0 +1,193 @@
+"""The daemon's settings: defaults < config file < DEPLOYD_SECTION_KEY environment < flags.
+
+Every key lives in a section; `config.yaml` at the repository root lists them all
+with their defaults, and README.md ("Configuration") says what each one does. Unknown
+keys and bad values stop the daemon at start with a message naming the key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "DEPLOYD_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    address: str = "127.0.0.1:50051"
+    max_message_bytes: int = 256 * 1024 * 1024
+    # Seconds that calls in flight get to finish on shutdown.
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class PoolSection:
+    workers: int = 0  # 0: one per CPU core
+    start_timeout_seconds: float = 60.0
+    stop_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    num_threads: int = 1  # torch intra-op threads per worker
+    extra_sys_paths: tuple[str, ...] = ()  # appended to sys.path in every worker (externs)
+
+
+@dataclass(frozen=True)
+class PackagesSection:
+    directory: str = "packages"  # server-side paths in LoadPackage must lie inside it
+    max_bytes: int = 16 * 1024 * 1024 * 1024
+    # Where the daemon keeps its copies of loaded packages; empty: a fresh temporary directory.
+    store_directory: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    address: str = ""  # host:port for Prometheus /metrics; empty: off
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    pool: PoolSection = field(default_factory=PoolSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
+    packages: PackagesSection = field(default_factory=PackagesSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    @property
+    def worker_count(self) -> int:
+        return self.pool.workers or os.cpu_count() or 1
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config. overrides are flags, keyed "section.key"."""
+    values: dict[str, dict[str, Any]] = {section.name: {} for section in dataclasses.fields(Config)}
+    if path is not None:
+        _merge(values, _read_file(Path(path)), f"{path}")
+    _merge(values, _from_environment(os.environ if environ is None else environ), "environment")
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        values[section][key] = value
+    sections = {}
+    for section_field in dataclasses.fields(Config):
+        section_type = _section_type(section_field.name)
+        known = {item.name: item for item in dataclasses.fields(section_type)}
+        typed = {
+            key: _coerce(f"{section_field.name}.{key}", known[key], value)
+            for key, value in values[section_field.name].items()
+        }
+        sections[section_field.name] = section_type(**typed)
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _section_type(name: str) -> Any:
+    return {section.name: section.default_factory for section in dataclasses.fields(Config)}[name]  # type: ignore[misc]
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _merge(values: dict[str, dict[str, Any]], source: Mapping[str, Any], origin: str) -> None:
+    for section, keys in source.items():
+        if section not in values:
+            raise ConfigError(f"{origin}: unknown config section {section!r} (known: {', '.join(values)})")
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {keys!r}")
+        known = {item.name for item in dataclasses.fields(_section_type(section))}
+        for key, value in keys.items():
+            if key not in known:
+                raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
+            values[section][key] = value
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for section_field in dataclasses.fields(Config):
+        for item in dataclasses.fields(_section_type(section_field.name)):
+            name = f"{ENV_PREFIX}{section_field.name}_{item.name}".upper()
+            if name in environ:
+                found.setdefault(section_field.name, {})[item.name] = environ[name]
+    return found
+
+
+def _coerce(key: str, item: dataclasses.Field[Any], value: Any) -> Any:
+    """Convert a value from YAML, the environment or a flag to the key's type."""
+    kind = item.type if isinstance(item.type, str) else getattr(item.type, "__name__", str(item.type))
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if kind.startswith("tuple"):
+            if isinstance(value, str):  # from the environment: os.pathsep-separated
+                return tuple(part for part in value.split(os.pathsep) if part)
+            if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
+                raise ValueError
+            return tuple(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad value for {key}: {value!r} is not a valid {kind}") from None
+    raise AssertionError(f"no coercion for {kind}")
+
+
+def _validate(config: Config) -> None:
+    checks = [
+        ("server.address", config.server.address, _is_address(config.server.address)),
+        ("server.max_message_bytes", config.server.max_message_bytes, config.server.max_message_bytes > 0),
+        (
+            "server.shutdown_grace_seconds",
+            config.server.shutdown_grace_seconds,
+            config.server.shutdown_grace_seconds >= 0,
+        ),
+        ("pool.workers", config.pool.workers, config.pool.workers >= 0),
+        ("pool.start_timeout_seconds", config.pool.start_timeout_seconds, config.pool.start_timeout_seconds > 0),
+        ("pool.stop_timeout_seconds", config.pool.stop_timeout_seconds, config.pool.stop_timeout_seconds > 0),
+        ("worker.num_threads", config.worker.num_threads, config.worker.num_threads >= 1),
+        ("packages.max_bytes", config.packages.max_bytes, config.packages.max_bytes >= 0),
+        ("metrics.address", config.metrics.address, not config.metrics.address or _is_address(config.metrics.address)),
+    ]
+    for key, value, ok in checks:
+        if not ok:
+            raise ConfigError(f"bad value for {key}: {value!r}")
+
+
+def _is_address(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 <= int(port) <= 65535
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)

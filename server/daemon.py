@@ -1,0 +1,135 @@
+"""The composition root: build the pool, the service and the gRPC server; run until a signal.
+
+Shutdown order (first SIGTERM or SIGINT): health NOT_SERVING -> stop the gRPC server
+with a grace period (calls in flight finish) -> stop the pool -> remove the package
+store -> exit 0. A second signal skips the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from server.config import Config
+from server.packages import PackageStore
+from server.pool import WorkerPool
+from server.proto import deployd_pb2, deployd_pb2_grpc
+from server.registry import Registry
+from server.service import ModelService
+from server.servicer import DeploydServicer
+from server.worker.main import WorkerSettings
+
+log = logging.getLogger("deployd")
+
+SERVICE_NAME = deployd_pb2.DESCRIPTOR.services_by_name["Deployd"].full_name
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.port = 0
+        self._stop_requested = asyncio.Event()
+        self._fast_stop = asyncio.Event()
+        self._background: set[asyncio.Future[None]] = set()
+        self._health = HealthServicer()
+        store_directory = config.packages.store_directory
+        self._store_directory = Path(store_directory or tempfile.mkdtemp(prefix="deployd-store-"))
+        self._store_directory.mkdir(parents=True, exist_ok=True)
+        self._owns_store_directory = not store_directory
+        self._registry = Registry()
+        self._pool = WorkerPool(
+            size=config.worker_count,
+            settings=WorkerSettings(config.worker.num_threads, config.worker.extra_sys_paths),
+            start_timeout=config.pool.start_timeout_seconds,
+            stop_timeout=config.pool.stop_timeout_seconds,
+            prepare=self._prepare_worker,
+            on_serving_changed=self._on_serving_changed,
+        )
+        store = PackageStore(self._store_directory, Path(config.packages.directory), config.packages.max_bytes)
+        self._service = ModelService(self._pool, store, self._registry)
+        message_limit = config.server.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", message_limit),
+                ("grpc.max_send_message_length", message_limit),
+            ]
+        )
+        deployd_pb2_grpc.add_DeploydServicer_to_server(DeploydServicer(self._service), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server,
+        )
+
+    async def _prepare_worker(self, worker: object) -> None:
+        await self._service.prepare_worker(worker)  # type: ignore[arg-type]
+
+    def _on_serving_changed(self, serving: int) -> None:
+        if self._stop_requested.is_set():
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        task = asyncio.ensure_future(self._set_health(status))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)  # type: ignore[arg-type]
+
+    def request_stop(self) -> None:
+        if self._stop_requested.is_set():
+            log.warning("second signal: stopping now")
+            self._fast_stop.set()
+        self._stop_requested.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            log.info("starting %d workers", self._pool.size)
+            await self._pool.start()
+            self.port = self._server.add_insecure_port(self.config.server.address)
+            if self.port == 0:
+                raise OSError(f"cannot bind {self.config.server.address}")
+            await self._server.start()
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            host = self.config.server.address.rpartition(":")[0]
+            log.info("listening on %s:%d", host, self.port)
+            await self._stop_requested.wait()
+            await self._shutdown()
+        finally:
+            await self._pool.stop()
+            if self._owns_store_directory:
+                shutil.rmtree(self._store_directory, ignore_errors=True)
+        log.info("stopped")
+        return 0
+
+    async def _shutdown(self) -> None:
+        log.info("shutting down: draining calls for up to %.1fs", self.config.server.shutdown_grace_seconds)
+        await self._health.enter_graceful_shutdown()
+        stopping = asyncio.ensure_future(self._server.stop(self.config.server.shutdown_grace_seconds))
+        fast = asyncio.ensure_future(self._fast_stop.wait())
+        await asyncio.wait({stopping, fast}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            await self._server.stop(0)
+        fast.cancel()
+        await stopping
+
+
+def run_daemon(config: Config) -> int:
+    async def main() -> int:
+        # Built inside the loop: grpc.aio binds its server to the running loop.
+        return await Daemon(config).run()
+
+    return asyncio.run(main())

@@ -1,0 +1,87 @@
+"""The daemon's domain errors. The servicer maps each to one gRPC status (server.servicer).
+
+DeploydError
+├── NotFound            PackageNotFound, ObjectNotFound, and a missing method
+├── InvalidArgument     InvalidPackage, InvalidValue, and a bad module, pickle or resource
+├── PathNotAllowed      a server-side path outside the package directory
+├── TooLarge            a package over the configured size limit
+├── WorkerCrashed       the worker died while serving the call
+├── PoolClosed          the daemon is shutting down
+└── ModelError          model code raised; carries the remote type and traceback
+"""
+
+from __future__ import annotations
+
+from server import protocol
+
+
+class DeploydError(Exception):
+    """Base of every error the daemon reports to a caller."""
+
+    def __init__(self, message: str, *, remote_type: str = "", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+
+class NotFound(DeploydError):
+    pass
+
+
+class PackageNotFound(NotFound):
+    def __init__(self, package_id: str) -> None:
+        super().__init__(f"no package {package_id!r} is loaded")
+
+
+class ObjectNotFound(NotFound):
+    def __init__(self, object_id: str) -> None:
+        super().__init__(f"no object {object_id!r} is loaded")
+
+
+class InvalidArgument(DeploydError):
+    pass
+
+
+class InvalidPackage(InvalidArgument):
+    pass
+
+
+class InvalidValue(InvalidArgument):
+    pass
+
+
+class PathNotAllowed(DeploydError):
+    pass
+
+
+class TooLarge(DeploydError):
+    pass
+
+
+class WorkerCrashed(DeploydError):
+    pass
+
+
+class PoolClosed(DeploydError):
+    def __init__(self) -> None:
+        super().__init__("the daemon is shutting down")
+
+
+class ModelError(DeploydError):
+    pass
+
+
+_ERROR_FOR_FAILURE: dict[str, type[DeploydError]] = {
+    protocol.FAILURE_MODEL_ERROR: ModelError,
+    protocol.FAILURE_INVALID_ARGUMENT: InvalidArgument,
+    protocol.FAILURE_NOT_FOUND: NotFound,
+}
+
+
+def error_from_failure(failure: protocol.Failure, context: str = "") -> DeploydError:
+    """The domain error for a worker's Failure reply; context prefixes the message."""
+    message = f"{failure.type_name}: {failure.message}" if failure.type_name else failure.message
+    if context:
+        message = f"{context}: {message}"
+    error_type = _ERROR_FOR_FAILURE.get(failure.kind, DeploydError)
+    return error_type(message, remote_type=failure.type_name, remote_traceback=failure.traceback)

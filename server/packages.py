@@ -1,0 +1,87 @@
+"""Package archives on the daemon's disk, each named by the SHA-256 of its bytes.
+
+The store keeps its own copy of every archive (workers open it from there and a
+replacement worker reopens the same bytes), so a package named by a server path is
+copied in, and later changes to that file do not change what is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import AsyncIterator, Iterator, NamedTuple
+
+from server.errors import InvalidArgument, NotFound, PathNotAllowed, TooLarge
+
+_READ_CHUNK = 1 << 20
+
+
+class StoredPackage(NamedTuple):
+    package_id: str
+    path: str
+    size_bytes: int
+
+
+class PackageStore:
+    def __init__(self, directory: Path, package_directory: Path, max_bytes: int) -> None:
+        self._directory = directory  # the daemon's private copies
+        self._package_directory = package_directory  # where server-side paths may point
+        self._max_bytes = max_bytes
+
+    async def save(self, chunks: AsyncIterator[bytes]) -> StoredPackage:
+        """Write a streamed archive into the store; the same bytes always get the same id."""
+        digest = hashlib.sha256()
+        size = 0
+        descriptor, temporary = tempfile.mkstemp(dir=self._directory, prefix="incoming-")
+        try:
+            with os.fdopen(descriptor, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if self._max_bytes and size > self._max_bytes:
+                        raise TooLarge(f"package exceeds the limit of {self._max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+            if size == 0:
+                raise InvalidArgument("the package is empty")
+            return self._commit(temporary, digest.hexdigest(), size)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+    async def import_server_path(self, path: str) -> StoredPackage:
+        """Copy in an archive named by a path inside the package directory."""
+        source = self.resolve_server_path(path)
+
+        async def read_chunks() -> AsyncIterator[bytes]:
+            loop = asyncio.get_running_loop()
+            chunks = _read_file(source)
+            while chunk := await loop.run_in_executor(None, next, chunks, b""):
+                yield chunk
+
+        return await self.save(read_chunks())
+
+    def resolve_server_path(self, path: str) -> Path:
+        root = self._package_directory.resolve()
+        candidate = (root / path).resolve()  # follows symlinks, so they cannot lead outside
+        if not candidate.is_relative_to(root):
+            raise PathNotAllowed(f"{path!r} is outside the package directory")
+        if not candidate.is_file():
+            raise NotFound(f"no file {path!r} in the package directory")
+        return candidate
+
+    def remove(self, package_id: str) -> None:
+        (self._directory / f"{package_id}.pt").unlink(missing_ok=True)
+
+    def _commit(self, temporary: str, package_id: str, size: int) -> StoredPackage:
+        final = self._directory / f"{package_id}.pt"
+        os.replace(temporary, final)
+        return StoredPackage(package_id, str(final), size)
+
+
+def _read_file(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as source:
+        while chunk := source.read(_READ_CHUNK):
+            yield chunk

@@ -1,0 +1,194 @@
+"""The worker pool: starts N workers, replaces the ones that die, routes calls to free ones.
+
+    call(request) ──> idle queue ──> one free worker ──> reply
+    broadcast(request) ──> every serving worker (all replies gathered)
+
+Invariants:
+- A worker takes calls only after `prepare` (the service's replay of everything loaded)
+  has run on it, and it is added to the serving set while `changes` is held, so a load
+  that broadcasts under the same lock can never miss it nor reach it twice.
+- A dead worker's calls fail with WorkerCrashed (UNAVAILABLE); it is replaced after a
+  backoff that grows while replacements keep dying.
+
+Imports no grpc: the servicer above it translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from server import protocol
+from server.errors import DeploydError, PoolClosed, WorkerCrashed
+from server.worker.main import WorkerSettings
+from server.worker_handle import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_FIRST_SECONDS = 0.1
+_BACKOFF_MAX_SECONDS = 10.0
+# A worker that served this long resets its slot's backoff.
+_HEALTHY_AFTER_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    index: int
+    pid: int
+    state: str
+    calls_served: int
+    restarts: int
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        size: int,
+        settings: WorkerSettings,
+        start_timeout: float,
+        stop_timeout: float,
+        prepare: Callable[[WorkerHandle], Awaitable[None]],
+        on_serving_changed: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        self.size = size
+        # Held while the set of serving workers changes, and by the service while it
+        # changes what every worker holds.
+        self.changes = asyncio.Lock()
+        self._settings = settings
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._prepare = prepare
+        self._on_serving_changed = on_serving_changed
+        # Workers come from a fork server: a fresh interpreter that imports torch once
+        # and never runs grpc, so forking from it is safe and fast.
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["server.worker.main"])
+        self._spawn_lock = asyncio.Lock()
+        self._workers: dict[int, WorkerHandle] = {}  # slot index -> current worker
+        self._serving: set[WorkerHandle] = set()
+        self._idle: asyncio.Queue[WorkerHandle] = asyncio.Queue()
+        self._restarts = dict.fromkeys(range(size), 0)
+        self._backoff = dict.fromkeys(range(size), _BACKOFF_FIRST_SECONDS)
+        self._started_at: dict[int, float] = {}
+        self._restart_tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start every worker; fails (stopping what started) if any cannot start."""
+        try:
+            for index in range(self.size):
+                await self.spawn_worker(index)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def spawn_worker(self, index: int) -> WorkerHandle:
+        async with self._spawn_lock:
+            worker = await WorkerHandle.spawn(
+                index, self._context, self._settings, self._start_timeout, self.on_worker_exit
+            )
+        self._workers[index] = worker
+        self._started_at[index] = time.monotonic()
+        try:
+            async with self.changes:
+                await self._prepare(worker)
+                if not worker.alive or self._closing:
+                    raise WorkerCrashed(f"worker {index} {worker.exit_reason or 'stopped'} while being prepared")
+                self._serving.add(worker)
+                worker.state = "idle"
+                self._idle.put_nowait(worker)
+        except BaseException:
+            await worker.stop(self._stop_timeout)
+            raise
+        log.info("worker %d ready (pid %d)", index, worker.pid)
+        self._on_serving_changed(len(self._serving))
+        return worker
+
+    def on_worker_exit(self, worker: WorkerHandle) -> None:
+        self._serving.discard(worker)
+        if worker.stopping or self._closing:
+            return
+        log.warning("worker %d (pid %d) %s; replacing it", worker.index, worker.pid, worker.exit_reason)
+        self._on_serving_changed(len(self._serving))
+        task = asyncio.create_task(self.restart_worker(worker.index))
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+
+    async def restart_worker(self, index: int) -> None:
+        if time.monotonic() - self._started_at.get(index, 0.0) > _HEALTHY_AFTER_SECONDS:
+            self._backoff[index] = _BACKOFF_FIRST_SECONDS
+        while not self._closing:
+            delay = self._backoff[index]
+            self._backoff[index] = min(delay * 2, _BACKOFF_MAX_SECONDS)
+            await asyncio.sleep(delay)
+            if self._closing:
+                return
+            self._restarts[index] += 1
+            try:
+                await self.spawn_worker(index)
+                return
+            except DeploydError as error:
+                log.error("could not replace worker %d: %s; retrying", index, error)
+
+    async def stop(self) -> None:
+        """Stop every worker: close its channel, then terminate, then kill."""
+        self._closing = True
+        for task in list(self._restart_tasks):
+            task.cancel()
+        await asyncio.gather(*self._restart_tasks, return_exceptions=True)
+        await asyncio.gather(*(worker.stop(self._stop_timeout) for worker in self._workers.values()))
+        self._serving.clear()
+
+    # ------------------------------------------------------------------ routing
+
+    async def call(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
+        """Run a request on one free worker, waiting in line for one if all are busy."""
+        worker = await self._acquire()
+        try:
+            return await worker.request(message, buffers)
+        finally:
+            self._release(worker)
+
+    async def _acquire(self) -> WorkerHandle:
+        while True:
+            if self._closing:
+                raise PoolClosed()
+            worker = await self._idle.get()
+            if worker in self._serving:  # skip workers that died while idle
+                worker.state = "busy"
+                return worker
+
+    def _release(self, worker: WorkerHandle) -> None:
+        worker.calls_served += 1
+        if worker in self._serving:
+            worker.state = "idle"
+            self._idle.put_nowait(worker)
+
+    async def broadcast(self, message: protocol.Request, buffers: list[Any]) -> list[tuple[WorkerHandle, Any]]:
+        """Send a request to every serving worker; returns (worker, result or exception) pairs.
+
+        Callers that change what workers hold must hold `changes`.
+        """
+        workers = sorted(self._serving, key=lambda worker: worker.index)
+        outcomes = await asyncio.gather(
+            *(worker.request(message, buffers) for worker in workers), return_exceptions=True
+        )
+        return list(zip(workers, outcomes, strict=True))
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def serving_count(self) -> int:
+        return len(self._serving)
+
+    def status(self) -> list[WorkerStatus]:
+        return [
+            WorkerStatus(index, worker.pid, worker.state, worker.calls_served, self._restarts[index])
+            for index, worker in sorted(self._workers.items())
+        ]

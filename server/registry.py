@@ -1,0 +1,48 @@
+"""What is loaded: registered modules, packages and objects, kept to replay into new workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server import protocol
+
+
+@dataclass(frozen=True)
+class PackageRecord:
+    package_id: str
+    path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    object_id: str
+    package_id: str
+    module: str
+    file: str
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.modules: dict[str, str] = {}  # name -> source
+        self.packages: dict[str, PackageRecord] = {}
+        self.objects: dict[str, ObjectRecord] = {}
+
+    def objects_of(self, package_id: str) -> list[ObjectRecord]:
+        return [record for record in self.objects.values() if record.package_id == package_id]
+
+    def replay_requests(self) -> list[protocol.Request]:
+        """The requests that bring a fresh worker to the state of the others.
+
+        Modules first (packages may extern them), then packages, then the objects
+        unpickled from them, each group in the order it was loaded.
+        """
+        requests: list[protocol.Request] = [
+            protocol.RegisterModule(name, source) for name, source in self.modules.items()
+        ]
+        requests += [protocol.OpenPackage(record.package_id, record.path) for record in self.packages.values()]
+        requests += [
+            protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file)
+            for record in self.objects.values()
+        ]
+        return requests

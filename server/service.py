@@ -1,0 +1,163 @@
+"""The daemon's domain API: load, call and unload, over the pool, the store and the registry.
+
+Everything that changes what the workers hold runs under `pool.changes` and is all or
+nothing: if any worker fails, the workers that succeeded are told to undo it and the
+registry is left as it was. Imports no grpc.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any, AsyncIterator, NamedTuple
+
+from server import protocol
+from server.errors import DeploydError, ObjectNotFound, PackageNotFound, WorkerCrashed
+from server.packages import PackageStore, StoredPackage
+from server.pool import WorkerPool, WorkerStatus
+from server.registry import ObjectRecord, PackageRecord, Registry
+from server.worker_handle import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+
+class StatusSnapshot(NamedTuple):
+    workers: list[WorkerStatus]
+    packages: list[PackageRecord]
+    objects: list[ObjectRecord]
+    modules: list[str]
+
+
+class ModelService:
+    def __init__(self, pool: WorkerPool, store: PackageStore, registry: Registry) -> None:
+        self._pool = pool
+        self._store = store
+        self._registry = registry
+
+    async def prepare_worker(self, worker: WorkerHandle) -> None:
+        """Replay everything loaded into a new worker, before it takes calls (pool holds `changes`)."""
+        for request in self._registry.replay_requests():
+            await worker.request(request, [])
+
+    # ------------------------------------------------------------------ modules and packages
+
+    async def register_module(self, name: str, source: str) -> None:
+        async with self._pool.changes:
+            await self._everywhere(protocol.RegisterModule(name, source), None, f"module {name!r}")
+            self._registry.modules[name] = source
+
+    async def load_package_stream(self, chunks: AsyncIterator[bytes]) -> PackageRecord:
+        return await self._open_package(await self._store.save(chunks))
+
+    async def load_package_path(self, path: str) -> PackageRecord:
+        return await self._open_package(await self._store.import_server_path(path))
+
+    async def _open_package(self, stored: StoredPackage) -> PackageRecord:
+        async with self._pool.changes:
+            existing = self._registry.packages.get(stored.package_id)
+            if existing is not None:
+                return existing
+            try:
+                await self._everywhere(
+                    protocol.OpenPackage(stored.package_id, stored.path),
+                    protocol.ClosePackage(stored.package_id),
+                    "not a loadable torch.package archive",
+                )
+            except DeploydError:
+                self._store.remove(stored.package_id)
+                raise
+            record = PackageRecord(*stored)
+            self._registry.packages[record.package_id] = record
+            return record
+
+    async def unload_package(self, package_id: str) -> list[str]:
+        """Unload a package and every object made from it; returns those objects' ids."""
+        async with self._pool.changes:
+            if package_id not in self._registry.packages:
+                raise PackageNotFound(package_id)
+            objects = self._registry.objects_of(package_id)
+            for record in objects:
+                del self._registry.objects[record.object_id]
+            del self._registry.packages[package_id]
+            for record in objects:
+                await self._pool.broadcast(protocol.UnloadObject(record.object_id), [])
+            await self._pool.broadcast(protocol.ClosePackage(package_id), [])
+            self._store.remove(package_id)
+            return [record.object_id for record in objects]
+
+    async def load_resource(self, package_id: str, module: str, resource: str, binary: bool) -> Any:
+        self._require_package(package_id)
+        value, _ = await self._pool.call(protocol.LoadResource(package_id, module, resource, binary), [])
+        return value
+
+    # ------------------------------------------------------------------ objects
+
+    async def load_pickle(self, package_id: str, module: str, file: str) -> str:
+        object_id = f"obj-{secrets.token_hex(8)}"
+        async with self._pool.changes:
+            self._require_package(package_id)
+            await self._everywhere(
+                protocol.LoadPickle(object_id, package_id, module, file),
+                protocol.UnloadObject(object_id),
+                f"cannot load pickle {file!r} of module {module!r}",
+            )
+            self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file)
+        return object_id
+
+    async def unload_object(self, object_id: str) -> None:
+        async with self._pool.changes:
+            self._require_object(object_id)
+            del self._registry.objects[object_id]
+            await self._pool.broadcast(protocol.UnloadObject(object_id), [])
+
+    async def invoke(
+        self, object_id: str, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any]
+    ) -> tuple[Any, list[Any]]:
+        """Call a method of an object on a free worker: packed values in, a packed value out."""
+        self._require_object(object_id)
+        return await self._pool.call(protocol.Invoke(object_id, method, args, kwargs), buffers)
+
+    async def has_attr(self, object_id: str, name: str) -> bool:
+        self._require_object(object_id)
+        present, _ = await self._pool.call(protocol.HasAttr(object_id, name), [])
+        return bool(present)
+
+    # ------------------------------------------------------------------ inspection
+
+    def status(self) -> StatusSnapshot:
+        return StatusSnapshot(
+            self._pool.status(),
+            list(self._registry.packages.values()),
+            list(self._registry.objects.values()),
+            list(self._registry.modules),
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require_package(self, package_id: str) -> None:
+        if package_id not in self._registry.packages:
+            raise PackageNotFound(package_id)
+
+    def _require_object(self, object_id: str) -> None:
+        if object_id not in self._registry.objects:
+            raise ObjectNotFound(object_id)
+
+    async def _everywhere(self, request: protocol.Request, undo: protocol.Request | None, context: str) -> None:
+        """Run a request on every serving worker, all or nothing (caller holds `changes`)."""
+        if self._pool.serving_count == 0:
+            raise WorkerCrashed("no worker is serving; try again once the pool has recovered")
+        outcomes = await self._pool.broadcast(request, [])
+        failures = [(worker, outcome) for worker, outcome in outcomes if isinstance(outcome, BaseException)]
+        if not failures:
+            return
+        if undo is not None:
+            succeeded = [worker for worker, outcome in outcomes if not isinstance(outcome, BaseException)]
+            for worker in succeeded:
+                try:
+                    await worker.request(undo, [])
+                except DeploydError as error:
+                    log.warning("could not undo %s on worker %d: %s", type(request).__name__, worker.index, error)
+        worker, failure = failures[0]
+        if isinstance(failure, DeploydError):
+            failure.args = (f"{context}: {failure} (on worker {worker.index})",)
+        raise failure

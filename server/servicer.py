@@ -1,0 +1,162 @@
+"""The gRPC servicer: protobuf in, domain calls, protobuf out; domain errors become statuses.
+
+This is the only module that knows both grpc and the service. STATUS_FOR_ERROR is the
+one table from domain error to gRPC status code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+
+from server import errors
+from server.errors import DeploydError, InvalidArgument
+from server.proto import deployd_pb2 as pb
+from server.proto import deployd_pb2_grpc as pb_grpc
+from server.service import ModelService
+from server.values import pack_value, unpack_value
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+ERROR_DETAIL_KEY = "deployd-error-detail-bin"
+
+# Most specific first: the first matching class decides.
+STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.PathNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.WorkerCrashed, grpc.StatusCode.UNAVAILABLE),
+    (errors.PoolClosed, grpc.StatusCode.UNAVAILABLE),
+    (errors.ModelError, grpc.StatusCode.UNKNOWN),
+]
+
+
+def status_for(error: DeploydError) -> grpc.StatusCode:
+    for error_type, code in STATUS_FOR_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _reports_errors(handler: Handler) -> Handler:
+    """Turn a domain error raised by a handler into its status, with remote details attached."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: Context) -> Any:
+        try:
+            return await handler(self, request, context)
+        except DeploydError as error:
+            if error.remote_type or error.remote_traceback:
+                detail = pb.ErrorDetail(remote_type=error.remote_type, remote_traceback=error.remote_traceback)
+                context.set_trailing_metadata(((ERROR_DETAIL_KEY, detail.SerializeToString()),))
+            await context.abort(status_for(error), str(error))
+        except Exception as error:
+            log.exception("internal error in %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
+    def __init__(self, service: ModelService) -> None:
+        self._service = service
+
+    @_reports_errors
+    async def LoadPackage(
+        self, requests: AsyncIterator[pb.LoadPackageRequest], context: Context
+    ) -> pb.LoadPackageResponse:
+        stream = aiter(requests)
+        first = await anext(stream, None)
+        if first is None:
+            raise InvalidArgument("LoadPackage needs a chunk or a server_path")
+        if first.WhichOneof("source") == "server_path":
+            if await anext(stream, None) is not None:
+                raise InvalidArgument("a server_path must be the only message of LoadPackage")
+            record = await self._service.load_package_path(first.server_path)
+        else:
+            record = await self._service.load_package_stream(_chunks(first, stream))
+        return pb.LoadPackageResponse(package_id=record.package_id, size_bytes=record.size_bytes)
+
+    @_reports_errors
+    async def LoadPickle(self, request: pb.LoadPickleRequest, context: Context) -> pb.LoadPickleResponse:
+        object_id = await self._service.load_pickle(request.package_id, request.module, request.file)
+        return pb.LoadPickleResponse(object_id=object_id)
+
+    @_reports_errors
+    async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
+        buffers: list[Any] = []
+        args = [unpack_value(value, buffers) for value in request.args]
+        kwargs = {name: unpack_value(value, buffers) for name, value in request.kwargs.items()}
+        result, result_buffers = await self._service.invoke(
+            request.object_id, request.method or "__call__", args, kwargs, buffers
+        )
+        response = pb.InvokeResponse()
+        pack_value(result, result_buffers, response.result)
+        return response
+
+    @_reports_errors
+    async def HasAttr(self, request: pb.HasAttrRequest, context: Context) -> pb.HasAttrResponse:
+        return pb.HasAttrResponse(present=await self._service.has_attr(request.object_id, request.name))
+
+    @_reports_errors
+    async def UnloadObject(self, request: pb.UnloadObjectRequest, context: Context) -> pb.UnloadObjectResponse:
+        await self._service.unload_object(request.object_id)
+        return pb.UnloadObjectResponse()
+
+    @_reports_errors
+    async def UnloadPackage(self, request: pb.UnloadPackageRequest, context: Context) -> pb.UnloadPackageResponse:
+        return pb.UnloadPackageResponse(object_ids=await self._service.unload_package(request.package_id))
+
+    @_reports_errors
+    async def LoadText(self, request: pb.LoadResourceRequest, context: Context) -> pb.LoadTextResponse:
+        text = await self._service.load_resource(request.package_id, request.module, request.resource, binary=False)
+        return pb.LoadTextResponse(text=text)
+
+    @_reports_errors
+    async def LoadBinary(self, request: pb.LoadResourceRequest, context: Context) -> pb.LoadBinaryResponse:
+        data = await self._service.load_resource(request.package_id, request.module, request.resource, binary=True)
+        return pb.LoadBinaryResponse(data=data)
+
+    @_reports_errors
+    async def RegisterModuleSource(
+        self, request: pb.RegisterModuleSourceRequest, context: Context
+    ) -> pb.RegisterModuleSourceResponse:
+        if not all(part.isidentifier() for part in request.name.split(".")):
+            raise InvalidArgument(f"{request.name!r} is not a valid module name")
+        await self._service.register_module(request.name, request.source)
+        return pb.RegisterModuleSourceResponse()
+
+    @_reports_errors
+    async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
+        snapshot = self._service.status()
+        return pb.StatusResponse(
+            workers=[
+                pb.WorkerStatus(
+                    index=w.index, pid=w.pid, state=w.state, calls_served=w.calls_served, restarts=w.restarts
+                )
+                for w in snapshot.workers
+            ],
+            packages=[pb.PackageStatus(package_id=p.package_id, size_bytes=p.size_bytes) for p in snapshot.packages],
+            objects=[
+                pb.ObjectStatus(object_id=o.object_id, package_id=o.package_id, module=o.module, file=o.file)
+                for o in snapshot.objects
+            ],
+            modules=snapshot.modules,
+        )
+
+
+async def _chunks(first: pb.LoadPackageRequest, rest: AsyncIterator[pb.LoadPackageRequest]) -> AsyncIterator[bytes]:
+    yield first.chunk
+    async for request in rest:
+        if request.WhichOneof("source") != "chunk":
+            raise InvalidArgument("a LoadPackage stream of chunks may not also name a server_path")
+        yield request.chunk

@@ -1,0 +1,134 @@
+"""The model-running side of a worker: its packages, its replicas of objects, the calls on them.
+
+One Runtime lives in each worker process. It knows nothing of sockets or frames: it takes
+a request message and its buffers and returns a reply message and the reply's buffers.
+"""
+
+from __future__ import annotations
+
+import linecache
+import sys
+import traceback
+import types
+from typing import Any, Callable
+
+import torch
+from torch.package import PackageImporter  # type: ignore[attr-defined]
+
+from server import protocol
+from server.protocol import Failure, Reply, Request, Result
+from server.worker.values import pack, unpack
+
+_MISSING = object()
+
+
+class RequestFailed(Exception):
+    """A request that cannot be served, for a reason the daemon maps to a status code."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self._packages: dict[str, PackageImporter] = {}
+        self._objects: dict[str, Any] = {}
+        self._handlers: dict[type[Any], Callable[[Any, list[Any], list[Any]], Any]] = {
+            protocol.RegisterModule: self._register_module,
+            protocol.OpenPackage: self._open_package,
+            protocol.ClosePackage: self._close_package,
+            protocol.LoadPickle: self._load_pickle,
+            protocol.UnloadObject: self._unload_object,
+            protocol.Invoke: self._invoke,
+            protocol.HasAttr: self._has_attr,
+            protocol.LoadResource: self._load_resource,
+        }
+
+    def handle(self, request: Request, buffers: list[Any]) -> tuple[Reply, list[Any]]:
+        """Serve one request; every failure becomes a Failure reply, never an exception."""
+        out_buffers: list[Any] = []
+        try:
+            value = self._handlers[type(request)](request, buffers, out_buffers)
+        except RequestFailed as failed:
+            return Failure(failed.kind, "", str(failed), ""), []
+        except Exception as error:  # model code may raise anything
+            # Loading is judged as bad input (a broken package or pickle); a failing call is the model's.
+            kind = (
+                protocol.FAILURE_MODEL_ERROR
+                if isinstance(request, protocol.Invoke)
+                else protocol.FAILURE_INVALID_ARGUMENT
+            )
+            return Failure(kind, type(error).__name__, str(error), traceback.format_exc()), []
+        return Result(value), out_buffers
+
+    # ------------------------------------------------------------ modules and packages
+
+    def _register_module(self, request: protocol.RegisterModule, _: list[Any], __: list[Any]) -> None:
+        filename = f"<deployd module {request.name}>"
+        code = compile(request.source, filename, "exec")
+        module = types.ModuleType(request.name)
+        module.__file__ = filename
+        # Let tracebacks through this module show its source lines.
+        linecache.cache[filename] = (len(request.source), None, request.source.splitlines(True), filename)
+        previous = sys.modules.get(request.name)
+        sys.modules[request.name] = module
+        try:
+            exec(code, module.__dict__)
+        except BaseException:
+            if previous is None:
+                del sys.modules[request.name]
+            else:
+                sys.modules[request.name] = previous
+            raise
+
+    def _open_package(self, request: protocol.OpenPackage, _: list[Any], __: list[Any]) -> None:
+        if request.package_id not in self._packages:
+            self._packages[request.package_id] = PackageImporter(request.path)
+
+    def _close_package(self, request: protocol.ClosePackage, _: list[Any], __: list[Any]) -> None:
+        self._packages.pop(request.package_id, None)
+
+    def _package(self, package_id: str) -> PackageImporter:
+        try:
+            return self._packages[package_id]
+        except KeyError:
+            raise RequestFailed(protocol.FAILURE_NOT_FOUND, f"no package {package_id!r} in this worker") from None
+
+    def _load_resource(self, request: protocol.LoadResource, _: list[Any], __: list[Any]) -> Any:
+        package = self._package(request.package_id)
+        if request.binary:
+            return package.load_binary(request.module, request.resource)
+        return package.load_text(request.module, request.resource)
+
+    # ------------------------------------------------------------ objects
+
+    def _load_pickle(self, request: protocol.LoadPickle, _: list[Any], __: list[Any]) -> None:
+        package = self._package(request.package_id)
+        self._objects[request.object_id] = package.load_pickle(request.module, request.file)
+
+    def _unload_object(self, request: protocol.UnloadObject, _: list[Any], __: list[Any]) -> None:
+        self._objects.pop(request.object_id, None)
+
+    def _object(self, object_id: str) -> Any:
+        try:
+            return self._objects[object_id]
+        except KeyError:
+            raise RequestFailed(protocol.FAILURE_NOT_FOUND, f"no object {object_id!r} in this worker") from None
+
+    def _has_attr(self, request: protocol.HasAttr, _: list[Any], __: list[Any]) -> bool:
+        return hasattr(self._object(request.object_id), request.name)
+
+    def _invoke(self, request: protocol.Invoke, buffers: list[Any], out_buffers: list[Any]) -> Any:
+        target = self._object(request.object_id)
+        method = getattr(target, request.method, _MISSING)
+        if method is _MISSING or not callable(method):
+            raise RequestFailed(
+                protocol.FAILURE_NOT_FOUND,
+                f"object {request.object_id!r} ({type(target).__qualname__}) has no method {request.method!r}",
+            )
+        args = unpack(request.args, buffers)
+        kwargs = unpack(request.kwargs, buffers)
+        with torch.no_grad():
+            result = method(*args, **kwargs)
+        return pack(result, out_buffers)

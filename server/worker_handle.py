@@ -1,0 +1,191 @@
+"""The daemon's end of one worker process: the process, its channel, its requests in flight.
+
+A handle lives from spawn to exit. Its lifecycle task reads replies until the channel
+closes or the process exits, then fails every request still waiting with
+WorkerCrashed (naming the exit code or signal) and tells the pool, which decides
+whether to replace the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import signal
+import socket
+from multiprocessing.context import BaseContext
+from typing import Any, Callable
+
+from server import protocol
+from server.errors import WorkerCrashed, error_from_failure
+from server.worker.main import WorkerSettings, worker_main
+
+log = logging.getLogger(__name__)
+
+# How long a dead worker's channel may keep delivering replies it wrote before dying.
+_DRAIN_SECONDS = 1.0
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "did not exit"
+    if exitcode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+class WorkerHandle:
+    def __init__(
+        self,
+        index: int,
+        process: Any,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pid: int,
+    ) -> None:
+        self.index = index
+        self.pid = pid
+        self.process = process
+        self.state = "starting"  # starting -> idle <-> busy -> stopped
+        self.calls_served = 0
+        self.stopping = False  # set when the daemon, not a crash, ends this worker
+        self.exit_reason = ""
+        self._reader = reader
+        self._writer = writer
+        self._request_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[protocol.Frame]] = {}
+        self._exited = asyncio.Event()
+        self._lifecycle: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<worker {self.index} pid={self.pid} {self.state}>"
+
+    @property
+    def alive(self) -> bool:
+        return self.state != "stopped"
+
+    # ------------------------------------------------------------------ start
+
+    @classmethod
+    async def spawn(
+        cls,
+        index: int,
+        context: BaseContext,
+        settings: WorkerSettings,
+        start_timeout: float,
+        on_exit: Callable[[WorkerHandle], None],
+    ) -> WorkerHandle:
+        """Start a worker process and wait for its greeting."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        process = context.Process(  # type: ignore[attr-defined]
+            target=worker_main, args=(theirs, settings), name=f"deployd-worker-{index}", daemon=True
+        )
+        try:
+            # The first start also launches the fork server (it imports torch: about a second).
+            await loop.run_in_executor(None, process.start)
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            greeting = await asyncio.wait_for(protocol.read_frame_async(reader), start_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as error:
+            writer.close()
+            process.kill()
+            await loop.run_in_executor(None, process.join, 5.0)
+            reason = describe_exit(process.exitcode)
+            raise WorkerCrashed(f"worker {index} failed to start: it {reason}") from error
+        if not isinstance(greeting.message, protocol.Ready):
+            raise WorkerCrashed(f"worker {index} sent {type(greeting.message).__name__} instead of a greeting")
+        handle = cls(index, process, reader, writer, greeting.message.pid)
+        loop.add_reader(process.sentinel, handle._on_sentinel)
+        handle._lifecycle = asyncio.create_task(handle._run(on_exit), name=f"worker-{index}-lifecycle")
+        return handle
+
+    # ------------------------------------------------------------------ requests
+
+    async def request(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
+        """Send one request and wait for its result value and buffers.
+
+        Raises the domain error for a Failure reply, or WorkerCrashed if the worker dies first.
+        """
+        if not self.alive:
+            raise WorkerCrashed(f"worker {self.index} {self.exit_reason or 'is stopped'}")
+        request_id = next(self._request_ids)
+        reply: asyncio.Future[protocol.Frame] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = reply
+        try:
+            protocol.write_frame_async(self._writer, request_id, message, buffers)
+            frame = await reply
+        finally:
+            # A reply that arrives after its caller gave up finds no future and is dropped.
+            self._pending.pop(request_id, None)
+        result = frame.message
+        if isinstance(result, protocol.Failure):
+            raise error_from_failure(result)
+        assert isinstance(result, protocol.Result)
+        return result.value, frame.buffers
+
+    # ------------------------------------------------------------------ exit
+
+    async def stop(self, timeout: float) -> None:
+        """Ask the worker to exit (close its channel), then terminate, then kill."""
+        self.stopping = True
+        self._writer.close()
+        for escalate in (self.process.terminate, self.process.kill):
+            try:
+                await asyncio.wait_for(self._exited.wait(), timeout)
+                break
+            except TimeoutError:
+                log.warning("worker %d (pid %d) did not stop in %.1fs; escalating", self.index, self.pid, timeout)
+                escalate()
+        if self._lifecycle is not None:
+            await self._lifecycle
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def _on_sentinel(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.process.sentinel)
+        self._exited.set()
+
+    async def _run(self, on_exit: Callable[[WorkerHandle], None]) -> None:
+        replies = asyncio.create_task(self._read_replies())
+        exited = asyncio.create_task(self._exited.wait())
+        await asyncio.wait({replies, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not replies.done():
+            # The process is gone; take any replies it wrote first, unless something it
+            # forked holds the channel open.
+            await asyncio.wait({replies}, timeout=_DRAIN_SECONDS)
+            replies.cancel()
+        if not self._exited.is_set():
+            # The channel closed but the process lives on: it is of no more use.
+            self.process.kill()
+            await self._exited.wait()
+        exited.cancel()
+        self._writer.close()
+        self.process.join(0)
+        self.exit_reason = describe_exit(self.process.exitcode)
+        self.state = "stopped"
+        crash = WorkerCrashed(f"worker {self.index} (pid {self.pid}) {self.exit_reason} while serving this call")
+        for reply in self._pending.values():
+            if not reply.done():
+                reply.set_exception(crash)
+        self._pending.clear()
+        on_exit(self)
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                frame = await protocol.read_frame_async(self._reader)
+                reply = self._pending.get(frame.request_id)
+                if reply is not None and not reply.done():
+                    reply.set_result(frame)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        except protocol.ProtocolError:
+            log.exception("worker %d sent a malformed frame; stopping it", self.index)
+            self.process.kill()
