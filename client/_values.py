@@ -65,7 +65,7 @@ def to_wire(value: Any, out: pb.Value) -> None:
         out.dict_value.SetInParent()
     elif type(value).__module__ == "numpy":  # numpy is optional: never imported here
         if type(value).__name__ == "ndarray":
-            _tensor_to_wire(torch.tensor(value), out.tensor_value)
+            _tensor_to_wire(torch.from_numpy(value.copy()), out.tensor_value)  # copy: C order, positive strides
         else:
             to_wire(value.item(), out)  # a numpy scalar
     else:

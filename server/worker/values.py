@@ -76,7 +76,7 @@ def pack(value: Any, buffers: list[Any], depth: int = 0) -> Any:
         return {_dict_key(key): pack(item, buffers, depth + 1) for key, item in value.items()}
     if type(value).__module__ == "numpy":  # without importing numpy: it is an optional extern
         if type(value).__name__ == "ndarray":
-            return pack_tensor(torch.tensor(value), buffers)
+            return pack_tensor(torch.from_numpy(value.copy()), buffers)  # copy: C order, positive strides
         return pack(value.item(), buffers, depth)  # a numpy scalar
     raise TypeError(f"a value of type {type(value).__qualname__} cannot be sent over the wire")
 

@@ -1,0 +1,55 @@
+"""Objects the tests package with torch.package (built by tests/package_builder.py)."""
+
+import importlib
+import os
+import time
+
+import numpy
+import torch
+
+
+class Echo:
+    """Returns what it was given: the round trip of every wire value."""
+
+    def __call__(self, value):
+        return value
+
+    def pair(self, *args, **kwargs):
+        return args, kwargs
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = torch.nn.Parameter(torch.tensor(factor))
+        self.calls = 0
+
+    def forward(self, x, offset=0.0, *, negate=False):
+        self.calls += 1
+        y = x * self.factor + offset
+        return -y if negate else y
+
+    def describe(self, prefix, suffix="!"):
+        return f"{prefix}{float(self.factor)}{suffix}"
+
+    def pid(self):
+        return os.getpid()
+
+    def tagged_double(self, x):
+        time.sleep(0.002)  # long enough that 8 callers overlap
+        return os.getpid(), x * 2
+
+    def fail(self, message):
+        raise ValueError(message)
+
+    def numpy_total(self, x):
+        return float(numpy.asarray(x, dtype=numpy.float64).sum())
+
+    def call_module(self, module_name, function, *args):
+        return getattr(importlib.import_module(module_name), function)(*args)
+
+    def exit_now(self, code):
+        os._exit(code)
+
+    def unsendable(self):
+        return object()

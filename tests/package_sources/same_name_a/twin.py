@@ -1,0 +1,6 @@
+NAME = "a"
+
+
+class Twin:
+    def __call__(self):
+        return NAME

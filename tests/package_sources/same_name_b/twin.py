@@ -1,0 +1,6 @@
+NAME = "b"
+
+
+class Twin:
+    def __call__(self):
+        return NAME
