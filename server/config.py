@@ -131,7 +131,10 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         for item in dataclasses.fields(_section_type(section_field.name)):
             name = f"{ENV_PREFIX}{section_field.name}_{item.name}".upper()
             if name in environ:
-                found.setdefault(section_field.name, {})[item.name] = environ[name]
+                value: Any = environ[name]
+                if str(item.type).startswith("tuple"):  # a list, os.pathsep-separated like PATH
+                    value = [part for part in value.split(os.pathsep) if part]
+                found.setdefault(section_field.name, {})[item.name] = value
     return found
 
 
@@ -152,8 +155,6 @@ def _coerce(key: str, item: dataclasses.Field[Any], value: Any) -> Any:
                 raise ValueError
             return str(value)
         if kind.startswith("tuple"):
-            if isinstance(value, str):  # from the environment: os.pathsep-separated
-                return tuple(part for part in value.split(os.pathsep) if part)
             if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
                 raise ValueError
             return tuple(value)

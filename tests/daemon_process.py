@@ -81,8 +81,13 @@ class DaemonProcess:
         command = [sys.executable, "-m", "server", "serve", "--config", str(self.config_path)]
         command += ["--address", "127.0.0.1:0", *self.extra_args]
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
+            command,
+            cwd=REPO,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self._log_reader = threading.Thread(target=self._read_log, daemon=True)
         self._log_reader.start()
@@ -141,4 +146,3 @@ class DaemonProcess:
         assert code == 0, f"daemon exited with {code}:\n{self.log}"
         assert not processes, f"child processes left behind: {processes}"
         assert not segments, f"shared-memory segments left behind: {segments}"
-

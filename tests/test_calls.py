@@ -92,9 +92,7 @@ def test_package_larger_than_grpc_default_message(manager: InterpreterManager, p
     assert linear(x).shape == (2, 1200)
 
 
-def test_two_packages_with_the_same_module_name_stay_isolated(
-    manager: InterpreterManager, package_dir: Path
-) -> None:
+def test_two_packages_with_the_same_module_name_stay_isolated(manager: InterpreterManager, package_dir: Path) -> None:
     twin_a = manager.load_package(package_dir / "twin_a.pt").load_pickle("twins", "twin.pkl")
     twin_b = manager.load_package(package_dir / "twin_b.pt").load_pickle("twins", "twin.pkl")
     for _ in range(4):  # every worker holds both
@@ -119,4 +117,3 @@ def test_register_module_source(manager: InterpreterManager, models: Package) ->
     for _ in range(4):
         assert scale.call_method("call_module", "deployd_test_registered", "greet", "x") == "hello x"
     assert "deployd_test_registered" in manager.status().modules
-

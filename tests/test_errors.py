@@ -48,7 +48,7 @@ def test_result_that_cannot_be_sent(manager: InterpreterManager, package_dir: Pa
 
 def test_file_that_is_not_a_package(manager: InterpreterManager, package_dir: Path) -> None:
     packages_before = len(manager.status().packages)
-    with pytest.raises(InvalidArgumentError, match="not a loadable torch.package archive") as raised:
+    with pytest.raises(InvalidArgumentError, match=r"not a loadable torch\.package archive") as raised:
         manager.load_package(package_dir / "not_a_package.pt")
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(manager.status().packages) == packages_before

@@ -1,0 +1,76 @@
+"""Config: precedence, types, and clear errors for unknown keys and bad values (no daemon)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config import Config, ConfigError, load_config
+from tests.daemon_process import REPO
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bundled_config_is_the_defaults() -> None:
+    assert load_config(REPO / "config.yaml", environ={}) == Config()
+
+
+def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "c.yaml", "server:\n  address: 127.0.0.1:1111\npool:\n  workers: 3\n")
+    from_file = load_config(config_file, environ={})
+    assert (from_file.server.address, from_file.pool.workers) == ("127.0.0.1:1111", 3)
+    environ = {"DEPLOYD_SERVER_ADDRESS": "127.0.0.1:2222", "DEPLOYD_WORKER_EXTRA_SYS_PATHS": "/a:/b"}
+    from_env = load_config(config_file, environ=environ)
+    assert from_env.server.address == "127.0.0.1:2222"
+    assert from_env.pool.workers == 3
+    assert from_env.worker.extra_sys_paths == ("/a", "/b")
+    from_flags = load_config(config_file, environ=environ, overrides={"server.address": "127.0.0.1:3333"})
+    assert from_flags.server.address == "127.0.0.1:3333"
+
+
+def test_workers_zero_means_one_per_core() -> None:
+    assert load_config(environ={"DEPLOYD_POOL_WORKERS": "0"}).worker_count >= 1
+    assert load_config(environ={"DEPLOYD_POOL_WORKERS": "5"}).worker_count == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nonsense:\n  a: 1\n", "unknown config section 'nonsense'"),
+        ("pool:\n  wrokers: 2\n", "unknown key pool.wrokers"),
+        ("pool:\n  workers: many\n", "bad value for pool.workers: 'many'"),
+        ("pool:\n  workers: -1\n", "bad value for pool.workers: -1"),
+        ("server:\n  address: nowhere\n", "bad value for server.address: 'nowhere'"),
+        ("worker:\n  extra_sys_paths: /not/a/list\n", "bad value for worker.extra_sys_paths"),
+        ("worker:\n  num_threads: true\n", "bad value for worker.num_threads: True"),
+        ("- a list\n", "must hold a mapping"),
+        ("server: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_refused_with_the_key_and_value(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(write(tmp_path / "c.yaml", text), environ={})
+
+
+def test_bad_environment_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"bad value for worker\.num_threads: 'x'"):
+        load_config(environ={"DEPLOYD_WORKER_NUM_THREADS": "x"})
+
+
+def test_cli_reports_bad_config_and_exits_2(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "c.yaml", "pool:\n  wrokers: 2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--config", str(config_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "unknown key pool.wrokers" in result.stderr

@@ -1,0 +1,89 @@
+"""Worker death, replacement and replay; health; reflection; a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client import InterpreterManager, UnavailableError
+from tests.daemon_process import DaemonProcess, alive, wait_until
+
+
+def worker_pids(manager: InterpreterManager) -> set[int]:
+    return {worker.pid for worker in manager.status().workers if worker.state != "stopped"}
+
+
+def wait_for_replacement(manager: InterpreterManager, old_pids: set[int], timeout: float = 30.0) -> set[int]:
+    """Wait until every slot has a serving worker and the pids are no longer old_pids."""
+
+    def replaced() -> bool:
+        status = manager.status().workers
+        return all(w.state in ("idle", "busy") for w in status) and {w.pid for w in status} != old_pids
+
+    assert wait_until(replaced, timeout), f"pool not restored: {manager.status()}"
+    return worker_pids(manager)
+
+
+def test_worker_that_dies_during_a_call(fresh_daemon: DaemonProcess, package_dir: Path) -> None:
+    with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+        manager.register_module_source("deployd_test_late", "VALUE = 42\n")
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+        before = worker_pids(manager)
+        with pytest.raises(UnavailableError, match="exited with code 3") as raised:
+            scale.call_method("exit_now", 3)
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        after = wait_for_replacement(manager, before)
+        assert len(after) == 2 and after != before
+        # The replacement got the object and the registered module replayed into it.
+        for _ in range(6):
+            assert torch.equal(scale(torch.ones(1)), torch.full((1,), 2.0))
+            assert scale.call_method("call_module", "deployd_test_late", "__getattribute__", "VALUE") == 42
+        assert {w.restarts for w in manager.status().workers} == {0, 1}
+
+
+def test_worker_killed_from_outside_is_replaced(fresh_daemon: DaemonProcess, package_dir: Path) -> None:
+    with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+        before = worker_pids(manager)
+        victim = scale.call_method("pid")
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: not alive(victim), 10)
+        pids = wait_for_replacement(manager, before)
+        assert victim not in pids
+        assert {scale.call_method("pid") for _ in range(8)} <= pids
+        assert "was killed by signal SIGKILL" in fresh_daemon.log
+
+
+def test_health_and_reflection(daemon: DaemonProcess) -> None:
+    with grpc.insecure_channel(daemon.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "deployd.v1.Deployd"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(iter(reflection.ServerReflectionInfo(iter([request]), timeout=10)))
+        names = {service.name for service in response.list_services_response.service}
+        assert {"deployd.v1.Deployd", "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_stops_workers_and_leaves_nothing(package_dir: Path, tmp_path: Path) -> None:
+    from tests.conftest import write_config
+
+    process = DaemonProcess(write_config(tmp_path / "config.yaml", package_dir)).start()
+    try:
+        with InterpreterManager(process.target, timeout=60) as manager:
+            manager.load_package(package_dir / "conv.pt").load_pickle("model", "model.pkl")
+            workers = worker_pids(manager)
+        assert len(workers) == 2
+    finally:
+        process.assert_clean_stop()
+    assert not any(alive(pid) for pid in workers)
+    assert "stopped" in process.log
