@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from server.config import Config
+from server.config import Config, split_address
+from server.metrics import Metrics
 from server.packages import PackageStore
 from server.pool import WorkerPool
 from server.proto import deployd_pb2, deployd_pb2_grpc
@@ -39,8 +40,10 @@ class Daemon:
         self.port = 0
         self._stop_requested = asyncio.Event()
         self._fast_stop = asyncio.Event()
+        self._started = False
         self._background: set[asyncio.Future[None]] = set()
         self._health = HealthServicer()
+        self._metrics = Metrics()
         store_directory = config.packages.store_directory
         self._store_directory = Path(store_directory or tempfile.mkdtemp(prefix="deployd-store-"))
         self._store_directory.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ class Daemon:
                 ("grpc.max_send_message_length", message_limit),
             ]
         )
-        deployd_pb2_grpc.add_DeploydServicer_to_server(DeploydServicer(self._service), self._server)
+        deployd_pb2_grpc.add_DeploydServicer_to_server(DeploydServicer(self._service, self._metrics), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -74,7 +77,9 @@ class Daemon:
         await self._service.prepare_worker(worker)  # type: ignore[arg-type]
 
     def _on_serving_changed(self, serving: int) -> None:
-        if self._stop_requested.is_set():
+        self._metrics.workers_serving.set(serving)
+        # Before the whole pool is up, and once stopping, health is set by run() alone.
+        if not self._started or self._stop_requested.is_set():
             return
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         task = asyncio.ensure_future(self._set_health(status))
@@ -97,12 +102,16 @@ class Daemon:
             loop.add_signal_handler(signum, self.request_stop)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
+            if self.config.metrics.address:
+                metrics_port = self._metrics.serve(self.config.metrics.address)
+                log.info("metrics on http://%s:%d/metrics", split_address(self.config.metrics.address)[0], metrics_port)
             log.info("starting %d workers", self._pool.size)
             await self._pool.start()
             self.port = self._server.add_insecure_port(self.config.server.address)
             if self.port == 0:
                 raise OSError(f"cannot bind {self.config.server.address}")
             await self._server.start()
+            self._started = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             host = self.config.server.address.rpartition(":")[0]
             log.info("listening on %s:%d", host, self.port)
@@ -110,6 +119,7 @@ class Daemon:
             await self._shutdown()
         finally:
             await self._pool.stop()
+            self._metrics.close()
             if self._owns_store_directory:
                 shutil.rmtree(self._store_directory, ignore_errors=True)
         log.info("stopped")

@@ -6,14 +6,17 @@ one table from domain error to gRPC status code.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
 from server import errors
 from server.errors import DeploydError, InvalidArgument
+from server.metrics import Metrics
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
 from server.service import ModelService
@@ -48,27 +51,38 @@ Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
 def _reports_errors(handler: Handler) -> Handler:
-    """Turn a domain error raised by a handler into its status, with remote details attached."""
+    """Turn a domain error raised by a handler into its status, with remote details attached,
+    and count the call with its status and duration."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: Context) -> Any:
+    async def wrapper(self: DeploydServicer, request: Any, context: Context) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             return await handler(self, request, context)
         except DeploydError as error:
+            code = status_for(error)
             if error.remote_type or error.remote_traceback:
                 detail = pb.ErrorDetail(remote_type=error.remote_type, remote_traceback=error.remote_traceback)
                 context.set_trailing_metadata(((ERROR_DETAIL_KEY, detail.SerializeToString()),))
-            await context.abort(status_for(error), str(error))
+            await context.abort(code, str(error))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as error:
+            code = grpc.StatusCode.INTERNAL
             log.exception("internal error in %s", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            await context.abort(code, f"internal error: {type(error).__name__}: {error}")
+        finally:
+            self._metrics.observe_call(handler.__name__, code.name, time.perf_counter() - started)
 
     return wrapper  # type: ignore[return-value]
 
 
 class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, metrics: Metrics) -> None:
         self._service = service
+        self._metrics = metrics
 
     @_reports_errors
     async def LoadPackage(

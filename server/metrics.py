@@ -1,0 +1,54 @@
+"""Prometheus metrics, kept in the daemon process only and served at /metrics.
+
+Names follow deployd_<noun>_<unit>. Observed where calls enter and leave the daemon
+(the servicer) and where the pool's capacity changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from server.config import split_address
+
+log = logging.getLogger(__name__)
+
+# From a fast identity call (~1 ms) to a slow model (tens of seconds).
+_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "deployd_calls", "gRPC calls handled, by method and status code", ["method", "code"], registry=self.registry
+        )
+        self.call_duration = Histogram(
+            "deployd_call_duration_seconds",
+            "Time from a call's arrival to its answer, by method",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.workers_serving = Gauge(
+            "deployd_workers_serving", "Worker processes ready to take calls", registry=self.registry
+        )
+        self._http: Any = None
+
+    def observe_call(self, method: str, code: str, seconds: float) -> None:
+        self.calls.labels(method, code).inc()
+        self.call_duration.labels(method).observe(seconds)
+
+    def serve(self, address: str) -> int:
+        """Serve /metrics on address (port 0: any free port); returns the bound port."""
+        host, port = split_address(address)
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound: int = self._http.server_port
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
