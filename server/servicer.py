@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeAlias, TypeVar
 
 import grpc
 
@@ -24,7 +24,8 @@ from server.values import pack_value, unpack_value
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
+# grpc ships no type hints: a servicer context is typed as what it is to mypy, Any.
+Context: TypeAlias = Any
 
 ERROR_DETAIL_KEY = "deployd-error-detail-bin"
 
