@@ -20,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from server.config import Config, split_address
+from server.errors import WorkerCrashed
 from server.metrics import Metrics
 from server.packages import PackageStore
 from server.pool import WorkerPool
@@ -30,6 +31,11 @@ from server.servicer import DeploydServicer
 from server.worker.main import WorkerSettings
 
 log = logging.getLogger("deployd")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why."""
+
 
 SERVICE_NAME = deployd_pb2.DESCRIPTOR.services_by_name["Deployd"].full_name
 
@@ -64,6 +70,8 @@ class Daemon:
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
+                # A second daemon on the same port must fail, not silently share it.
+                ("grpc.so_reuseport", 0),
             ]
         )
         deployd_pb2_grpc.add_DeploydServicer_to_server(DeploydServicer(self._service, self._metrics), self._server)
@@ -105,11 +113,9 @@ class Daemon:
             if self.config.metrics.address:
                 metrics_port = self._metrics.serve(self.config.metrics.address)
                 log.info("metrics on http://%s:%d/metrics", split_address(self.config.metrics.address)[0], metrics_port)
+            self.port = self._bind(self.config.server.address)
             log.info("starting %d workers", self._pool.size)
             await self._pool.start()
-            self.port = self._server.add_insecure_port(self.config.server.address)
-            if self.port == 0:
-                raise OSError(f"cannot bind {self.config.server.address}")
             await self._server.start()
             self._started = True
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -124,6 +130,16 @@ class Daemon:
                 shutil.rmtree(self._store_directory, ignore_errors=True)
         log.info("stopped")
         return 0
+
+    def _bind(self, address: str) -> int:
+        """Bind before starting workers, so a taken port fails fast."""
+        try:
+            port: int = self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise StartupError(f"cannot bind {address}: {error}") from None
+        if port == 0:
+            raise StartupError(f"cannot bind {address}")
+        return port
 
     async def _shutdown(self) -> None:
         log.info("shutting down: draining calls for up to %.1fs", self.config.server.shutdown_grace_seconds)
@@ -140,6 +156,10 @@ class Daemon:
 def run_daemon(config: Config) -> int:
     async def main() -> int:
         # Built inside the loop: grpc.aio binds its server to the running loop.
-        return await Daemon(config).run()
+        try:
+            return await Daemon(config).run()
+        except (StartupError, WorkerCrashed) as error:
+            log.error("cannot start: %s", error)
+            return 1
 
     return asyncio.run(main())

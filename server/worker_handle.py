@@ -92,14 +92,18 @@ class WorkerHandle:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         try:
             greeting = await asyncio.wait_for(protocol.read_frame_async(reader), start_timeout)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as error:
+            if not isinstance(greeting.message, protocol.Ready):
+                raise protocol.ProtocolError(f"got {type(greeting.message).__name__} instead of a greeting")
+        except BaseException as error:  # cancelled too: a started process must not be left behind
             writer.close()
             process.kill()
             await loop.run_in_executor(None, process.join, 5.0)
+            if not isinstance(
+                error, (TimeoutError, asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError)
+            ):
+                raise
             reason = describe_exit(process.exitcode)
-            raise WorkerCrashed(f"worker {index} failed to start: it {reason}") from error
-        if not isinstance(greeting.message, protocol.Ready):
-            raise WorkerCrashed(f"worker {index} sent {type(greeting.message).__name__} instead of a greeting")
+            raise WorkerCrashed(f"worker {index} failed to start: it {reason} ({error!r})") from error
         handle = cls(index, process, reader, writer, greeting.message.pid)
         loop.add_reader(process.sentinel, handle._on_sentinel)
         handle._lifecycle = asyncio.create_task(handle._run(on_exit), name=f"worker-{index}-lifecycle")

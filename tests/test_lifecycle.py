@@ -114,3 +114,27 @@ def test_metrics_count_calls(package_dir: Path, tmp_path: Path) -> None:
         assert "deployd_workers_serving" in text
     finally:
         process.assert_clean_stop()
+
+
+def test_taken_port_fails_fast_with_a_message(package_dir: Path, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import write_config
+    from tests.daemon_process import REPO
+
+    config = write_config(tmp_path / "config.yaml", package_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "server", "serve", "--config", str(config), "--address", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"cannot bind 127.0.0.1:{port}" in result.stderr
