@@ -28,6 +28,7 @@ from server.proto import deployd_pb2, deployd_pb2_grpc
 from server.registry import Registry
 from server.service import ModelService
 from server.servicer import DeploydServicer
+from server.shm import remove_stale_segments
 from server.worker.main import WorkerSettings
 
 log = logging.getLogger("deployd")
@@ -113,6 +114,7 @@ class Daemon:
             if self.config.metrics.address:
                 metrics_port = self._metrics.serve(self.config.metrics.address)
                 log.info("metrics on http://%s:%d/metrics", split_address(self.config.metrics.address)[0], metrics_port)
+            remove_stale_segments()
             self.port = self._bind(self.config.server.address)
             log.info("starting %d workers", self._pool.size)
             await self._pool.start()
@@ -125,6 +127,7 @@ class Daemon:
             await self._shutdown()
         finally:
             await self._pool.stop()
+            self._service.close()
             self._metrics.close()
             if self._owns_store_directory:
                 shutil.rmtree(self._store_directory, ignore_errors=True)

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable
 
 from server import protocol
 from server.errors import DeploydError, PoolClosed, WorkerCrashed
+from server.procinfo import MemoryUsage, memory_usage
 from server.worker.main import WorkerSettings
 from server.worker_handle import WorkerHandle
 
@@ -42,6 +43,7 @@ class WorkerStatus:
     state: str
     calls_served: int
     restarts: int
+    memory: MemoryUsage
 
 
 class WorkerPool:
@@ -189,6 +191,8 @@ class WorkerPool:
 
     def status(self) -> list[WorkerStatus]:
         return [
-            WorkerStatus(index, worker.pid, worker.state, worker.calls_served, self._restarts[index])
+            WorkerStatus(
+                index, worker.pid, worker.state, worker.calls_served, self._restarts[index], memory_usage(worker.pid)
+            )
             for index, worker in sorted(self._workers.items())
         ]

@@ -42,6 +42,10 @@ class RegisterModule(NamedTuple):
 class OpenPackage(NamedTuple):
     package_id: str
     path: str
+    # The package's tensor storages in a shared segment (server.weights); "" for none.
+    weights_segment: str
+    weights_size: int
+    weights_index: dict[str, tuple[int, int]]  # record name -> (offset, bytes)
 
 
 class ClosePackage(NamedTuple):

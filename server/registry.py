@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server import protocol
+from server.weights import SharedWeights
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,13 @@ class PackageRecord:
     package_id: str
     path: str
     size_bytes: int
+    weights: SharedWeights | None = None
+
+    def open_request(self) -> protocol.OpenPackage:
+        if self.weights is None:
+            return protocol.OpenPackage(self.package_id, self.path, "", 0, {})
+        segment = self.weights.segment
+        return protocol.OpenPackage(self.package_id, self.path, segment.name, segment.size, self.weights.records)
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class Registry:
         requests: list[protocol.Request] = [
             protocol.RegisterModule(name, source) for name, source in self.modules.items()
         ]
-        requests += [protocol.OpenPackage(record.package_id, record.path) for record in self.packages.values()]
+        requests += [record.open_request() for record in self.packages.values()]
         requests += [
             protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file)
             for record in self.objects.values()

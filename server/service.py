@@ -7,18 +7,23 @@ registry is left as it was. Imports no grpc.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import zipfile
 from typing import Any, AsyncIterator, NamedTuple
 
 from server import protocol
-from server.errors import DeploydError, ObjectNotFound, PackageNotFound, WorkerCrashed
+from server.errors import DeploydError, InvalidPackage, ObjectNotFound, PackageNotFound, WorkerCrashed
 from server.packages import PackageStore, StoredPackage
 from server.pool import WorkerPool, WorkerStatus
 from server.registry import ObjectRecord, PackageRecord, Registry
+from server.weights import SharedWeights, stage_weights
 from server.worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
+
+_NOT_A_PACKAGE = "not a loadable torch.package archive"
 
 
 class StatusSnapshot(NamedTuple):
@@ -57,33 +62,43 @@ class ModelService:
             existing = self._registry.packages.get(stored.package_id)
             if existing is not None:
                 return existing
+            record = PackageRecord(*stored)
             try:
-                await self._everywhere(
-                    protocol.OpenPackage(stored.package_id, stored.path),
-                    protocol.ClosePackage(stored.package_id),
-                    "not a loadable torch.package archive",
-                )
+                record = PackageRecord(*stored, weights=await self._stage_weights(stored))
+                await self._everywhere(record.open_request(), protocol.ClosePackage(stored.package_id), _NOT_A_PACKAGE)
             except DeploydError:
                 self._store.remove(stored.package_id)
+                if record.weights is not None:
+                    record.weights.segment.unlink()
                 raise
-            record = PackageRecord(*stored)
             self._registry.packages[record.package_id] = record
             return record
+
+    async def _stage_weights(self, stored: StoredPackage) -> SharedWeights | None:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, stage_weights, stored.path)
+        except (zipfile.BadZipFile, OSError, KeyError, ValueError) as error:
+            raise InvalidPackage(f"{_NOT_A_PACKAGE}: {error}") from None
 
     async def unload_package(self, package_id: str) -> list[str]:
         """Unload a package and every object made from it; returns those objects' ids."""
         async with self._pool.changes:
             if package_id not in self._registry.packages:
                 raise PackageNotFound(package_id)
+            record = self._registry.packages[package_id]
             objects = self._registry.objects_of(package_id)
-            for record in objects:
-                del self._registry.objects[record.object_id]
+            for loaded in objects:
+                del self._registry.objects[loaded.object_id]
             del self._registry.packages[package_id]
-            for record in objects:
-                await self._pool.broadcast(protocol.UnloadObject(record.object_id), [])
+            for loaded in objects:
+                await self._pool.broadcast(protocol.UnloadObject(loaded.object_id), [])
             await self._pool.broadcast(protocol.ClosePackage(package_id), [])
             self._store.remove(package_id)
-            return [record.object_id for record in objects]
+            if record.weights is not None:
+                # Workers keep their mappings while replicas use them; the pages go with the last.
+                record.weights.segment.unlink()
+            return [loaded.object_id for loaded in objects]
 
     async def load_resource(self, package_id: str, module: str, resource: str, binary: bool) -> Any:
         self._require_package(package_id)
@@ -121,6 +136,12 @@ class ModelService:
         self._require_object(object_id)
         present, _ = await self._pool.call(protocol.HasAttr(object_id, name), [])
         return bool(present)
+
+    def close(self) -> None:
+        """Unlink every package's shared weights (after the pool has stopped)."""
+        for record in self._registry.packages.values():
+            if record.weights is not None:
+                record.weights.segment.unlink()
 
     # ------------------------------------------------------------------ inspection
 

@@ -58,24 +58,29 @@ def _reports_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapper(self: DeploydServicer, request: Any, context: Context) -> Any:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+
+        def observe(code: grpc.StatusCode) -> None:
+            # Before the answer leaves, so a caller that has its answer finds it counted.
+            self._metrics.observe_call(handler.__name__, code.name, time.perf_counter() - started)
+
         try:
-            return await handler(self, request, context)
+            response = await handler(self, request, context)
         except DeploydError as error:
             code = status_for(error)
             if error.remote_type or error.remote_traceback:
                 detail = pb.ErrorDetail(remote_type=error.remote_type, remote_traceback=error.remote_traceback)
                 context.set_trailing_metadata(((ERROR_DETAIL_KEY, detail.SerializeToString()),))
+            observe(code)
             await context.abort(code, str(error))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            observe(grpc.StatusCode.CANCELLED)
             raise
         except Exception as error:
-            code = grpc.StatusCode.INTERNAL
             log.exception("internal error in %s", handler.__name__)
-            await context.abort(code, f"internal error: {type(error).__name__}: {error}")
-        finally:
-            self._metrics.observe_call(handler.__name__, code.name, time.perf_counter() - started)
+            observe(grpc.StatusCode.INTERNAL)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        observe(grpc.StatusCode.OK)
+        return response
 
     return wrapper  # type: ignore[return-value]
 
@@ -156,7 +161,12 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
         return pb.StatusResponse(
             workers=[
                 pb.WorkerStatus(
-                    index=w.index, pid=w.pid, state=w.state, calls_served=w.calls_served, restarts=w.restarts
+                    index=w.index,
+                    pid=w.pid,
+                    state=w.state,
+                    calls_served=w.calls_served,
+                    restarts=w.restarts,
+                    **w.memory._asdict(),
                 )
                 for w in snapshot.workers
             ],

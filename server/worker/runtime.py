@@ -17,6 +17,7 @@ from torch.package import PackageImporter  # type: ignore[attr-defined]
 
 from server import protocol
 from server.protocol import Failure, Reply, Request, Result
+from server.worker.shared import SharedWeightsReader
 from server.worker.values import pack, unpack
 
 _MISSING = object()
@@ -83,8 +84,14 @@ class Runtime:
             raise
 
     def _open_package(self, request: protocol.OpenPackage, _: list[Any], __: list[Any]) -> None:
-        if request.package_id not in self._packages:
-            self._packages[request.package_id] = PackageImporter(request.path)
+        if request.package_id in self._packages:
+            return
+        importer = PackageImporter(request.path)
+        if request.weights_segment:
+            importer.zip_reader = SharedWeightsReader(
+                importer.zip_reader, request.weights_segment, request.weights_size, request.weights_index
+            )
+        self._packages[request.package_id] = importer
 
     def _close_package(self, request: protocol.ClosePackage, _: list[Any], __: list[Any]) -> None:
         self._packages.pop(request.package_id, None)
@@ -105,6 +112,8 @@ class Runtime:
 
     def _load_pickle(self, request: protocol.LoadPickle, _: list[Any], __: list[Any]) -> None:
         package = self._package(request.package_id)
+        if isinstance(package.zip_reader, SharedWeightsReader):
+            package.zip_reader.new_mapping()
         self._objects[request.object_id] = package.load_pickle(request.module, request.file)
 
     def _unload_object(self, request: protocol.UnloadObject, _: list[Any], __: list[Any]) -> None:

@@ -1,0 +1,73 @@
+"""Weights held once: a package's tensor storages, copied into one shared segment.
+
+torch.package keeps every tensor storage as an uncompressed record `.data/<key>.storage`.
+At LoadPackage the daemon copies those records (raw bytes, no torch needed) into one
+segment and sends workers its name and an index; each worker's importer then builds
+tensors on a copy-on-write mapping of that segment instead of reading the archive
+(server.worker.shared). Every replica in every worker, and every replacement worker,
+maps the same pages; a replica that writes to its weights gets private copies of the
+pages it writes, so mutations stay local, as in torch::deploy.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from typing import Any, NamedTuple
+
+from server.shm import Segment, align
+
+# record name (relative to the archive root, as the importer asks for it) -> (offset, bytes)
+WeightIndex = dict[str, tuple[int, int]]
+
+
+class SharedWeights(NamedTuple):
+    segment: Segment
+    records: WeightIndex
+
+
+def stage_weights(archive_path: str) -> SharedWeights | None:
+    """Copy a package's storages into a new segment; None if it has none to share."""
+    with zipfile.ZipFile(archive_path) as archive:
+        names = archive.namelist()
+        root = names[0].split("/", 1)[0] if names else ""
+        if _byte_order(archive, root) != "little":
+            return None  # tensors would need swapping: leave them to torch's own loader
+        records = [
+            info
+            for info in archive.infolist()
+            if info.filename.startswith(f"{root}/.data/") and info.filename.endswith(".storage")
+        ]
+        if not records:
+            return None
+        index: WeightIndex = {}
+        offset = 0
+        for info in records:
+            index[info.filename.split("/", 1)[1]] = (offset, info.file_size)
+            offset = align(offset + info.file_size)
+        segment = Segment(offset)
+        try:
+            for info in records:
+                start, size = index[info.filename.split("/", 1)[1]]
+                with archive.open(info) as record:
+                    _read_into(record, segment.buffer[start : start + size])
+        except BaseException:
+            segment.unlink()
+            raise
+        segment.close()
+        return SharedWeights(segment, index)
+
+
+def _byte_order(archive: zipfile.ZipFile, root: str) -> str:
+    try:
+        return archive.read(f"{root}/byteorder").decode().strip()
+    except KeyError:
+        return "little"  # archives from before the record existed were written little-endian
+
+
+def _read_into(record: Any, target: memoryview) -> None:
+    filled = 0
+    while filled < len(target):
+        count = record.readinto(target[filled:])
+        if not count:
+            raise zipfile.BadZipFile("storage record shorter than its header says")
+        filled += count
