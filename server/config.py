@@ -41,6 +41,8 @@ class PoolSection:
 class WorkerSection:
     num_threads: int = 1  # torch intra-op threads per worker
     extra_sys_paths: tuple[str, ...] = ()  # appended to sys.path in every worker (externs)
+    # Tensors at least this large travel through shared memory; smaller ones inline.
+    shm_threshold_bytes: int = 65536
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ def _validate(config: Config) -> None:
         ("pool.start_timeout_seconds", config.pool.start_timeout_seconds, config.pool.start_timeout_seconds > 0),
         ("pool.stop_timeout_seconds", config.pool.stop_timeout_seconds, config.pool.stop_timeout_seconds > 0),
         ("worker.num_threads", config.worker.num_threads, config.worker.num_threads >= 1),
+        ("worker.shm_threshold_bytes", config.worker.shm_threshold_bytes, config.worker.shm_threshold_bytes >= 1),
         ("packages.max_bytes", config.packages.max_bytes, config.packages.max_bytes >= 0),
         ("metrics.address", config.metrics.address, not config.metrics.address or _is_address(config.metrics.address)),
     ]

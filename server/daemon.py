@@ -58,7 +58,9 @@ class Daemon:
         self._registry = Registry()
         self._pool = WorkerPool(
             size=config.worker_count,
-            settings=WorkerSettings(config.worker.num_threads, config.worker.extra_sys_paths),
+            settings=WorkerSettings(
+                config.worker.num_threads, config.worker.extra_sys_paths, config.worker.shm_threshold_bytes
+            ),
             start_timeout=config.pool.start_timeout_seconds,
             stop_timeout=config.pool.stop_timeout_seconds,
             prepare=self._prepare_worker,

@@ -26,7 +26,7 @@ from server import protocol
 from server.errors import DeploydError, PoolClosed, WorkerCrashed
 from server.procinfo import MemoryUsage, memory_usage
 from server.worker.main import WorkerSettings
-from server.worker_handle import WorkerHandle
+from server.worker_handle import WorkerHandle, interpret_reply
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,21 @@ class WorkerPool:
         """Run a request on one free worker, waiting in line for one if all are busy."""
         worker = await self._acquire()
         try:
-            return await worker.request(message, buffers)
-        finally:
+            reply = worker.send(message, buffers)
+        except BaseException:
             self._release(worker)
+            raise
+        try:
+            frame = await asyncio.shield(reply)
+        except asyncio.CancelledError:
+            # The worker still runs the call: it takes no other until it answers or dies.
+            reply.add_done_callback(lambda _: self._release(worker))
+            raise
+        except BaseException:
+            self._release(worker)
+            raise
+        self._release(worker)
+        return interpret_reply(frame)
 
     async def _acquire(self) -> WorkerHandle:
         while True:

@@ -10,12 +10,14 @@ Every frame carries a request id; a reply resolves the future waiting for that i
 so several requests may be in flight on one channel. Id 0 is the worker's `Ready`
 greeting.
 
-A frame is an 8-byte prefix (header length, number of buffers), the header, then
-each buffer as an 8-byte length and its bytes. The header is `marshal` of builtins
-only (never pickle: failures cross as data, not as exception objects). Tensor bytes
-never go inside the header: they travel as separate buffers that values refer to by
-index, so tensors can move to shared memory by sending a (segment, offset) instead
-of the buffer, with no change to any message.
+A frame is a 4-byte header length, the header, then the inline buffers. The header
+is `marshal` of builtins only (never pickle: failures cross as data, not as exception
+objects): (request id, message tag, message fields, buffer refs, notes). Tensor bytes
+never go inside the header: values refer to buffers by index, and each buffer ref is
+either a length (the bytes follow inline) or (segment, offset, length) in shared
+memory the daemon owns. The writer's Placement decides which: small buffers go
+inline, where one copy through the socket is cheaper than the bookkeeping; large ones
+are copied once into a reusable arena, and the reader wraps them without a copy.
 
 Packed values (arguments and results) are builtins: None, bool, int, float, str,
 bytes, list and dict as themselves; a *tuple* is always a tag:
@@ -29,7 +31,7 @@ import asyncio
 import marshal
 import socket
 import struct
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 # ------------------------------------------------------------------ requests (daemon -> worker)
 
@@ -124,57 +126,116 @@ _MESSAGE_TYPES: tuple[type[Any], ...] = (
 )
 _TAG_OF = {cls: tag for tag, cls in enumerate(_MESSAGE_TYPES)}
 
-_PREFIX = struct.Struct("<II")  # header length, number of buffers
-_LENGTH = struct.Struct("<Q")
-
 Buffer = bytes | bytearray | memoryview
+
+
+# Where a buffer lies in shared memory: (segment name, offset, length).
+SharedRef = tuple[str, int, int]
+ALIGNMENT = 64  # buffers in shared memory start on a cache line: aligned for every dtype
+
+
+def align(offset: int) -> int:
+    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+class Placement(Protocol):
+    """Decides whether a buffer goes into shared memory (and copies it there) or inline."""
+
+    def place(self, view: memoryview) -> SharedRef | None: ...
 
 
 class Frame(NamedTuple):
     request_id: int
     message: Message
     buffers: list[Any]  # bytes-like, indexed by packed tensors
+    # Transport notes beside the message: "reply_arena" (name, size) lent for the reply's
+    # tensors; "inbox_retained" when model code kept a reference to its inputs' memory;
+    # "reply_bytes_wanted" when the reply's tensors did not fit the arena lent.
+    notes: dict[str, Any]
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not a frame of this protocol."""
 
 
-def encode_frame(request_id: int, message: Message, buffers: list[Buffer]) -> list[Buffer]:
-    """Return the pieces of one frame, ready to be written in order."""
-    header = marshal.dumps((request_id, _TAG_OF[type(message)], tuple(message)))
-    pieces: list[Buffer] = [_PREFIX.pack(len(header), len(buffers)) + header]
+_HEADER_LENGTH = struct.Struct("<I")
+_SMALL_FRAME = 64 * 1024
+
+
+def encode_frame(
+    request_id: int,
+    message: Message,
+    buffers: list[Buffer],
+    placement: Placement | None = None,
+    notes: dict[str, Any] | None = None,
+) -> list[Buffer]:
+    """Return the pieces of one frame, ready to be written in order.
+
+    Buffers that placement takes travel as references; the others follow the header inline.
+    """
+    refs, inline = place_buffers(buffers, placement)
+    return encode_header(request_id, message, refs, inline, notes)
+
+
+def place_buffers(buffers: list[Buffer], placement: Placement | None) -> tuple[list[int | SharedRef], list[memoryview]]:
+    """Decide where each buffer travels: its refs, and the buffers that go inline."""
+    refs: list[int | SharedRef] = []
+    inline: list[memoryview] = []
     for buffer in buffers:
-        pieces.append(_LENGTH.pack(memoryview(buffer).nbytes))
-        pieces.append(buffer)
-    return pieces
+        view = memoryview(buffer).cast("B")
+        ref = placement.place(view) if placement is not None and view.nbytes else None
+        if ref is None:
+            refs.append(view.nbytes)
+            inline.append(view)
+        else:
+            refs.append(ref)
+    return refs, inline
 
 
-def decode_header(header: bytes, buffers: list[Any]) -> Frame:
+def encode_header(
+    request_id: int,
+    message: Message,
+    refs: list[int | SharedRef],
+    inline: list[Any],
+    notes: dict[str, Any] | None = None,
+) -> list[Buffer]:
+    header = marshal.dumps((request_id, _TAG_OF[type(message)], tuple(message), refs, notes or {}))
+    return [_HEADER_LENGTH.pack(len(header)) + header, *inline]
+
+
+def decode_header(header: bytes) -> tuple[int, Message, list[int | SharedRef], dict[str, Any]]:
     try:
-        request_id, tag, fields = marshal.loads(header)
+        request_id, tag, fields, refs, notes = marshal.loads(header)
         message = _MESSAGE_TYPES[tag](*fields)
     except (ValueError, EOFError, TypeError, IndexError) as error:
         raise ProtocolError(f"malformed frame header: {error}") from error
-    return Frame(request_id, message, buffers)
+    return request_id, message, refs, notes
 
 
 # ------------------------------------------------------------------ daemon side: asyncio streams
 
 
-async def read_frame_async(reader: asyncio.StreamReader) -> Frame:
+def _no_shared(ref: SharedRef) -> Any:
+    raise ProtocolError(f"unexpected shared-memory reference {ref}")
+
+
+async def read_frame_async(reader: asyncio.StreamReader, resolve: Callable[[SharedRef], Any] = _no_shared) -> Frame:
     """Read one frame; raises asyncio.IncompleteReadError at end of stream."""
-    header_length, buffer_count = _PREFIX.unpack(await reader.readexactly(_PREFIX.size))
-    header = await reader.readexactly(header_length)
-    buffers = []
-    for _ in range(buffer_count):
-        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-        buffers.append(await reader.readexactly(length))
-    return decode_header(header, buffers)
+    (header_length,) = _HEADER_LENGTH.unpack(await reader.readexactly(_HEADER_LENGTH.size))
+    request_id, message, refs, notes = decode_header(await reader.readexactly(header_length))
+    buffers = [await reader.readexactly(ref) if type(ref) is int else resolve(ref) for ref in refs]  # type: ignore[arg-type]
+    return Frame(request_id, message, buffers, notes)
 
 
-def write_frame_async(writer: asyncio.StreamWriter, request_id: int, message: Message, buffers: list[Buffer]) -> None:
-    writer.writelines(encode_frame(request_id, message, buffers))
+def write_frame_async(
+    writer: asyncio.StreamWriter,
+    request_id: int,
+    message: Message,
+    buffers: list[Buffer],
+    placement: Placement | None = None,
+    notes: dict[str, Any] | None = None,
+) -> None:
+    writer.writelines(encode_frame(request_id, message, buffers, placement, notes))
 
 
 # ------------------------------------------------------------------ worker side: a blocking socket
@@ -193,17 +254,18 @@ def _recv_exactly(sock: socket.socket, length: int) -> bytearray:
     return data
 
 
-def read_frame_blocking(sock: socket.socket) -> Frame:
+def read_frame_blocking(sock: socket.socket, resolve: Callable[[SharedRef], Any] = _no_shared) -> Frame:
     """Read one frame; raises EOFError when the daemon has closed the channel."""
-    header_length, buffer_count = _PREFIX.unpack(_recv_exactly(sock, _PREFIX.size))
-    header = bytes(_recv_exactly(sock, header_length))
-    buffers = []
-    for _ in range(buffer_count):
-        (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-        buffers.append(_recv_exactly(sock, length))
-    return decode_header(header, buffers)
+    (header_length,) = _HEADER_LENGTH.unpack(_recv_exactly(sock, _HEADER_LENGTH.size))
+    request_id, message, refs, notes = decode_header(bytes(_recv_exactly(sock, header_length)))
+    buffers = [_recv_exactly(sock, ref) if type(ref) is int else resolve(ref) for ref in refs]  # type: ignore[arg-type]
+    return Frame(request_id, message, buffers, notes)
 
 
-def write_frame_blocking(sock: socket.socket, request_id: int, message: Message, buffers: list[Buffer]) -> None:
-    for piece in encode_frame(request_id, message, buffers):
+def write_frame_blocking(sock: socket.socket, pieces: list[Buffer]) -> None:
+    """Write a frame's pieces (from encode_frame); a small frame goes in one system call."""
+    if sum(memoryview(piece).nbytes for piece in pieces) <= _SMALL_FRAME:
+        sock.sendall(b"".join(pieces))
+        return
+    for piece in pieces:
         sock.sendall(piece)

@@ -15,21 +15,26 @@ import re
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
+from server.protocol import align
+
 log = logging.getLogger(__name__)
 
 SHM_DIRECTORY = "/dev/shm"
 PREFIX = "deployd-"
-ALIGNMENT = 64  # every tensor starts on a cache line: aligned for every dtype
 _NAME = re.compile(rf"^{PREFIX}(\d+)-\d+$")
 _counter = itertools.count()
 
 
-def align(offset: int) -> int:
-    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+class SharedMemoryFull(OSError):
+    """/dev/shm has no room for a segment (in a container: raise --shm-size)."""
 
 
 class Segment:
-    """One shared-memory segment, mapped read-write in the daemon until closed."""
+    """One shared-memory segment, mapped read-write in the daemon until closed.
+
+    Its pages are reserved when it is made, so a full /dev/shm fails here with
+    SharedMemoryFull instead of killing whoever touches the page later with SIGBUS.
+    """
 
     def __init__(self, size: int) -> None:
         self.name = f"{PREFIX}{os.getpid()}-{next(_counter)}"
@@ -38,6 +43,11 @@ class Segment:
         # The daemon unlinks its own segments; the multiprocessing tracker need not
         # (and would warn at exit about segments that were already gone).
         resource_tracker.unregister(self._memory._name, "shared_memory")  # type: ignore[attr-defined]
+        try:
+            os.posix_fallocate(self._memory._fd, 0, self.size)  # type: ignore[attr-defined]
+        except OSError as error:
+            self.unlink()
+            raise SharedMemoryFull(error.errno, f"cannot reserve {self.size} bytes in {SHM_DIRECTORY}") from None
 
     @property
     def buffer(self) -> memoryview:
@@ -55,6 +65,65 @@ class Segment:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM_DIRECTORY, self.name))
+
+
+class Arena:
+    """A segment reused for one worker's tensors in one direction; it grows on demand.
+
+    The daemon writes a request's tensors into the worker's inbox arena, and lends the
+    worker an outbox arena for the reply's. Reuse matters: on this kind of machine a
+    page touched for the first time costs more than copying into it (README, limits).
+    """
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold  # smaller buffers go inline: cheaper than the bookkeeping
+        self.segment: Segment | None = None
+        self._offset = 0
+
+    def wanted(self, views: list[memoryview]) -> int:
+        return sum(align(view.nbytes) for view in views if view.nbytes >= self.threshold)
+
+    def reserve(self, size: int) -> bool:
+        """Make room for size bytes from offset 0 (a new segment if too small); False if none."""
+        self._offset = 0
+        if size == 0 or (self.segment is not None and self.segment.size >= size):
+            return self.segment is not None
+        grown = max(_MIN_ARENA, 1 << (size - 1).bit_length())  # room to grow before the next resize
+        self.retire()
+        try:
+            self.segment = Segment(grown)
+        except SharedMemoryFull as error:
+            log.warning("%s; tensors go through the socket instead", error)
+            return False
+        return True
+
+    def place(self, view: memoryview) -> tuple[str, int, int] | None:
+        """Copy a buffer into the arena, if it is large enough to be worth it and fits."""
+        size = view.nbytes
+        if size < self.threshold or self.segment is None:
+            return None
+        start = align(self._offset)
+        if start + size > self.segment.size:
+            return None
+        self.segment.buffer[start : start + size] = view
+        self._offset = start + size
+        return (self.segment.name, start, size)
+
+    def read(self, ref: tuple[str, int, int]) -> bytes:
+        """Copy a buffer out (the arena is reused by the next call)."""
+        name, start, size = ref
+        if self.segment is None or name != self.segment.name or start + size > self.segment.size:
+            raise ValueError(f"reference {ref} is outside the arena")
+        return bytes(self.segment.buffer[start : start + size])
+
+    def retire(self) -> None:
+        """Unlink the segment; a worker that still maps it keeps its pages until it lets go."""
+        if self.segment is not None:
+            self.segment.unlink()
+            self.segment = None
+
+
+_MIN_ARENA = 1 << 20
 
 
 def remove_stale_segments() -> list[str]:

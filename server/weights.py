@@ -11,10 +11,14 @@ pages it writes, so mutations stay local, as in torch::deploy.
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from typing import Any, NamedTuple
 
-from server.shm import Segment, align
+from server.protocol import align
+from server.shm import Segment, SharedMemoryFull
+
+log = logging.getLogger(__name__)
 
 # record name (relative to the archive root, as the importer asks for it) -> (offset, bytes)
 WeightIndex = dict[str, tuple[int, int]]
@@ -44,7 +48,11 @@ def stage_weights(archive_path: str) -> SharedWeights | None:
         for info in records:
             index[info.filename.split("/", 1)[1]] = (offset, info.file_size)
             offset = align(offset + info.file_size)
-        segment = Segment(offset)
+        try:
+            segment = Segment(offset)
+        except SharedMemoryFull as error:
+            log.warning("weights of %s not shared: %s; each worker loads its own copy", archive_path, error)
+            return None
         try:
             for info in records:
                 start, size = index[info.filename.split("/", 1)[1]]

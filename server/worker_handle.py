@@ -18,12 +18,23 @@ from typing import Any, Callable
 
 from server import protocol
 from server.errors import WorkerCrashed, error_from_failure
+from server.shm import Arena
 from server.worker.main import WorkerSettings, worker_main
 
 log = logging.getLogger(__name__)
 
 # How long a dead worker's channel may keep delivering replies it wrote before dying.
 _DRAIN_SECONDS = 1.0
+
+
+def interpret_reply(frame: protocol.Frame) -> tuple[Any, list[Any]]:
+    """A Result's value and buffers; a Failure raises its domain error."""
+    result = frame.message
+    if isinstance(result, protocol.Failure):
+        raise error_from_failure(result)
+    if not isinstance(result, protocol.Result):
+        raise protocol.ProtocolError(f"unexpected reply {type(result).__name__}")
+    return result.value, frame.buffers
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -45,6 +56,7 @@ class WorkerHandle:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         pid: int,
+        shm_threshold: int,
     ) -> None:
         self.index = index
         self.pid = pid
@@ -57,6 +69,10 @@ class WorkerHandle:
         self._writer = writer
         self._request_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[protocol.Frame]] = {}
+        self._inbox = Arena(shm_threshold)
+        self._outbox = Arena(shm_threshold)
+        self._outbox_size = 0  # grows to what replies have needed
+        self._arena_holder: int | None = None  # the request whose tensors use the arenas
         self._exited = asyncio.Event()
         self._lifecycle: asyncio.Task[None] | None = None
 
@@ -104,34 +120,57 @@ class WorkerHandle:
                 raise
             reason = describe_exit(process.exitcode)
             raise WorkerCrashed(f"worker {index} failed to start: it {reason} ({error!r})") from error
-        handle = cls(index, process, reader, writer, greeting.message.pid)
+        handle = cls(index, process, reader, writer, greeting.message.pid, settings.shm_threshold_bytes)
         loop.add_reader(process.sentinel, handle._on_sentinel)
         handle._lifecycle = asyncio.create_task(handle._run(on_exit), name=f"worker-{index}-lifecycle")
         return handle
 
     # ------------------------------------------------------------------ requests
 
-    async def request(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
-        """Send one request and wait for its result value and buffers.
+    def send(self, message: protocol.Request, buffers: list[Any]) -> asyncio.Future[protocol.Frame]:
+        """Send one request; the future resolves with the reply frame, or WorkerCrashed.
 
-        Raises the domain error for a Failure reply, or WorkerCrashed if the worker dies first.
+        The first request in flight borrows the worker's arenas: its large tensors are
+        copied into the inbox, and the outbox is lent for the reply's. Any request sent
+        while that one is in flight carries its tensors inline.
         """
         if not self.alive:
             raise WorkerCrashed(f"worker {self.index} {self.exit_reason or 'is stopped'}")
         request_id = next(self._request_ids)
         reply: asyncio.Future[protocol.Frame] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply
-        try:
-            protocol.write_frame_async(self._writer, request_id, message, buffers)
-            frame = await reply
-        finally:
-            # A reply that arrives after its caller gave up finds no future and is dropped.
-            self._pending.pop(request_id, None)
-        result = frame.message
-        if isinstance(result, protocol.Failure):
-            raise error_from_failure(result)
-        assert isinstance(result, protocol.Result)
-        return result.value, frame.buffers
+        placement: protocol.Placement | None = None
+        notes: dict[str, Any] = {}
+        if self._arena_holder is None:
+            self._arena_holder = request_id
+            views = [memoryview(buffer).cast("B") for buffer in buffers]
+            if self._inbox.reserve(self._inbox.wanted(views)):
+                placement = self._inbox
+            if self._outbox.reserve(self._outbox_size) and self._outbox.segment is not None:
+                notes["reply_arena"] = (self._outbox.segment.name, self._outbox.segment.size)
+        protocol.write_frame_async(self._writer, request_id, message, buffers, placement, notes)
+        return reply
+
+    async def request(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
+        """Send one request and wait for its result value and buffers.
+
+        Raises the domain error for a Failure reply, or WorkerCrashed if the worker dies first.
+        """
+        return interpret_reply(await self.send(message, buffers))
+
+    def _on_reply(self, frame: protocol.Frame) -> None:
+        # A reply whose caller gave up still arrives, finds its own future, and is dropped:
+        # it can never answer a later call.
+        reply = self._pending.pop(frame.request_id, None)
+        if frame.request_id == self._arena_holder:
+            self._arena_holder = None
+            if frame.notes.get("inbox_retained"):
+                # Model code kept its inputs: they stay in the worker's mapping, and the
+                # next call's inputs go to a new segment instead of over them.
+                self._inbox.retire()
+            self._outbox_size = max(self._outbox_size, frame.notes.get("reply_bytes_wanted", 0))
+        if reply is not None and not reply.done():
+            reply.set_result(frame)
 
     # ------------------------------------------------------------------ exit
 
@@ -179,15 +218,14 @@ class WorkerHandle:
             if not reply.done():
                 reply.set_exception(crash)
         self._pending.clear()
+        self._inbox.retire()
+        self._outbox.retire()
         on_exit(self)
 
     async def _read_replies(self) -> None:
         try:
             while True:
-                frame = await protocol.read_frame_async(self._reader)
-                reply = self._pending.get(frame.request_id)
-                if reply is not None and not reply.done():
-                    reply.set_result(frame)
+                self._on_reply(await protocol.read_frame_async(self._reader, self._outbox.read))
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         except protocol.ProtocolError:

@@ -135,9 +135,15 @@ class DaemonProcess:
                 os.kill(pid, signal.SIGKILL)
 
     def leftovers(self, timeout: float = 10.0) -> tuple[set[int], set[str]]:
-        """Child processes still alive and shared-memory segments created since start."""
+        """Child processes still alive, and shared-memory segments this daemon or its children made.
+
+        Only names that carry one of their pids count: other programs on the machine
+        (a benchmark, another test run) may make and remove segments meanwhile.
+        """
         wait_until(lambda: not any(alive(pid) for pid in self.children), timeout)
-        return {pid for pid in self.children if alive(pid)}, shm_segments() - self._shm_before
+        ours = {str(pid) for pid in self.children | {self.pid}}
+        segments = {name for name in shm_segments() - self._shm_before if set(re.findall(r"\d+", name)) & ours}
+        return {pid for pid in self.children if alive(pid)}, segments
 
     def assert_clean_stop(self) -> None:
         code = self.stop()

@@ -15,11 +15,12 @@ def test_frame_round_trip_over_a_socket() -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
         message = protocol.Invoke("obj-1", "__call__", [("tensor", "float32", [2], 0)], {"k": ("tuple", [1])})
-        protocol.write_frame_blocking(ours, 7, message, [b"\x00" * 8])
+        protocol.write_frame_blocking(ours, protocol.encode_frame(7, message, [b"\x00" * 8], notes={"n": 1}))
         frame = protocol.read_frame_blocking(theirs)
     assert frame.request_id == 7
     assert frame.message == message
     assert [bytes(buffer) for buffer in frame.buffers] == [b"\x00" * 8]
+    assert frame.notes == {"n": 1}
 
 
 def test_closed_channel_is_end_of_file() -> None:
@@ -31,7 +32,7 @@ def test_closed_channel_is_end_of_file() -> None:
 
 def test_malformed_header_is_a_protocol_error() -> None:
     with pytest.raises(protocol.ProtocolError):
-        protocol.decode_header(b"not marshal", [])
+        protocol.decode_header(b"not marshal")
 
 
 def test_pack_and_unpack_keep_structure_and_share_tensor_memory() -> None:

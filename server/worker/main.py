@@ -12,17 +12,26 @@ import signal
 import socket
 import sys
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from server.protocol import Ready, read_frame_blocking, write_frame_blocking
+from server.protocol import (
+    Ready,
+    encode_frame,
+    encode_header,
+    place_buffers,
+    read_frame_blocking,
+    write_frame_blocking,
+)
 from server.worker.runtime import Runtime
+from server.worker.shared import ArenaMappings, ReplyPlacement
 
 
 class WorkerSettings(NamedTuple):
     num_threads: int
     extra_sys_paths: tuple[str, ...]
+    shm_threshold_bytes: int  # tensors this large or larger go through shared memory
 
 
 def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
@@ -33,11 +42,38 @@ def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
     torch.set_num_threads(settings.num_threads)
     sys.path.extend(settings.extra_sys_paths)
     runtime = Runtime()
-    write_frame_blocking(channel, 0, Ready(os.getpid()), [])
-    while True:
-        try:
-            frame = read_frame_blocking(channel)
-        except (EOFError, ConnectionError):
-            return  # the daemon closed the channel, or died: either way, stop.
-        reply, buffers = runtime.handle(frame.message, frame.buffers)  # type: ignore[arg-type]
-        write_frame_blocking(channel, frame.request_id, reply, buffers)
+    mappings = ArenaMappings()
+    write_frame_blocking(channel, encode_frame(0, Ready(os.getpid()), []))
+    while serve_one(channel, runtime, mappings, settings.shm_threshold_bytes):
+        pass
+
+
+def serve_one(channel: socket.socket, runtime: Runtime, mappings: ArenaMappings, threshold: int) -> bool:
+    """Read one request, handle it, write its reply; False once the daemon has gone."""
+    try:
+        request_id, message, inputs, notes = read_frame_blocking(channel, mappings.view)
+    except (EOFError, ConnectionError):
+        return False  # the daemon closed the channel, or died: either way, stop.
+    reply, outputs = runtime.handle(message, inputs)  # type: ignore[arg-type]
+    placement = ReplyPlacement(mappings, notes.get("reply_arena"), threshold)
+    refs, inline = place_buffers(outputs, placement)
+    del outputs
+    reply_notes: dict[str, Any] = {}
+    if placement.bytes_wanted:
+        reply_notes["reply_bytes_wanted"] = placement.bytes_wanted
+    shared_inputs = [buffer for buffer in inputs if isinstance(buffer, memoryview)]
+    if shared_inputs:
+        # Copy out what goes inline, so that the only references left to the inputs'
+        # shared memory are the ones model code kept.
+        inline = [memoryview(bytes(view)) for view in inline]
+        del inputs
+        if _still_referenced(shared_inputs):
+            reply_notes["inbox_retained"] = True
+    write_frame_blocking(channel, encode_header(request_id, reply, refs, inline, reply_notes))
+    return True
+
+
+def _still_referenced(views: list[memoryview]) -> bool:
+    # One reference from the list, one from the loop variable, one as getrefcount's argument;
+    # a tensor still wrapping the view holds another.
+    return any(sys.getrefcount(view) > 3 for view in views)

@@ -1,8 +1,10 @@
-"""Package weights from a shared segment, in a worker (see server.weights for the whole story).
+"""Shared memory in a worker: tensor arenas and package weights, both owned by the daemon.
 
-SharedWeightsReader stands in for a PackageImporter's zip reader: asked for a storage
-record, it returns a tensor over a copy-on-write mapping of the daemon's segment
-instead of reading the archive. Every other request goes to the real reader.
+ArenaMappings maps the daemon's arenas (server.shm.Arena) by name: request tensors are
+wrapped where they lie, reply tensors are copied in once. SharedWeightsReader stands
+in for a PackageImporter's zip reader: asked for a storage record, it returns a tensor
+over a copy-on-write mapping of the package's weight segment (server.weights) instead
+of reading the archive. A worker never creates or unlinks a segment.
 """
 
 from __future__ import annotations
@@ -13,7 +15,65 @@ from typing import Any
 
 import torch
 
+from server.protocol import align
+
 SHM_DIRECTORY = "/dev/shm"
+
+
+def map_shared(name: str) -> mmap.mmap:
+    """Map a whole daemon-owned segment read-write, shared with the daemon."""
+    descriptor = os.open(os.path.join(SHM_DIRECTORY, name), os.O_RDWR)
+    try:
+        return mmap.mmap(descriptor, 0)
+    finally:
+        os.close(descriptor)
+
+
+class ArenaMappings:
+    """The daemon's arenas, mapped by name as frames name them."""
+
+    _KEEP = 4  # the current inbox and outbox, and the ones they just replaced
+
+    def __init__(self) -> None:
+        self._mappings: dict[str, memoryview] = {}
+
+    def view(self, ref: tuple[str, int, int]) -> memoryview:
+        """The bytes a frame refers to, where they lie (no copy)."""
+        name, start, size = ref
+        return self._mapping(name)[start : start + size]
+
+    def _mapping(self, name: str) -> memoryview:
+        mapping = self._mappings.get(name)
+        if mapping is None:
+            if len(self._mappings) >= self._KEEP:
+                # Forget the oldest: tensors still using it keep it mapped until they die.
+                del self._mappings[next(iter(self._mappings))]
+            mapping = self._mappings[name] = memoryview(map_shared(name))
+        return mapping
+
+
+class ReplyPlacement:
+    """Copies a reply's large buffers into the arena the daemon lent for it (protocol.Placement)."""
+
+    def __init__(self, mappings: ArenaMappings, arena: tuple[str, int] | None, threshold: int) -> None:
+        self._mappings = mappings
+        self._arena = arena
+        self._threshold = threshold
+        self._offset = 0
+        self.bytes_wanted = 0  # what the reply's large buffers needed in all
+
+    def place(self, view: memoryview) -> tuple[str, int, int] | None:
+        size = view.nbytes
+        if size < self._threshold:
+            return None
+        start = align(self._offset)
+        self.bytes_wanted = align(self.bytes_wanted) + size
+        if self._arena is None or start + size > self._arena[1]:
+            return None
+        name = self._arena[0]
+        self._mappings.view((name, start, size))[:] = view
+        self._offset = start + size
+        return (name, start, size)
 
 
 def map_private(name: str, size: int) -> mmap.mmap:

@@ -56,14 +56,19 @@ class Scale(torch.nn.Module):
 
     def weight_file(self):
         """The file behind the memory that holds this replica's weights ("" if anonymous)."""
-        address = self.factor.data_ptr()
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                start, end = (int(part, 16) for part in fields[0].split("-"))
-                if start <= address < end:
-                    return fields[5] if len(fields) > 5 else ""
-        return ""
+        return _mapped_file(self.factor.data_ptr())
+
+    def input_file(self, x):
+        """The file behind the memory that holds an input tensor ("" if anonymous)."""
+        return _mapped_file(x.data_ptr())
+
+    def keep(self, x):
+        self.kept = x
+        return os.getpid()
+
+    def kept_sum(self):
+        kept = getattr(self, "kept", None)
+        return os.getpid(), None if kept is None else float(kept.sum())
 
     def factor_here(self):
         return os.getpid(), float(self.factor)
@@ -71,3 +76,13 @@ class Scale(torch.nn.Module):
     def multiply_factor_in_place(self, k):
         self.factor.data.mul_(k)
         return os.getpid()
+
+
+def _mapped_file(address):
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
