@@ -30,7 +30,9 @@ from server.worker_handle import WorkerHandle, interpret_reply
 
 log = logging.getLogger(__name__)
 
-_BACKOFF_FIRST_SECONDS = 0.1
+# A worker that dies is replaced at once; if its replacements keep dying, after
+# 0.1 s, 0.2 s, ... up to 10 s, so a poisoned slot cannot spin the CPU.
+_BACKOFF_STEP_SECONDS = 0.1
 _BACKOFF_MAX_SECONDS = 10.0
 # A worker that served this long resets its slot's backoff.
 _HEALTHY_AFTER_SECONDS = 30.0
@@ -68,13 +70,13 @@ class WorkerPool:
         # Workers come from a fork server: a fresh interpreter that imports torch once
         # and never runs grpc, so forking from it is safe and fast.
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["server.worker.main"])
+        self._context.set_forkserver_preload(["server.worker.preload"])
         self._spawn_lock = asyncio.Lock()
         self._workers: dict[int, WorkerHandle] = {}  # slot index -> current worker
         self._serving: set[WorkerHandle] = set()
         self._idle: asyncio.Queue[WorkerHandle] = asyncio.Queue()
         self._restarts = dict.fromkeys(range(size), 0)
-        self._backoff = dict.fromkeys(range(size), _BACKOFF_FIRST_SECONDS)
+        self._backoff = dict.fromkeys(range(size), 0.0)
         self._started_at: dict[int, float] = {}
         self._restart_tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -124,10 +126,10 @@ class WorkerPool:
 
     async def restart_worker(self, index: int) -> None:
         if time.monotonic() - self._started_at.get(index, 0.0) > _HEALTHY_AFTER_SECONDS:
-            self._backoff[index] = _BACKOFF_FIRST_SECONDS
+            self._backoff[index] = 0.0
         while not self._closing:
             delay = self._backoff[index]
-            self._backoff[index] = min(delay * 2, _BACKOFF_MAX_SECONDS)
+            self._backoff[index] = min(max(delay * 2, _BACKOFF_STEP_SECONDS), _BACKOFF_MAX_SECONDS)
             await asyncio.sleep(delay)
             if self._closing:
                 return
