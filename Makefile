@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint protos bench clean
+.PHONY: install serve test lint protos bench bench-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: lint
 
 protos: install
 	$(BIN)/python scripts/generate_protos.py
+
+# Benchmarks against baselines measured in the same run (bench/__init__.py); results in bench/results/.
+bench: install
+	$(BIN)/python -m bench
+
+# Every benchmark in a tiny configuration: checks the suite works, not speed.
+bench-smoke: install
+	$(BIN)/python -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
