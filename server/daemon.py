@@ -29,7 +29,7 @@ from server.registry import Registry
 from server.service import ModelService
 from server.servicer import DeploydServicer
 from server.shm import remove_stale_segments
-from server.worker.main import WorkerSettings
+from server.worker.entry import WorkerSettings
 
 log = logging.getLogger("deployd")
 

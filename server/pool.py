@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 from server import protocol
 from server.errors import DeploydError, PoolClosed, WorkerCrashed
 from server.procinfo import MemoryUsage, memory_usage
-from server.worker.main import WorkerSettings
+from server.worker.entry import WorkerSettings
 from server.worker_handle import WorkerHandle, interpret_reply
 
 log = logging.getLogger(__name__)

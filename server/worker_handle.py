@@ -19,7 +19,7 @@ from typing import Any, Callable
 from server import protocol
 from server.errors import WorkerCrashed, error_from_failure
 from server.shm import Arena
-from server.worker.main import WorkerSettings, worker_main
+from server.worker.entry import WorkerSettings, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class WorkerHandle:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         process = context.Process(  # type: ignore[attr-defined]
-            target=worker_main, args=(theirs, settings), name=f"deployd-worker-{index}", daemon=True
+            target=run_worker, args=(theirs, settings), name=f"deployd-worker-{index}", daemon=True
         )
         try:
             # The first start also launches the fork server (it imports torch: about a second).

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -24,14 +24,9 @@ from server.protocol import (
     read_frame_blocking,
     write_frame_blocking,
 )
+from server.worker.entry import WorkerSettings
 from server.worker.runtime import Runtime
 from server.worker.shared import ArenaMappings, ReplyPlacement
-
-
-class WorkerSettings(NamedTuple):
-    num_threads: int
-    extra_sys_paths: tuple[str, ...]
-    shm_threshold_bytes: int  # tensors this large or larger go through shared memory
 
 
 def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
