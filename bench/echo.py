@@ -25,6 +25,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from bench.common import REPO, BenchError, python_command, stop_process
+from server import eventloop
 
 SERVICE = "benchecho.Echo"
 METHOD = f"/{SERVICE}/Echo"
@@ -132,4 +133,5 @@ class EchoServer:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lifetime", type=float, default=1800.0, help="stop after this many seconds")
-    asyncio.run(serve(parser.parse_args().lifetime))
+    # The same event loop as the daemon's default, so the comparison is of what deployd adds.
+    eventloop.run(serve(parser.parse_args().lifetime))

@@ -28,6 +28,7 @@ class ServerSection:
     max_message_bytes: int = 256 * 1024 * 1024
     # Seconds that calls in flight get to finish on shutdown.
     shutdown_grace_seconds: float = 10.0
+    event_loop: str = "auto"  # auto (uvloop if installed), asyncio or uvloop
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ def _validate(config: Config) -> None:
             config.server.shutdown_grace_seconds,
             config.server.shutdown_grace_seconds >= 0,
         ),
+        ("server.event_loop", config.server.event_loop, config.server.event_loop in ("auto", "asyncio", "uvloop")),
         ("pool.workers", config.pool.workers, config.pool.workers >= 0),
         ("pool.start_timeout_seconds", config.pool.start_timeout_seconds, config.pool.start_timeout_seconds > 0),
         ("pool.stop_timeout_seconds", config.pool.stop_timeout_seconds, config.pool.stop_timeout_seconds > 0),

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from server import eventloop
 from server.config import Config, split_address
 from server.errors import WorkerCrashed
 from server.metrics import Metrics
@@ -167,4 +168,4 @@ def run_daemon(config: Config) -> int:
             log.error("cannot start: %s", error)
             return 1
 
-    return asyncio.run(main())
+    return eventloop.run(main(), config.server.event_loop)
