@@ -138,3 +138,24 @@ def test_taken_port_fails_fast_with_a_message(package_dir: Path, tmp_path: Path)
         )
     assert result.returncode == 1, result.stderr
     assert f"cannot bind 127.0.0.1:{port}" in result.stderr
+
+
+def test_start_removes_segments_of_a_daemon_that_died(package_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import write_config
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    stale = Path(f"/dev/shm/deployd-{dead_pid}-0")
+    stale.write_bytes(b"left behind by a daemon that was SIGKILLed")
+    try:
+        process = DaemonProcess(write_config(tmp_path / "config.yaml", package_dir)).start()
+        try:
+            assert not stale.exists()
+            assert "removed 1 shared-memory segments" in process.log
+        finally:
+            process.assert_clean_stop()
+    finally:
+        stale.unlink(missing_ok=True)
