@@ -36,10 +36,16 @@ class Metrics:
             "deployd_workers_serving", "Worker processes ready to take calls", registry=self.registry
         )
         self._http: Any = None
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
-        self.calls.labels(method, code).inc()
-        self.call_duration.labels(method).observe(seconds)
+        # labels() takes a lock and builds a key on every call; the children never change.
+        key = (method, code)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.calls.labels(method, code), self.call_duration.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def serve(self, address: str) -> int:
         """Serve /metrics on address (port 0: any free port); returns the bound port."""
