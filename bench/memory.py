@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import Context, Daemon, Row, build_packages, descendants_of, run_in_child, workers_text
+from bench.common import Context, Daemon, Row, build_packages, run_in_child, workers_text
+from server.procinfo import MemoryUsage, descendants_of, memory_usage
 
 MB = 1e6
 
@@ -39,28 +40,6 @@ FULL = Params(width=3584, layers=4, repeats=3)  # 4 x 3584 x 3585 x 4 bytes = 20
 SMOKE = Params(width=256, layers=2, repeats=1)
 
 
-def smaps_rollup(pid: int) -> dict[str, int]:
-    """The fields of /proc/PID/smaps_rollup, in bytes (empty if the process is gone)."""
-    fields: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                parts = line.split()
-                if len(parts) == 3 and parts[2] == "kB":
-                    fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return {}
-    return fields
-
-
-def shared_bytes(fields: dict[str, int]) -> int:
-    return fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0)
-
-
-def private_bytes(fields: dict[str, int]) -> int:
-    return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-
-
 @dataclass(frozen=True)
 class Measurement:
     """One daemon's memory after the model was loaded and called on every worker (bytes)."""
@@ -69,7 +48,7 @@ class Measurement:
     daemon_pss: int
     workers_pss: int
     processes: int
-    workers: list[tuple[int, dict[str, int]]]  # (pid, smaps_rollup fields) in slot order
+    workers: list[tuple[int, MemoryUsage]]  # (pid, memory) in slot order
     latencies: list[float]  # of the calls, seconds
 
     def breakdown(self) -> str:
@@ -106,14 +85,14 @@ def measure(ctx: Context, package: str, width: int, workers: int) -> Measurement
         loaded = run_in_child("bench.memory:load_and_call", spec, timeout=600)
         # The client has exited: of our processes, only the daemon's map torch's pages now.
         daemon_pid = daemon.pid
-        usage = {pid: smaps_rollup(pid) for pid in {daemon_pid} | descendants_of(daemon_pid)}
-    pss = {pid: fields.get("Pss", 0) for pid, fields in usage.items()}
+        usage = {pid: memory_usage(pid) for pid in {daemon_pid} | descendants_of(daemon_pid)}
+    pss = {pid: memory.pss_bytes for pid, memory in usage.items()}
     return Measurement(
         total_pss=sum(pss.values()),
         daemon_pss=pss.get(daemon_pid, 0),
         workers_pss=sum(pss.get(pid, 0) for pid in loaded["pids"]),
         processes=len(usage),
-        workers=[(pid, usage.get(pid, {})) for pid in loaded["pids"]],
+        workers=[(pid, usage.get(pid, memory_usage(pid))) for pid in loaded["pids"]],
         latencies=loaded["latencies"],
     )
 
@@ -129,10 +108,10 @@ def report_size(ctx: Context, workers: int, runs: list[Measurement]) -> int:
         f"memory: {workers_text(workers)}: total PSS {median.total_pss / MB:.1f} MB = {median.breakdown()}"
         f" [median of {len(runs)} daemons: {every} MB]"
     )
-    for index, (pid, fields) in enumerate(median.workers):
+    for index, (pid, memory) in enumerate(median.workers):
         ctx.report.line(
-            f"memory: {workers_text(workers)}, worker {index} (pid {pid}): PSS {fields.get('Pss', 0) / MB:.1f} MB,"
-            f" shared {shared_bytes(fields) / MB:.1f} MB, private {private_bytes(fields) / MB:.1f} MB"
+            f"memory: {workers_text(workers)}, worker {index} (pid {pid}): PSS {memory.pss_bytes / MB:.1f} MB,"
+            f" shared {memory.shared_bytes / MB:.1f} MB, private {memory.private_bytes / MB:.1f} MB"
         )
     return median.total_pss
 

@@ -1,7 +1,8 @@
-"""What a process's memory is made of, from /proc/PID/smaps_rollup (Linux)."""
+"""What /proc says about processes (Linux): their memory, their children, whether they live."""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 
@@ -30,3 +31,30 @@ def memory_usage(pid: int) -> MemoryUsage:
         fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0),
         fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
     )
+
+
+def descendants_of(pid: int) -> set[int]:
+    """Every live process below pid (for the daemon: the fork server, workers, helpers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while the process runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
