@@ -36,6 +36,7 @@ _BACKOFF_STEP_SECONDS = 0.1
 _BACKOFF_MAX_SECONDS = 10.0
 # A worker that served this long resets its slot's backoff.
 _HEALTHY_AFTER_SECONDS = 30.0
+_MEMORY_CACHE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class WorkerPool:
         self._started_at: dict[int, float] = {}
         self._restart_tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._memory_cache: dict[int, tuple[float, MemoryUsage]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -206,7 +208,18 @@ class WorkerPool:
     def status(self) -> list[WorkerStatus]:
         return [
             WorkerStatus(
-                index, worker.pid, worker.state, worker.calls_served, self._restarts[index], memory_usage(worker.pid)
+                index, worker.pid, worker.state, worker.calls_served, self._restarts[index], self._memory(worker.pid)
             )
             for index, worker in sorted(self._workers.items())
         ]
+
+    def _memory(self, pid: int) -> MemoryUsage:
+        """A worker's memory, read at most once a second: smaps_rollup walks every mapping
+        (milliseconds for a process with torch loaded), and Status may be polled often."""
+        now = time.monotonic()
+        cached = self._memory_cache.get(pid)
+        if cached is None or now - cached[0] > _MEMORY_CACHE_SECONDS:
+            cached = self._memory_cache[pid] = (now, memory_usage(pid))
+            for gone in set(self._memory_cache) - {worker.pid for worker in self._workers.values()}:
+                del self._memory_cache[gone]
+        return cached[1]
