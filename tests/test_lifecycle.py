@@ -59,6 +59,9 @@ def test_worker_killed_from_outside_is_replaced(fresh_daemon: DaemonProcess, pac
         assert victim not in pids
         assert {scale.call_method("pid") for _ in range(8)} <= pids
         assert "was killed by signal SIGKILL" in fresh_daemon.log
+        # The replacement's replica maps the same shared weights as the survivor's.
+        weight_files = {scale.call_method("weight_file") for _ in range(6)}
+        assert len(weight_files) == 1 and next(iter(weight_files)).startswith("/dev/shm/deployd-")
 
 
 def test_health_and_reflection(daemon: DaemonProcess) -> None:
