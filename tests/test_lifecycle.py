@@ -162,3 +162,22 @@ def test_start_removes_segments_of_a_daemon_that_died(package_dir: Path, tmp_pat
             process.assert_clean_stop()
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_a_worker_whose_caller_gave_up_takes_no_call_until_it_answers(
+    fresh_daemon: DaemonProcess, package_dir: Path
+) -> None:
+    import time
+
+    from client import DeadlineExceededError
+
+    with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+        with pytest.raises(DeadlineExceededError):
+            scale.options(timeout=0.3).call_method("nap", 2.0)
+        started = time.monotonic()
+        answered_by = {scale.call_method("pid") for _ in range(4)}
+        assert time.monotonic() - started < 1.5, "calls waited behind the abandoned one"
+        assert len(answered_by) == 1, "only the free worker took calls"
+        # Once the abandoned call finishes, its worker serves again.
+        assert wait_until(lambda: len({scale.call_method("pid") for _ in range(4)}) == 2, 10)

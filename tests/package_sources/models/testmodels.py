@@ -48,6 +48,10 @@ class Scale(torch.nn.Module):
     def call_module(self, module_name, function, *args):
         return getattr(importlib.import_module(module_name), function)(*args)
 
+    def nap(self, seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
     def exit_now(self, code):
         os._exit(code)
 
