@@ -76,13 +76,20 @@ def _tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> None:
     wire_dtype = _DTYPES.get(tensor.dtype)
     if wire_dtype is None:
         raise TypeError(f"tensors of dtype {tensor.dtype} cannot be sent to deployd")
+    out.dtype = wire_dtype  # type: ignore[assignment]
+    out.shape.extend(tensor.shape)
+    try:
+        # The common case in one step: a dense CPU tensor numpy can see (not bfloat16, no
+        # conj or neg bit, no grad); tobytes() copies in C order whatever the strides.
+        out.data = tensor.numpy().tobytes()
+        return
+    except (TypeError, RuntimeError):
+        pass
     dense = tensor.detach()
     if dense.layout != torch.strided:
         dense = dense.to_dense()
     # Any layout (transposed, sliced, conjugated views) goes as dense C-order bytes.
     dense = dense.cpu().resolve_conj().resolve_neg().contiguous()
-    out.dtype = wire_dtype  # type: ignore[assignment]
-    out.shape.extend(dense.shape)
     out.data = dense.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -110,4 +117,5 @@ def _tensor_from_wire(tensor: pb.Tensor) -> torch.Tensor:
     if not tensor.data:
         return torch.empty(shape, dtype=dtype)
     # bytearray: a writable buffer, so the tensor owns ordinary mutable memory.
-    return torch.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(shape)
+    flat = torch.frombuffer(bytearray(tensor.data), dtype=dtype)
+    return flat if len(shape) == 1 else flat.reshape(shape)

@@ -71,6 +71,11 @@ def test_non_contiguous_tensors_are_sent_as_they_read(echo: ReplicatedObj) -> No
         assert_same_tensor(echo(view), view.contiguous())
     complex_view = torch.randn(3, dtype=torch.complex64).conj()
     assert_same_tensor(echo(complex_view), complex_view.resolve_conj())
+    negative_view = torch._neg_view(torch.arange(3.0))
+    assert_same_tensor(echo(negative_view), -torch.arange(3.0))
+    assert_same_tensor(echo(torch.eye(3).to_sparse()), torch.eye(3))
+    assert_same_tensor(echo(torch.ones(3, requires_grad=True) * 2), torch.full((3,), 2.0))
+    assert_same_tensor(echo(torch.ones(2, 3, dtype=torch.bfloat16).t()), torch.ones(3, 2, dtype=torch.bfloat16))
 
 
 def test_numpy_arrays_arrive_as_tensors(echo: ReplicatedObj) -> None:

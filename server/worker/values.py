@@ -44,7 +44,8 @@ def unpack(packed: Any, buffers: list[Any]) -> Any:
 def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if len(buffer) == 0:  # frombuffer refuses empty buffers
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+    flat = torch.frombuffer(buffer, dtype=dtype)
+    return flat if len(shape) == 1 else flat.reshape(shape)
 
 
 def pack(value: Any, buffers: list[Any], depth: int = 0) -> Any:
@@ -99,6 +100,12 @@ def pack_tensor(tensor: torch.Tensor, buffers: list[Any]) -> tuple[str, str, lis
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's elements as little-endian C-order bytes (a view when already dense)."""
+    try:
+        # The common case in one step: a dense CPU tensor numpy can see (not bfloat16, no
+        # conj or neg bit, no grad); the cast fails for anything not C-contiguous.
+        return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
+    except (TypeError, RuntimeError):
+        pass
     dense = tensor.detach()
     if dense.layout != torch.strided:
         dense = dense.to_dense()
