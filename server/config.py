@@ -29,6 +29,8 @@ class ServerSection:
     # Seconds that calls in flight get to finish on shutdown.
     shutdown_grace_seconds: float = 10.0
     event_loop: str = "auto"  # auto (uvloop if installed), asyncio or uvloop
+    # Keep large buffers in glibc's heap instead of fresh mmaps (server.malloc).
+    tune_malloc: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ def _coerce(key: str, item: dataclasses.Field[Any], value: Any) -> Any:
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
         if kind.startswith("tuple"):
             if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
                 raise ValueError

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from server import eventloop
 from server.config import Config, split_address
 from server.errors import WorkerCrashed
+from server.malloc import tune_malloc
 from server.metrics import Metrics
 from server.packages import PackageStore
 from server.pool import WorkerPool
@@ -160,6 +161,8 @@ class Daemon:
 
 
 def run_daemon(config: Config) -> int:
+    if config.server.tune_malloc and not tune_malloc():
+        log.warning("server.tune_malloc: not glibc, malloc left as it is")
     async def main() -> int:
         # Built inside the loop: grpc.aio binds its server to the running loop.
         try:

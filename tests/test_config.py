@@ -74,3 +74,10 @@ def test_cli_reports_bad_config_and_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "unknown key pool.wrokers" in result.stderr
+
+
+def test_boolean_keys() -> None:
+    assert load_config(environ={"DEPLOYD_SERVER_TUNE_MALLOC": "false"}).server.tune_malloc is False
+    assert load_config(environ={}).server.tune_malloc is True
+    with pytest.raises(ConfigError, match=r"bad value for server\.tune_malloc: 'maybe'"):
+        load_config(environ={"DEPLOYD_SERVER_TUNE_MALLOC": "maybe"})

@@ -181,3 +181,13 @@ def test_a_worker_whose_caller_gave_up_takes_no_call_until_it_answers(
         assert len(answered_by) == 1, "only the free worker took calls"
         # Once the abandoned call finishes, its worker serves again.
         assert wait_until(lambda: len({scale.call_method("pid") for _ in range(4)}) == 2, 10)
+
+
+def test_workers_start_with_tuned_malloc(daemon: DaemonProcess) -> None:
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        pids = worker_pids(manager)
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            variables = environ.read().split(b"\0")
+        assert b"MALLOC_MMAP_THRESHOLD_=33554432" in variables
+        assert b"MALLOC_TRIM_THRESHOLD_=1073741824" in variables
