@@ -163,6 +163,7 @@ class Daemon:
 def run_daemon(config: Config) -> int:
     if config.server.tune_malloc and not tune_malloc():
         log.warning("server.tune_malloc: not glibc, malloc left as it is")
+
     async def main() -> int:
         # Built inside the loop: grpc.aio binds its server to the running loop.
         try:
