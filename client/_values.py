@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ _DTYPES: dict[torch.dtype, int] = {
 }
 _TORCH_DTYPES = {wire: dtype for dtype, wire in _DTYPES.items()}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Results at least this large wrap the received bytes; smaller ones are copied (tiny bytes
+# objects may be shared interpreter-wide singletons, and copying them costs nothing).
+_WRAP_BYTES = 64 * 1024
 
 
 def to_wire(value: Any, out: pb.Value) -> None:
@@ -114,8 +118,17 @@ def from_wire(value: pb.Value) -> Any:
 def _tensor_from_wire(tensor: pb.Tensor) -> torch.Tensor:
     dtype = _TORCH_DTYPES[tensor.dtype]
     shape = list(tensor.shape)
-    if not tensor.data:
+    data = tensor.data  # each read of a bytes field copies it: read it once
+    if not data:
         return torch.empty(shape, dtype=dtype)
-    # bytearray: a writable buffer, so the tensor owns ordinary mutable memory.
-    flat = torch.frombuffer(bytearray(tensor.data), dtype=dtype)
+    if len(data) < _WRAP_BYTES:
+        # bytearray: a writable buffer, so the tensor owns ordinary mutable memory.
+        flat = torch.frombuffer(bytearray(data), dtype=dtype)
+    else:
+        # Large: wrap the bytes object the message just handed us instead of copying it
+        # again (a fresh copy page-faults). It is a new object only this tensor holds, so
+        # writing through the tensor is safe even though bytes are immutable by convention.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(data, dtype=dtype)
     return flat if len(shape) == 1 else flat.reshape(shape)

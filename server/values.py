@@ -67,11 +67,10 @@ def _unpack_tensor(tensor: pb.Tensor, buffers: list[Any]) -> tuple[str, str, lis
     if any(size < 0 for size in shape):
         raise InvalidValue(f"tensor shape {shape} has a negative size")
     expected = math.prod(shape) * itemsize
-    if len(tensor.data) != expected:
-        raise InvalidValue(
-            f"tensor of dtype {name} and shape {shape} needs {expected} bytes of data, got {len(tensor.data)}"
-        )
-    buffers.append(tensor.data)
+    data = tensor.data  # each read of a bytes field copies it: read it once
+    if len(data) != expected:
+        raise InvalidValue(f"tensor of dtype {name} and shape {shape} needs {expected} bytes of data, got {len(data)}")
+    buffers.append(data)
     return ("tensor", name, shape, len(buffers) - 1)
 
 
