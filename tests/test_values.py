@@ -133,4 +133,8 @@ def test_args_and_kwargs_keep_their_structure(echo: ReplicatedObj) -> None:
 
 def test_large_tensor_round_trip(echo: ReplicatedObj) -> None:
     tensor = torch.arange(5 * 1024 * 1024, dtype=torch.float32)  # 20 MiB: past gRPC's 4 MB default
+    result = echo(tensor)
+    assert_same_tensor(result, tensor)
+    result.mul_(2)  # a large result wraps its received bytes: writing to it must be safe
     assert_same_tensor(echo(tensor), tensor)
+    assert torch.equal(result, tensor * 2)
