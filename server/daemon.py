@@ -32,6 +32,7 @@ from server.service import ModelService
 from server.servicer import DeploydServicer
 from server.shm import remove_stale_segments
 from server.worker.entry import WorkerSettings
+from server.worker_handle import WorkerHandle
 
 log = logging.getLogger("deployd")
 
@@ -86,8 +87,9 @@ class Daemon:
             self._server,
         )
 
-    async def _prepare_worker(self, worker: object) -> None:
-        await self._service.prepare_worker(worker)  # type: ignore[arg-type]
+    async def _prepare_worker(self, worker: WorkerHandle) -> None:
+        # The pool is built before the service that replays into its workers; this closes the loop.
+        await self._service.prepare_worker(worker)
 
     def _on_serving_changed(self, serving: int) -> None:
         self._metrics.workers_serving.set(serving)
