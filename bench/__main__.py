@@ -20,12 +20,13 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bandwidth, memory, overhead, scaling, startup, threshold
+from bench import bandwidth, hops, memory, overhead, scaling, startup, threshold
 from bench.common import DAEMON_NOTES, RESULTS_DIR, Context, Report, format_table, write_csv
 
 BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "scaling": scaling.run,
     "overhead": overhead.run,
+    "hops": hops.run,
     "bandwidth": bandwidth.run,
     "threshold": threshold.run,
     "memory": memory.run,

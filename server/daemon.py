@@ -68,6 +68,8 @@ class Daemon:
             stop_timeout=config.pool.stop_timeout_seconds,
             prepare=self._prepare_worker,
             on_serving_changed=self._on_serving_changed,
+            on_call_timing=self._metrics.observe_worker_call,
+            on_queue_wait=self._metrics.queue_wait.observe,
         )
         store = PackageStore(self._store_directory, Path(config.packages.directory), config.packages.max_bytes)
         self._service = ModelService(self._pool, store, self._registry)

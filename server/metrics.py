@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 
 # From a fast identity call (~1 ms) to a slow model (tens of seconds).
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# The parts of a call: process hops of tens of microseconds up to models of a minute.
+_FINE_BUCKETS = (
+    *(us / 1e6 for us in (10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 125, 150, 200, 300, 500)),
+    *_DURATION_BUCKETS[1:],
+)
 
 
 class Metrics:
@@ -32,6 +37,21 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.worker_call = Histogram(
+            "deployd_worker_call_seconds",
+            "Where a call to a worker spends its time: to_worker (the daemon writes -> the worker has read),"
+            " in_worker (read -> the worker writes its reply), to_daemon (written -> the daemon has read)",
+            ["phase"],
+            buckets=_FINE_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "deployd_queue_wait_seconds",
+            "Time a call waited for a free worker",
+            buckets=_FINE_BUCKETS,
+            registry=self.registry,
+        )
+        self._phases = tuple(self.worker_call.labels(phase) for phase in ("to_worker", "in_worker", "to_daemon"))
         self.workers_serving = Gauge(
             "deployd_workers_serving", "Worker processes ready to take calls", registry=self.registry
         )
@@ -46,6 +66,10 @@ class Metrics:
             children = self._children[key] = (self.calls.labels(method, code), self.call_duration.labels(method))
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_worker_call(self, timing: tuple[float, float, float]) -> None:
+        for phase, seconds in zip(self._phases, timing, strict=True):
+            phase.observe(seconds)
 
     def serve(self, address: str) -> int:
         """Serve /metrics on address (port 0: any free port); returns the bound port."""

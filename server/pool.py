@@ -26,7 +26,7 @@ from server import protocol
 from server.errors import DeploydError, PoolClosed, WorkerCrashed
 from server.procinfo import MemoryUsage, memory_usage
 from server.worker.entry import WorkerSettings
-from server.worker_handle import WorkerHandle, interpret_reply
+from server.worker_handle import CallTiming, WorkerHandle, interpret_reply
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class WorkerPool:
         stop_timeout: float,
         prepare: Callable[[WorkerHandle], Awaitable[None]],
         on_serving_changed: Callable[[int], None] = lambda count: None,
+        on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
+        on_queue_wait: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.size = size
         # Held while the set of serving workers changes, and by the service while it
@@ -68,6 +70,8 @@ class WorkerPool:
         self._stop_timeout = stop_timeout
         self._prepare = prepare
         self._on_serving_changed = on_serving_changed
+        self._on_call_timing = on_call_timing
+        self._on_queue_wait = on_queue_wait
         # Workers come from a fork server: a fresh interpreter that imports torch once
         # and never runs grpc, so forking from it is safe and fast.
         self._context = multiprocessing.get_context("forkserver")
@@ -99,6 +103,7 @@ class WorkerPool:
             worker = await WorkerHandle.spawn(
                 index, self._context, self._settings, self._start_timeout, self.on_worker_exit
             )
+        worker.on_timing = self._on_call_timing
         self._workers[index] = worker
         self._started_at[index] = time.monotonic()
         try:
@@ -155,7 +160,9 @@ class WorkerPool:
 
     async def call(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
         """Run a request on one free worker, waiting in line for one if all are busy."""
+        queued_at = time.perf_counter()
         worker = await self._acquire()
+        self._on_queue_wait(time.perf_counter() - queued_at)
         try:
             reply = worker.send(message, buffers)
         except BaseException:

@@ -150,7 +150,8 @@ class Frame(NamedTuple):
     buffers: list[Any]  # bytes-like, indexed by packed tensors
     # Transport notes beside the message: "reply_arena" (name, size) lent for the reply's
     # tensors; "inbox_retained" when model code kept a reference to its inputs' memory;
-    # "reply_bytes_wanted" when the reply's tensors did not fit the arena lent.
+    # "reply_bytes_wanted" when the reply's tensors did not fit the arena lent; "times"
+    # (received, replied) on the worker's monotonic clock, in nanoseconds.
     notes: dict[str, Any]
 
 

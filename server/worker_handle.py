@@ -13,8 +13,9 @@ import itertools
 import logging
 import signal
 import socket
+import time
 from multiprocessing.context import BaseContext
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from server import protocol
 from server.errors import WorkerCrashed, error_from_failure
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 
 # How long a dead worker's channel may keep delivering replies it wrote before dying.
 _DRAIN_SECONDS = 1.0
+
+
+class CallTiming(NamedTuple):
+    """Where one request's time went, in seconds (CLOCK_MONOTONIC is shared by all processes)."""
+
+    to_worker: float  # the daemon starts writing -> the worker has read the request
+    in_worker: float  # the worker has read it -> starts writing the reply
+    to_daemon: float  # the worker starts writing -> the daemon has read the reply
 
 
 def interpret_reply(frame: protocol.Frame) -> tuple[Any, list[Any]]:
@@ -73,6 +82,8 @@ class WorkerHandle:
         self._outbox = Arena(shm_threshold)
         self._outbox_size = 0  # grows to what replies have needed
         self._arena_holder: int | None = None  # the request whose tensors use the arenas
+        self._sent_at: dict[int, int] = {}  # request id -> monotonic ns when its frame was written
+        self.on_timing: Callable[[CallTiming], None] = lambda timing: None
         self._exited = asyncio.Event()
         self._lifecycle: asyncio.Task[None] | None = None
 
@@ -148,6 +159,7 @@ class WorkerHandle:
                 placement = self._inbox
             if self._outbox.reserve(self._outbox_size) and self._outbox.segment is not None:
                 notes["reply_arena"] = (self._outbox.segment.name, self._outbox.segment.size)
+        self._sent_at[request_id] = time.monotonic_ns()
         protocol.write_frame_async(self._writer, request_id, message, buffers, placement, notes)
         return reply
 
@@ -162,6 +174,14 @@ class WorkerHandle:
         # A reply whose caller gave up still arrives, finds its own future, and is dropped:
         # it can never answer a later call.
         reply = self._pending.pop(frame.request_id, None)
+        sent_at = self._sent_at.pop(frame.request_id, None)
+        times = frame.notes.get("times")
+        if sent_at is not None and times is not None:
+            received_at, replied_at = times
+            now = time.monotonic_ns()
+            self.on_timing(
+                CallTiming((received_at - sent_at) / 1e9, (replied_at - received_at) / 1e9, (now - replied_at) / 1e9)
+            )
         if frame.request_id == self._arena_holder:
             self._arena_holder = None
             if frame.notes.get("inbox_retained"):
@@ -218,6 +238,7 @@ class WorkerHandle:
             if not reply.done():
                 reply.set_exception(crash)
         self._pending.clear()
+        self._sent_at.clear()
         self._inbox.retire()
         self._outbox.retire()
         on_exit(self)

@@ -115,6 +115,10 @@ def test_metrics_count_calls(package_dir: Path, tmp_path: Path) -> None:
         assert 'deployd_calls_total{code="UNAVAILABLE",method="Invoke"} 1.0' in text
         assert 'deployd_call_duration_seconds_count{method="LoadPickle"} 1.0' in text
         assert "deployd_workers_serving" in text
+        # Where calls spend their time: the worker hop in both directions, the model, the queue.
+        for phase in ("to_worker", "in_worker", "to_daemon"):
+            assert re.search(rf'deployd_worker_call_seconds_count{{phase="{phase}"}} ([1-9]\d*)\.0', text), phase
+        assert re.search(r"deployd_queue_wait_seconds_count ([4-9]|\d\d+)\.0", text)
     finally:
         process.assert_clean_stop()
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -49,6 +50,7 @@ def serve_one(channel: socket.socket, runtime: Runtime, mappings: ArenaMappings,
         request_id, message, inputs, notes = read_frame_blocking(channel, mappings.view)
     except (EOFError, ConnectionError):
         return False  # the daemon closed the channel, or died: either way, stop.
+    received_at = time.monotonic_ns()  # the clock is system-wide: the daemon compares it with its own
     reply, outputs = runtime.handle(message, inputs)  # type: ignore[arg-type]
     placement = ReplyPlacement(mappings, notes.get("reply_arena"), threshold)
     refs, inline = place_buffers(outputs, placement)
@@ -64,6 +66,7 @@ def serve_one(channel: socket.socket, runtime: Runtime, mappings: ArenaMappings,
         del inputs
         if _still_referenced(shared_inputs):
             reply_notes["inbox_retained"] = True
+    reply_notes["times"] = (received_at, time.monotonic_ns())
     write_frame_blocking(channel, encode_header(request_id, reply, refs, inline, reply_notes))
     return True
 
