@@ -14,6 +14,7 @@ import os
 import re
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
+from typing import Any
 
 from server.protocol import align
 
@@ -80,8 +81,10 @@ class Arena:
         self.segment: Segment | None = None
         self._offset = 0
 
-    def wanted(self, views: list[memoryview]) -> int:
-        return sum(align(view.nbytes) for view in views if view.nbytes >= self.threshold)
+    def wanted(self, buffers: list[Any]) -> int:
+        """Bytes the buffers large enough to travel here need, alignment included."""
+        sizes = (memoryview(buffer).nbytes for buffer in buffers)
+        return sum(align(size) for size in sizes if size >= self.threshold)
 
     def reserve(self, size: int) -> bool:
         """Make room for size bytes from offset 0 (a new segment if too small); False if none."""

@@ -154,8 +154,7 @@ class WorkerHandle:
         notes: dict[str, Any] = {}
         if self._arena_holder is None:
             self._arena_holder = request_id
-            views = [memoryview(buffer).cast("B") for buffer in buffers]
-            if self._inbox.reserve(self._inbox.wanted(views)):
+            if self._inbox.reserve(self._inbox.wanted(buffers)):
                 placement = self._inbox
             if self._outbox.reserve(self._outbox_size) and self._outbox.segment is not None:
                 notes["reply_arena"] = (self._outbox.segment.name, self._outbox.segment.size)
@@ -207,9 +206,6 @@ class WorkerHandle:
                 escalate()
         if self._lifecycle is not None:
             await self._lifecycle
-
-    def kill(self) -> None:
-        self.process.kill()
 
     def _on_sentinel(self) -> None:
         asyncio.get_running_loop().remove_reader(self.process.sentinel)
