@@ -12,9 +12,11 @@ from client._errors import (
     NotFoundError,
     PermissionDeniedError,
     RemoteError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from client._manager import InterpreterManager, Package, ReplicatedObj
+from client._retry import Retry
 
 __all__ = [
     "DeadlineExceededError",
@@ -26,5 +28,7 @@ __all__ = [
     "PermissionDeniedError",
     "RemoteError",
     "ReplicatedObj",
+    "ResourceExhaustedError",
+    "Retry",
     "UnavailableError",
 ]

@@ -4,7 +4,9 @@
     ├── NotFoundError           NOT_FOUND: unknown package, object or method
     ├── InvalidArgumentError    INVALID_ARGUMENT: malformed package, missing module or pickle, bad value
     ├── PermissionDeniedError   PERMISSION_DENIED: a server path outside the package directory
-    ├── UnavailableError        UNAVAILABLE: a worker died during the call, or the daemon is down
+    ├── UnavailableError        UNAVAILABLE: a worker died during the call, or the daemon is down;
+    │                           .call_killed_worker: the call itself ended its worker
+    ├── ResourceExhaustedError  RESOURCE_EXHAUSTED: too many calls already wait, or a package too large
     ├── DeadlineExceededError   DEADLINE_EXCEEDED: the call's timeout passed
     └── RemoteError             UNKNOWN: model code raised; .remote_type, .remote_traceback
 
@@ -30,12 +32,14 @@ class DeployError(Exception):
         *,
         remote_type: str = "",
         remote_traceback: str = "",
+        call_killed_worker: bool = False,
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+        self.call_killed_worker = call_killed_worker
 
 
 class NotFoundError(DeployError):
@@ -58,6 +62,10 @@ class DeadlineExceededError(DeployError):
     pass
 
 
+class ResourceExhaustedError(DeployError):
+    pass
+
+
 class RemoteError(DeployError):
     """Model code raised an exception in a worker."""
 
@@ -74,6 +82,7 @@ _ERROR_FOR_CODE: dict[grpc.StatusCode, type[DeployError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNKNOWN: RemoteError,
 }
 
@@ -87,4 +96,10 @@ def translate_rpc_error(error: grpc.RpcError) -> DeployError:
         if key == ERROR_DETAIL_KEY:
             detail.ParseFromString(value)
     error_type = _ERROR_FOR_CODE.get(code, DeployError)
-    return error_type(code, details, remote_type=detail.remote_type, remote_traceback=detail.remote_traceback)
+    return error_type(
+        code,
+        details,
+        remote_type=detail.remote_type,
+        remote_traceback=detail.remote_traceback,
+        call_killed_worker=detail.call_killed_worker,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -11,6 +12,7 @@ import grpc
 from client._errors import InvalidArgumentError, translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
+from client._retry import Retry
 from client._values import from_wire, to_wire
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -23,6 +25,7 @@ class InterpreterManager:
     """A connection to a deployd daemon (C++: torch::deploy::InterpreterManager).
 
     timeout: default deadline in seconds for every call (None: no deadline).
+    retry: default Retry policy for calls that failed with UNAVAILABLE (None: no retries).
     """
 
     def __init__(
@@ -30,11 +33,13 @@ class InterpreterManager:
         target: str,
         *,
         timeout: float | None = None,
+        retry: Retry | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.retry = retry
         self._chunk_bytes = chunk_bytes
         self._channel = grpc.insecure_channel(
             target,
@@ -54,12 +59,28 @@ class InterpreterManager:
     def close(self) -> None:
         self._channel.close()
 
-    def call(self, rpc: Callable[..., Response], request: Any, timeout: float | None = None) -> Response:
-        """Run one RPC, turning a grpc.RpcError into a DeployError."""
-        try:
-            return rpc(request, timeout=timeout if timeout is not None else self.timeout)
-        except grpc.RpcError as error:
-            raise translate_rpc_error(error) from None
+    def call(
+        self, rpc: Callable[..., Response], request: Any, timeout: float | None = None, retry: Retry | None = None
+    ) -> Response:
+        """Run one RPC, turning a grpc.RpcError into a DeployError; retried as the policy says
+        (a stream of requests is never retried: it cannot be sent twice)."""
+        timeout = timeout if timeout is not None else self.timeout
+        retry = retry if retry is not None else self.retry
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 1
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return rpc(request, timeout=remaining)
+            except grpc.RpcError as rpc_error:
+                error = translate_rpc_error(rpc_error)
+            if retry is None or isinstance(request, Iterator) or not retry.should_retry(error, attempt):
+                raise error
+            pause = retry.backoff(attempt)
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise error
+            time.sleep(pause)
+            attempt += 1
 
     # ------------------------------------------------------------------ C++ API
 
@@ -134,17 +155,20 @@ class Package:
 class ReplicatedObj:
     """One object replicated on every worker; a call runs on a free worker (C++: ReplicatedObj)."""
 
-    def __init__(self, manager: InterpreterManager, object_id: str, *, timeout: float | None = None) -> None:
+    def __init__(
+        self, manager: InterpreterManager, object_id: str, *, timeout: float | None = None, retry: Retry | None = None
+    ) -> None:
         self.manager = manager
         self.id = object_id
         self._timeout = timeout
+        self._retry = retry
 
     def __repr__(self) -> str:
         return f"<ReplicatedObj {self.id}>"
 
-    def options(self, *, timeout: float | None = None) -> ReplicatedObj:
-        """The same object with per-call options, e.g. obj.options(timeout=1)(x)."""
-        return ReplicatedObj(self.manager, self.id, timeout=timeout)
+    def options(self, *, timeout: float | None = None, retry: Retry | None = None) -> ReplicatedObj:
+        """The same object with per-call options (None: the manager's), e.g. obj.options(timeout=1)(x)."""
+        return ReplicatedObj(self.manager, self.id, timeout=timeout, retry=retry)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """C++: operator() and callKwargs."""
@@ -159,12 +183,12 @@ class ReplicatedObj:
                 to_wire(value, request.kwargs[key])
         except (TypeError, ValueError) as error:
             raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        response = self.manager.call(self.manager._stub.Invoke, request, self._timeout)
+        response = self.manager.call(self.manager._stub.Invoke, request, self._timeout, self._retry)
         return from_wire(response.result)
 
     def hasattr(self, name: str) -> bool:
         request = pb.HasAttrRequest(object_id=self.id, name=name)
-        return self.manager.call(self.manager._stub.HasAttr, request).present
+        return self.manager.call(self.manager._stub.HasAttr, request, self._timeout, self._retry).present
 
     def unload(self) -> None:
         self.manager.call(self.manager._stub.UnloadObject, pb.UnloadObjectRequest(object_id=self.id))

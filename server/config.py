@@ -38,6 +38,11 @@ class PoolSection:
     workers: int = 0  # 0: one per CPU core
     start_timeout_seconds: float = 60.0
     stop_timeout_seconds: float = 5.0
+    # Calls that may wait for a free worker; past this they fail at once (RESOURCE_EXHAUSTED).
+    max_queued_calls: int = 1000
+    # A call whose caller gave up (deadline, cancel) keeps its worker this long; then the
+    # worker is taken to be stuck, killed and replaced.
+    abandoned_call_grace_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class WorkerSection:
     extra_sys_paths: tuple[str, ...] = ()  # appended to sys.path in every worker (externs)
     # Tensors at least this large travel through shared memory; smaller ones inline.
     shm_threshold_bytes: int = 65536
+    # Anonymous resident memory (RssAnon) at which a worker is killed and replaced; 0: no
+    # limit. A fresh worker starts at about 150 MB (torch, inherited from the fork server).
+    memory_limit_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,13 @@ def _validate(config: Config) -> None:
         ("pool.workers", config.pool.workers, config.pool.workers >= 0),
         ("pool.start_timeout_seconds", config.pool.start_timeout_seconds, config.pool.start_timeout_seconds > 0),
         ("pool.stop_timeout_seconds", config.pool.stop_timeout_seconds, config.pool.stop_timeout_seconds > 0),
+        ("pool.max_queued_calls", config.pool.max_queued_calls, config.pool.max_queued_calls >= 0),
+        (
+            "pool.abandoned_call_grace_seconds",
+            config.pool.abandoned_call_grace_seconds,
+            config.pool.abandoned_call_grace_seconds > 0,
+        ),
+        ("worker.memory_limit_bytes", config.worker.memory_limit_bytes, config.worker.memory_limit_bytes >= 0),
         ("worker.num_threads", config.worker.num_threads, config.worker.num_threads >= 1),
         ("worker.shm_threshold_bytes", config.worker.shm_threshold_bytes, config.worker.shm_threshold_bytes >= 1),
         ("packages.max_bytes", config.packages.max_bytes, config.packages.max_bytes >= 0),

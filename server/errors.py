@@ -5,7 +5,8 @@ DeploydError
 ├── InvalidArgument     InvalidPackage, InvalidValue, and a bad module, pickle or resource
 ├── PathNotAllowed      a server-side path outside the package directory
 ├── TooLarge            a package over the configured size limit
-├── WorkerCrashed       the worker died while serving the call
+├── WorkerCrashed       the worker died while serving the call (.caused_by_call: it ended itself)
+├── Overloaded          too many calls already wait for a worker
 ├── PoolClosed          the daemon is shutting down
 └── ModelError          model code raised; carries the remote type and traceback
 """
@@ -34,8 +35,8 @@ class PackageNotFound(NotFound):
 
 
 class ObjectNotFound(NotFound):
-    def __init__(self, object_id: str) -> None:
-        super().__init__(f"no object {object_id!r} is loaded")
+    def __init__(self, object_id: str, why: str = "") -> None:
+        super().__init__(f"no object {object_id!r} is loaded" + (f": {why}" if why else ""))
 
 
 class InvalidArgument(DeploydError):
@@ -59,6 +60,16 @@ class TooLarge(DeploydError):
 
 
 class WorkerCrashed(DeploydError):
+    """caused_by_call: the worker ended itself while running the call (it crashed, exited,
+    or went over its memory limit), so running the same call again would likely kill
+    another worker. False when something outside killed it: a retry is safe."""
+
+    def __init__(self, message: str, *, caused_by_call: bool = False) -> None:
+        super().__init__(message)
+        self.caused_by_call = caused_by_call
+
+
+class Overloaded(DeploydError):
     pass
 
 

@@ -9,6 +9,10 @@ Invariants:
   that broadcasts under the same lock can never miss it nor reach it twice.
 - A dead worker's calls fail with WorkerCrashed (UNAVAILABLE); it is replaced after a
   backoff that grows while replacements keep dying.
+- At most `max_queued_calls` calls wait for a worker; the next fails at once (Overloaded).
+- A worker whose caller gave up takes no other call; if it does not answer within
+  `abandoned_call_grace` seconds it is killed (and so replaced): a hung model cannot
+  keep capacity. Over `memory_limit` bytes of anonymous memory, a worker is killed too.
 
 Imports no grpc: the servicer above it translates.
 """
@@ -23,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from server import protocol
-from server.errors import DeploydError, PoolClosed, WorkerCrashed
-from server.procinfo import MemoryUsage, memory_usage
+from server.errors import DeploydError, Overloaded, PoolClosed, WorkerCrashed
+from server.procinfo import MemoryUsage, anonymous_resident_bytes, memory_usage
 from server.worker.entry import WorkerSettings
 from server.worker_handle import CallTiming, WorkerHandle, interpret_reply
 
@@ -37,6 +41,13 @@ _BACKOFF_MAX_SECONDS = 10.0
 # A worker that served this long resets its slot's backoff.
 _HEALTHY_AFTER_SECONDS = 30.0
 _MEMORY_CACHE_SECONDS = 1.0
+# How often workers' memory is checked against the limit. A model filling fresh memory at
+# ~2-3 GB/s (this machine) can overshoot the limit by a few hundred MB before it is seen.
+_MEMORY_CHECK_SECONDS = 0.1
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,9 @@ class WorkerPool:
         start_timeout: float,
         stop_timeout: float,
         prepare: Callable[[WorkerHandle], Awaitable[None]],
+        max_queued_calls: int = 1000,
+        abandoned_call_grace: float = 5.0,
+        memory_limit: int = 0,
         on_serving_changed: Callable[[int], None] = lambda count: None,
         on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
         on_queue_wait: Callable[[float], None] = lambda seconds: None,
@@ -69,6 +83,11 @@ class WorkerPool:
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._prepare = prepare
+        self._max_queued_calls = max_queued_calls
+        self._abandoned_call_grace = abandoned_call_grace
+        self._memory_limit = memory_limit
+        self._waiting = 0  # calls waiting for a free worker
+        self._memory_watch: asyncio.Task[None] | None = None
         self._on_serving_changed = on_serving_changed
         self._on_call_timing = on_call_timing
         self._on_queue_wait = on_queue_wait
@@ -93,10 +112,30 @@ class WorkerPool:
         """Start every worker; fails (stopping what started) if any cannot start."""
         try:
             for index in range(self.size):
-                await self.spawn_worker(index)
+                worker = await self.spawn_worker(index)
+                self._check_memory_limit_fits(worker)
         except BaseException:
             await self.stop()
             raise
+        if self._memory_limit:
+            self._memory_watch = asyncio.create_task(self._watch_memory(), name="worker-memory-watch")
+
+    def _check_memory_limit_fits(self, worker: WorkerHandle) -> None:
+        used = anonymous_resident_bytes(worker.pid)
+        if self._memory_limit and used >= self._memory_limit:
+            raise WorkerCrashed(
+                f"worker.memory_limit_bytes ({self._memory_limit}) is below what a fresh worker"
+                f" already uses ({used}): every worker would be killed at once"
+            )
+
+    async def _watch_memory(self) -> None:
+        while True:
+            await asyncio.sleep(_MEMORY_CHECK_SECONDS)
+            for worker in list(self._workers.values()):
+                used = anonymous_resident_bytes(worker.pid) if worker.alive else 0
+                if used > self._memory_limit:
+                    why = f"used {_mib(used)} of memory, over worker.memory_limit_bytes ({_mib(self._memory_limit)})"
+                    worker.kill(f"was killed because it {why}", caused_by_call=True)
 
     async def spawn_worker(self, index: int) -> WorkerHandle:
         async with self._spawn_lock:
@@ -150,6 +189,8 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop every worker: close its channel, then terminate, then kill."""
         self._closing = True
+        if self._memory_watch is not None:
+            self._memory_watch.cancel()
         for task in list(self._restart_tasks):
             task.cancel()
         await asyncio.gather(*self._restart_tasks, return_exceptions=True)
@@ -160,8 +201,17 @@ class WorkerPool:
 
     async def call(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
         """Run a request on one free worker, waiting in line for one if all are busy."""
+        if self._idle.empty() and self._waiting >= self._max_queued_calls:
+            raise Overloaded(
+                f"all workers are busy and {self._waiting} calls already wait for one"
+                f" (pool.max_queued_calls={self._max_queued_calls}); try again later"
+            )
         queued_at = time.perf_counter()
-        worker = await self._acquire()
+        self._waiting += 1
+        try:
+            worker = await self._acquire()
+        finally:
+            self._waiting -= 1
         self._on_queue_wait(time.perf_counter() - queued_at)
         try:
             reply = worker.send(message, buffers)
@@ -171,8 +221,10 @@ class WorkerPool:
         try:
             frame = await asyncio.shield(reply)
         except asyncio.CancelledError:
-            # The worker still runs the call: it takes no other until it answers or dies.
+            # The worker still runs the call: it takes no other until it answers or dies,
+            # and it is killed if it has not answered within the grace.
             reply.add_done_callback(lambda _: self._release(worker))
+            worker.abandon(reply, self._abandoned_call_grace)
             raise
         except BaseException:
             self._release(worker)
@@ -201,16 +253,40 @@ class WorkerPool:
         Callers that change what workers hold must hold `changes`.
         """
         workers = sorted(self._serving, key=lambda worker: worker.index)
-        outcomes = await asyncio.gather(
-            *(worker.request(message, buffers) for worker in workers), return_exceptions=True
-        )
+        replies = [self._send_or_fail(worker, message, buffers) for worker in workers]
+        try:
+            frames = await asyncio.gather(*(asyncio.shield(reply) for reply in replies), return_exceptions=True)
+        except asyncio.CancelledError:
+            for worker, reply in zip(workers, replies, strict=True):
+                worker.abandon(reply, self._abandoned_call_grace)
+            raise
+        outcomes: list[Any] = []
+        for frame in frames:
+            try:
+                outcomes.append(frame if isinstance(frame, BaseException) else interpret_reply(frame))
+            except Exception as error:  # a Failure's domain error, or a malformed reply
+                outcomes.append(error)
         return list(zip(workers, outcomes, strict=True))
+
+    @staticmethod
+    def _send_or_fail(worker: WorkerHandle, message: protocol.Request, buffers: list[Any]) -> asyncio.Future[Any]:
+        try:
+            return worker.send(message, buffers)
+        except WorkerCrashed as error:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(error)
+            return failed
 
     # ------------------------------------------------------------------ inspection
 
     @property
     def serving_count(self) -> int:
         return len(self._serving)
+
+    @property
+    def queue_depth(self) -> int:
+        """Calls waiting for a free worker."""
+        return self._waiting
 
     def status(self) -> list[WorkerStatus]:
         return [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from server import protocol
 from server.weights import SharedWeights
@@ -30,6 +31,11 @@ class ObjectRecord:
     file: str
 
 
+class ReplayKey(NamedTuple):
+    kind: str  # "module", "package" or "object"
+    name: str  # module name, package id or object id
+
+
 class Registry:
     def __init__(self) -> None:
         self.modules: dict[str, str] = {}  # name -> source
@@ -39,18 +45,22 @@ class Registry:
     def objects_of(self, package_id: str) -> list[ObjectRecord]:
         return [record for record in self.objects.values() if record.package_id == package_id]
 
-    def replay_requests(self) -> list[protocol.Request]:
-        """The requests that bring a fresh worker to the state of the others.
+    def replay_steps(self) -> list[tuple[ReplayKey, protocol.Request]]:
+        """The requests that bring a fresh worker to the state of the others, each with
+        the key of what it replays.
 
         Modules first (packages may extern them), then packages, then the objects
         unpickled from them, each group in the order it was loaded.
         """
-        requests: list[protocol.Request] = [
-            protocol.RegisterModule(name, source) for name, source in self.modules.items()
+        steps: list[tuple[ReplayKey, protocol.Request]] = [
+            (ReplayKey("module", name), protocol.RegisterModule(name, source)) for name, source in self.modules.items()
         ]
-        requests += [record.open_request() for record in self.packages.values()]
-        requests += [
-            protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file)
+        steps += [(ReplayKey("package", record.package_id), record.open_request()) for record in self.packages.values()]
+        steps += [
+            (
+                ReplayKey("object", record.object_id),
+                protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file),
+            )
             for record in self.objects.values()
         ]
-        return requests
+        return steps

@@ -3,6 +3,11 @@
 Everything that changes what the workers hold runs under `pool.changes` and is all or
 nothing: if any worker fails, the workers that succeeded are told to undo it and the
 registry is left as it was. Imports no grpc.
+
+A load that kills workers fails like any other (the pool replaces them and replays only
+what is still loaded). Something that loaded fine but whose replay kills new workers
+(it depends on state a fresh worker lacks) is evicted after _REPLAY_STRIKES such deaths
+in a row, so the pool recovers instead of restarting workers forever.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from server import protocol
 from server.errors import DeploydError, InvalidPackage, ObjectNotFound, PackageNotFound, WorkerCrashed
 from server.packages import PackageStore, StoredPackage
 from server.pool import WorkerPool, WorkerStatus
-from server.registry import ObjectRecord, PackageRecord, Registry
+from server.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
 from server.weights import SharedWeights, stage_weights
 from server.worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
 _NOT_A_PACKAGE = "not a loadable torch.package archive"
+# Replays of one module, package or object that may kill new workers before it is evicted.
+_REPLAY_STRIKES = 2
 
 
 class StatusSnapshot(NamedTuple):
@@ -31,6 +38,7 @@ class StatusSnapshot(NamedTuple):
     packages: list[PackageRecord]
     objects: list[ObjectRecord]
     modules: list[str]
+    queued_calls: int
 
 
 class ModelService:
@@ -38,11 +46,33 @@ class ModelService:
         self._pool = pool
         self._store = store
         self._registry = registry
+        self._replay_strikes: dict[ReplayKey, int] = {}
+        self._evicted: dict[str, str] = {}  # object id -> why it was evicted
 
     async def prepare_worker(self, worker: WorkerHandle) -> None:
         """Replay everything loaded into a new worker, before it takes calls (pool holds `changes`)."""
-        for request in self._registry.replay_requests():
-            await worker.request(request, [])
+        for key, request in self._registry.replay_steps():
+            try:
+                await worker.request(request, [])
+            except WorkerCrashed as crash:
+                if crash.caused_by_call:
+                    await self._strike(key, worker.exit_reason)
+                raise
+        self._replay_strikes.clear()
+
+    async def _strike(self, key: ReplayKey, exit_reason: str) -> None:
+        strikes = self._replay_strikes[key] = self._replay_strikes.get(key, 0) + 1
+        if strikes < _REPLAY_STRIKES:
+            return
+        del self._replay_strikes[key]
+        why = f"evicted: replaying {key.kind} {key.name!r} into {strikes} new workers killed each ({exit_reason})"
+        log.error("%s", why)
+        if key.kind == "object" and key.name in self._registry.objects:
+            await self._drop_objects([self._registry.objects[key.name]], why)
+        elif key.kind == "package" and key.name in self._registry.packages:
+            await self._drop_package(key.name, why)
+        elif key.kind == "module":
+            self._registry.modules.pop(key.name, None)
 
     # ------------------------------------------------------------------ modules and packages
 
@@ -86,19 +116,28 @@ class ModelService:
         async with self._pool.changes:
             if package_id not in self._registry.packages:
                 raise PackageNotFound(package_id)
-            record = self._registry.packages[package_id]
-            objects = self._registry.objects_of(package_id)
-            for loaded in objects:
-                del self._registry.objects[loaded.object_id]
-            del self._registry.packages[package_id]
-            for loaded in objects:
-                await self._pool.broadcast(protocol.UnloadObject(loaded.object_id), [])
-            await self._pool.broadcast(protocol.ClosePackage(package_id), [])
-            self._store.remove(package_id)
-            if record.weights is not None:
-                # Workers keep their mappings while replicas use them; the pages go with the last.
-                record.weights.segment.unlink()
-            return [loaded.object_id for loaded in objects]
+            return await self._drop_package(package_id)
+
+    async def _drop_package(self, package_id: str, why: str = "") -> list[str]:
+        """Forget a package and its objects everywhere (caller holds `changes`)."""
+        record = self._registry.packages.pop(package_id)
+        objects = self._registry.objects_of(package_id)
+        await self._drop_objects(objects, why)
+        await self._pool.broadcast(protocol.ClosePackage(package_id), [])
+        self._store.remove(package_id)
+        if record.weights is not None:
+            # Workers keep their mappings while replicas use them; the pages go with the last.
+            record.weights.segment.unlink()
+        return [loaded.object_id for loaded in objects]
+
+    async def _drop_objects(self, objects: list[ObjectRecord], why: str = "") -> None:
+        """Forget objects everywhere (caller holds `changes`); why: what later calls to them are told."""
+        for loaded in objects:
+            del self._registry.objects[loaded.object_id]
+            if why:
+                self._evicted[loaded.object_id] = why
+        for loaded in objects:
+            await self._pool.broadcast(protocol.UnloadObject(loaded.object_id), [])
 
     async def load_resource(self, package_id: str, module: str, resource: str, binary: bool) -> Any:
         self._require_package(package_id)
@@ -122,8 +161,7 @@ class ModelService:
     async def unload_object(self, object_id: str) -> None:
         async with self._pool.changes:
             self._require_object(object_id)
-            del self._registry.objects[object_id]
-            await self._pool.broadcast(protocol.UnloadObject(object_id), [])
+            await self._drop_objects([self._registry.objects[object_id]])
 
     async def invoke(
         self, object_id: str, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any]
@@ -151,6 +189,7 @@ class ModelService:
             list(self._registry.packages.values()),
             list(self._registry.objects.values()),
             list(self._registry.modules),
+            self._pool.queue_depth,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -161,7 +200,7 @@ class ModelService:
 
     def _require_object(self, object_id: str) -> None:
         if object_id not in self._registry.objects:
-            raise ObjectNotFound(object_id)
+            raise ObjectNotFound(object_id, self._evicted.get(object_id, ""))
 
     async def _everywhere(self, request: protocol.Request, undo: protocol.Request | None, context: str) -> None:
         """Run a request on every serving worker, all or nothing (caller holds `changes`)."""
@@ -179,6 +218,8 @@ class ModelService:
                 except DeploydError as error:
                     log.warning("could not undo %s on worker %d: %s", type(request).__name__, worker.index, error)
         worker, failure = failures[0]
-        if isinstance(failure, DeploydError):
+        if isinstance(failure, WorkerCrashed):
+            failure.args = (f"{context}: it killed the worker: {failure}",)
+        elif isinstance(failure, DeploydError):
             failure.args = (f"{context}: {failure} (on worker {worker.index})",)
         raise failure

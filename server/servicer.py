@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any
 
 ERROR_DETAIL_KEY = "deployd-error-detail-bin"
+# gRPC's retry protocol: a negative pushback tells any gRPC client not to retry the call.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 # Most specific first: the first matching class decides.
 STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
@@ -35,6 +37,7 @@ STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PathNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (errors.TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.WorkerCrashed, grpc.StatusCode.UNAVAILABLE),
     (errors.PoolClosed, grpc.StatusCode.UNAVAILABLE),
     (errors.ModelError, grpc.StatusCode.UNKNOWN),
@@ -67,9 +70,7 @@ def _reports_errors(handler: Handler) -> Handler:
             response = await handler(self, request, context)
         except DeploydError as error:
             code = status_for(error)
-            if error.remote_type or error.remote_traceback:
-                detail = pb.ErrorDetail(remote_type=error.remote_type, remote_traceback=error.remote_traceback)
-                context.set_trailing_metadata(((ERROR_DETAIL_KEY, detail.SerializeToString()),))
+            context.set_trailing_metadata(_error_metadata(error))
             observe(code)
             await context.abort(code, str(error))
         except asyncio.CancelledError:
@@ -83,6 +84,20 @@ def _reports_errors(handler: Handler) -> Handler:
         return response
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error_metadata(error: DeploydError) -> tuple[tuple[str, bytes | str], ...]:
+    """Trailing metadata that carries what a status code and message cannot."""
+    killed_worker = isinstance(error, errors.WorkerCrashed) and error.caused_by_call
+    if not (error.remote_type or error.remote_traceback or killed_worker):
+        return ()
+    detail = pb.ErrorDetail(
+        remote_type=error.remote_type, remote_traceback=error.remote_traceback, call_killed_worker=killed_worker
+    )
+    metadata: tuple[tuple[str, bytes | str], ...] = ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
+    if killed_worker:
+        metadata += ((RETRY_PUSHBACK_KEY, "-1"),)
+    return metadata
 
 
 class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
@@ -176,6 +191,7 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
                 for o in snapshot.objects
             ],
             modules=snapshot.modules,
+            queued_calls=snapshot.queued_calls,
         )
 
 

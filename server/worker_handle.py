@@ -46,6 +46,22 @@ def interpret_reply(frame: protocol.Frame) -> tuple[Any, list[Any]]:
     return result.value, frame.buffers
 
 
+# Signals a process gets from its own faults (or its own abort()), not from outside.
+_SELF_INFLICTED_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL, signal.SIGSYS, signal.SIGTRAP}
+)
+
+
+def ended_itself(exitcode: int | None) -> bool:
+    """Whether a worker's exit came from the code it ran (os._exit, SystemExit, a segfault,
+    an abort) rather than from outside (SIGKILL, SIGTERM: an operator, the OOM killer)."""
+    if exitcode is None:
+        return False
+    if exitcode >= 0:
+        return True  # workers leave their loop only when the daemon closes the channel
+    return -exitcode in _SELF_INFLICTED_SIGNALS
+
+
 def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "did not exit"
@@ -74,6 +90,9 @@ class WorkerHandle:
         self.calls_served = 0
         self.stopping = False  # set when the daemon, not a crash, ends this worker
         self.exit_reason = ""
+        # Set when the daemon kills the worker for a reason of its own (memory limit, a hung
+        # call): (why, whether the call it was running caused it).
+        self._kill_reason: tuple[str, bool] | None = None
         self._reader = reader
         self._writer = writer
         self._request_ids = itertools.count(1)
@@ -191,7 +210,25 @@ class WorkerHandle:
         if reply is not None and not reply.done():
             reply.set_result(frame)
 
+    def abandon(self, reply: asyncio.Future[protocol.Frame], grace: float) -> None:
+        """The caller of this request gave up (deadline or cancellation). The worker takes no
+        other call until it answers; if it has not answered within grace seconds, it is
+        taken to be stuck and killed, so that a hung model cannot keep the capacity."""
+        if reply.done():
+            return
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(grace, self.kill, f"was killed: a call ran {grace:g}s past its caller giving up", False)
+        reply.add_done_callback(lambda _: timer.cancel())
+
     # ------------------------------------------------------------------ exit
+
+    def kill(self, reason: str, caused_by_call: bool) -> None:
+        """SIGKILL the worker for a reason of the daemon's own; callers see the reason."""
+        if not self.alive or self.stopping or self._kill_reason is not None:
+            return
+        log.warning("worker %d (pid %d) %s", self.index, self.pid, reason)
+        self._kill_reason = (reason, caused_by_call)
+        self.process.kill()
 
     async def stop(self, timeout: float) -> None:
         """Ask the worker to exit (close its channel), then terminate, then kill."""
@@ -227,9 +264,15 @@ class WorkerHandle:
         exited.cancel()
         self._writer.close()
         self.process.join(0)
-        self.exit_reason = describe_exit(self.process.exitcode)
+        if self._kill_reason is not None:
+            self.exit_reason, caused_by_call = self._kill_reason
+        else:
+            self.exit_reason, caused_by_call = describe_exit(self.process.exitcode), ended_itself(self.process.exitcode)
         self.state = "stopped"
-        crash = WorkerCrashed(f"worker {self.index} (pid {self.pid}) {self.exit_reason} while serving this call")
+        crash = WorkerCrashed(
+            f"worker {self.index} (pid {self.pid}) {self.exit_reason} while serving this call",
+            caused_by_call=caused_by_call and not self.stopping,
+        )
         for reply in self._pending.values():
             if not reply.done():
                 reply.set_exception(crash)

@@ -37,6 +37,7 @@ def build_models(out: Path) -> None:
         exporter.intern("testmodels")
         exporter.save_pickle("models", "echo.pkl", testmodels.Echo())
         exporter.save_pickle("models", "scale.pkl", testmodels.Scale(2.0))
+        exporter.save_pickle("models", "dies_in_new_workers.pkl", testmodels.DiesInNewWorkers())
         exporter.save_text("models", "notes.txt", "weights: scale 2.0 ✓")
         exporter.save_binary("models", "blob.bin", bytes(range(256)))
 

@@ -229,16 +229,18 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("workers", "packages", "objects", "modules")
+    __slots__ = ("workers", "packages", "objects", "modules", "queued_calls")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_CALLS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     packages: _containers.RepeatedCompositeFieldContainer[PackageStatus]
     objects: _containers.RepeatedCompositeFieldContainer[ObjectStatus]
     modules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., packages: _Optional[_Iterable[_Union[PackageStatus, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectStatus, _Mapping]]] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
+    queued_calls: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., packages: _Optional[_Iterable[_Union[PackageStatus, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectStatus, _Mapping]]] = ..., modules: _Optional[_Iterable[str]] = ..., queued_calls: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("index", "pid", "state", "calls_served", "restarts", "rss_bytes", "pss_bytes", "shared_bytes", "private_bytes")
@@ -283,9 +285,11 @@ class ObjectStatus(_message.Message):
     def __init__(self, object_id: _Optional[str] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
-    __slots__ = ("remote_type", "remote_traceback")
+    __slots__ = ("remote_type", "remote_traceback", "call_killed_worker")
     REMOTE_TYPE_FIELD_NUMBER: _ClassVar[int]
     REMOTE_TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    CALL_KILLED_WORKER_FIELD_NUMBER: _ClassVar[int]
     remote_type: str
     remote_traceback: str
-    def __init__(self, remote_type: _Optional[str] = ..., remote_traceback: _Optional[str] = ...) -> None: ...
+    call_killed_worker: bool
+    def __init__(self, remote_type: _Optional[str] = ..., remote_traceback: _Optional[str] = ..., call_killed_worker: _Optional[bool] = ...) -> None: ...

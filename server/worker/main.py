@@ -7,6 +7,7 @@ torch ops at import time: a fork after OpenMP has started hangs the child.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from server.worker.shared import ArenaMappings, ReplyPlacement
 
 
 def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
+    _die_with_parent()
     # Ctrl-C reaches the whole process group; the daemon decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # torch.package's unpickler still uses TypedStorage; the warning says nothing to an operator.
@@ -42,6 +44,24 @@ def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
     write_frame_blocking(channel, encode_frame(0, Ready(os.getpid()), []))
     while serve_one(channel, runtime, mappings, settings.shm_threshold_bytes):
         pass
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker when its parent dies (Linux).
+
+    The parent is the fork server, which exits when the daemon does, however the daemon
+    ends (even SIGKILL). An idle worker would notice anyway (its channel reaches EOF),
+    but one busy in a long call would not until the call ends.
+    """
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not Linux: the channel's EOF is the only signal
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def serve_one(channel: socket.socket, runtime: Runtime, mappings: ArenaMappings, threshold: int) -> bool:

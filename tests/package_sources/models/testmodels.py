@@ -55,6 +55,24 @@ class Scale(torch.nn.Module):
     def exit_now(self, code):
         os._exit(code)
 
+    def raise_system_exit(self, code):
+        raise SystemExit(code)
+
+    def segfault(self):
+        import ctypes
+
+        return ctypes.string_at(0)
+
+    def spin(self):
+        while True:
+            pass
+
+    def hog(self, megabytes):
+        """Fill fresh memory (touched, so it is resident), then hold it a moment."""
+        block = torch.ones(megabytes * 1024 * 1024, dtype=torch.uint8)
+        time.sleep(1.0)
+        return int(block.sum())
+
     def unsendable(self):
         return object()
 
@@ -90,3 +108,20 @@ def _mapped_file(address):
             if start <= address < end:
                 return fields[5] if len(fields) > 5 else ""
     return ""
+
+
+class DiesInNewWorkers:
+    """Loads anywhere until the file named by $DEPLOYD_TEST_POISON_MARKER exists; from then on
+    unpickling it (a replay into a new worker) kills the worker."""
+
+    def __init__(self):
+        self.kind = "poison"  # pickle calls __setstate__ only for a non-empty state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        marker = os.environ.get("DEPLOYD_TEST_POISON_MARKER", "")
+        if marker and os.path.exists(marker):
+            os._exit(7)
+
+    def __call__(self, x):
+        return x
