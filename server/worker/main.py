@@ -53,6 +53,15 @@ def _die_with_parent() -> None:
     ends (even SIGKILL). An idle worker would notice anyway (its channel reaches EOF),
     but one busy in a long call would not until the call ends.
     """
+    # multiprocessing hands every forked child the write end of the fork server's "alive"
+    # pipe, so that children may fork through it too; the fork server then lives while any
+    # worker does, and a busy worker would wait for it forever. Workers never fork.
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver  # type: ignore[attr-defined]
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
