@@ -71,7 +71,7 @@ class Scale(torch.nn.Module):
         """Fill fresh memory (touched, so it is resident), then hold it a moment."""
         block = torch.ones(megabytes * 1024 * 1024, dtype=torch.uint8)
         time.sleep(1.0)
-        return int(block.sum())
+        return block.numel()
 
     def unsendable(self):
         return object()
