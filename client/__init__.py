@@ -13,12 +13,15 @@ from client._errors import (
     PermissionDeniedError,
     RemoteError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from client._manager import InterpreterManager, Package, ReplicatedObj
 from client._retry import Retry
+from client._tls import TLS
 
 __all__ = [
+    "TLS",
     "DeadlineExceededError",
     "DeployError",
     "InterpreterManager",
@@ -30,5 +33,6 @@ __all__ = [
     "ReplicatedObj",
     "ResourceExhaustedError",
     "Retry",
+    "UnauthenticatedError",
     "UnavailableError",
 ]

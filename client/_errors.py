@@ -8,6 +8,8 @@
     │                           .call_killed_worker: the call itself ended its worker
     ├── ResourceExhaustedError  RESOURCE_EXHAUSTED: too many calls already wait, or a package too large
     ├── DeadlineExceededError   DEADLINE_EXCEEDED: the call's timeout passed
+    ├── UnauthenticatedError    UNAUTHENTICATED: no token, or one the daemon does not know
+    ├── PermissionDeniedError   PERMISSION_DENIED (also): the token's role may not do this
     └── RemoteError             UNKNOWN: model code raised; .remote_type, .remote_traceback
 
 `translate_rpc_error` is the one place where a grpc.RpcError becomes one of these.
@@ -66,6 +68,10 @@ class ResourceExhaustedError(DeployError):
     pass
 
 
+class UnauthenticatedError(DeployError):
+    pass
+
+
 class RemoteError(DeployError):
     """Model code raised an exception in a worker."""
 
@@ -83,6 +89,7 @@ _ERROR_FOR_CODE: dict[grpc.StatusCode, type[DeployError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.UNKNOWN: RemoteError,
 }
 

@@ -13,6 +13,7 @@ from client._errors import InvalidArgumentError, translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
 from client._retry import Retry
+from client._tls import TLS
 from client._values import from_wire, to_wire
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -26,6 +27,9 @@ class InterpreterManager:
 
     timeout: default deadline in seconds for every call (None: no deadline).
     retry: default Retry policy for calls that failed with UNAVAILABLE (None: no retries).
+    token: bearer token sent with every call (the daemon's auth.admin_tokens or
+        auth.invoke_tokens); None: $DEPLOYD_TOKEN if set, else none.
+    tls: connect with TLS (TLS(ca=...), plus cert= and key= for mutual TLS); None: plaintext.
     """
 
     def __init__(
@@ -34,6 +38,8 @@ class InterpreterManager:
         *,
         timeout: float | None = None,
         retry: Retry | None = None,
+        token: str | None = None,
+        tls: TLS | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
@@ -41,13 +47,18 @@ class InterpreterManager:
         self.timeout = timeout
         self.retry = retry
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        token = token if token is not None else os.environ.get("DEPLOYD_TOKEN") or None
+        # Sent as call metadata, so that it works over plaintext on loopback as well as over TLS.
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            credentials = tls.channel_credentials()
+            self._channel = grpc.secure_channel(target, credentials, options=options + tls.channel_options())
         self._stub = pb_grpc.DeploydStub(self._channel)
 
     def __enter__(self) -> InterpreterManager:
@@ -71,7 +82,7 @@ class InterpreterManager:
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return rpc(request, timeout=remaining)
+                return rpc(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 error = translate_rpc_error(rpc_error)
             if retry is None or isinstance(request, Iterator) or not retry.should_retry(error, attempt):

@@ -8,6 +8,7 @@ keys and bad values stop the daemon at start with a message naming the key and v
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ class ServerSection:
     event_loop: str = "auto"  # auto (uvloop if installed), asyncio or uvloop
     # Keep large buffers in glibc's heap instead of fresh mmaps (server.malloc).
     tune_malloc: bool = True
+    log_format: str = "plain"  # plain or json (one object per line)
+    log_calls: bool = True  # one log line per call: request id, object, method, status, duration
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,31 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class AuthSection:
+    # Bearer tokens. admin: everything; invoke: call objects and read (Invoke, HasAttr,
+    # LoadText, LoadBinary, Status). No tokens at all: no authentication.
+    admin_tokens: tuple[str, ...] = ()
+    invoke_tokens: tuple[str, ...] = ()
+    # Binding an address other than loopback without tokens refuses to start unless this is true.
+    allow_unauthenticated_remote: bool = False
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    cert_file: str = ""  # PEM certificate chain; with key_file, the daemon serves TLS only
+    key_file: str = ""
+    client_ca_file: str = ""  # set: mutual TLS, clients must present a certificate signed by it
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     pool: PoolSection = field(default_factory=PoolSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
     packages: PackagesSection = field(default_factory=PackagesSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    tls: TlsSection = field(default_factory=TlsSection)
 
     @property
     def worker_count(self) -> int:
@@ -207,9 +229,39 @@ def _validate(config: Config) -> None:
         ("packages.max_bytes", config.packages.max_bytes, config.packages.max_bytes >= 0),
         ("metrics.address", config.metrics.address, not config.metrics.address or _is_address(config.metrics.address)),
     ]
+    checks += [
+        ("server.log_format", config.server.log_format, config.server.log_format in ("plain", "json")),
+        *(
+            ("auth tokens", "(hidden)", bool(token) and not any(c.isspace() for c in token))
+            for token in config.auth.admin_tokens + config.auth.invoke_tokens
+        ),
+        ("tls.key_file", config.tls.key_file, bool(config.tls.key_file) == bool(config.tls.cert_file)),
+        ("tls.client_ca_file", config.tls.client_ca_file, not config.tls.client_ca_file or bool(config.tls.cert_file)),
+    ]
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {value!r}")
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        path = getattr(config.tls, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"bad value for tls.{key}: {path!r} is not a readable file")
+    host = split_address(config.server.address)[0]
+    has_tokens = bool(config.auth.admin_tokens or config.auth.invoke_tokens)
+    if not _is_loopback(host) and not has_tokens and not config.auth.allow_unauthenticated_remote:
+        raise ConfigError(
+            f"server.address {config.server.address!r} is reachable from other machines but no auth tokens are"
+            " set: anyone could load code into the workers. Set auth.admin_tokens (and auth.invoke_tokens),"
+            " or auth.allow_unauthenticated_remote: true if something else guards the port"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_address(address: str) -> bool:
