@@ -16,12 +16,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from server import eventloop
-from server.config import Config, split_address
+from server import eventloop, logs
+from server.auth import TokenAuth
+from server.config import Config, TlsSection, split_address
 from server.errors import WorkerCrashed
+from server.health import Health
 from server.malloc import tune_malloc
 from server.metrics import Metrics
 from server.packages import PackageStore
@@ -52,7 +53,7 @@ class Daemon:
         self._fast_stop = asyncio.Event()
         self._started = False
         self._background: set[asyncio.Future[None]] = set()
-        self._health = HealthServicer()
+        self._health = Health(SERVICE_NAME)
         self._metrics = Metrics()
         store_directory = config.packages.store_directory
         self._store_directory = Path(store_directory or tempfile.mkdtemp(prefix="deployd-store-"))
@@ -73,20 +74,37 @@ class Daemon:
             on_serving_changed=self._on_serving_changed,
             on_call_timing=self._metrics.observe_worker_call,
             on_queue_wait=self._metrics.queue_wait.observe,
+            on_run=self._metrics.observe_run,
+            on_restart=lambda cause: self._metrics.worker_restarts.labels(cause).inc(),
         )
         store = PackageStore(self._store_directory, Path(config.packages.directory), config.packages.max_bytes)
-        self._service = ModelService(self._pool, store, self._registry)
+        self._service = ModelService(self._pool, store, self._registry, on_objects_changed=self._sync_health)
+        self._metrics.watch(
+            queue_depth=lambda: self._pool.queue_depth,
+            workers_busy=lambda: self._pool.busy_count,
+            packages=lambda: len(self._registry.packages),
+            objects=lambda: len(self._registry.objects),
+            worker_memory=self._pool.memory,
+        )
+        self._known_objects: set[str] = set()
         message_limit = config.server.max_message_bytes
+        interceptors = []
+        if config.auth.admin_tokens or config.auth.invoke_tokens:
+            interceptors.append(
+                TokenAuth(SERVICE_NAME, config.auth.admin_tokens, config.auth.invoke_tokens, self._metrics)
+            )
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
                 # A second daemon on the same port must fail, not silently share it.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
-        deployd_pb2_grpc.add_DeploydServicer_to_server(DeploydServicer(self._service, self._metrics), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        servicer = DeploydServicer(self._service, self._metrics, config.server.log_calls)
+        deployd_pb2_grpc.add_DeploydServicer_to_server(servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server,
@@ -98,17 +116,19 @@ class Daemon:
 
     def _on_serving_changed(self, serving: int) -> None:
         self._metrics.workers_serving.set(serving)
-        # Before the whole pool is up, and once stopping, health is set by run() alone.
-        if not self._started or self._stop_requested.is_set():
-            return
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        task = asyncio.ensure_future(self._set_health(status))
+        task = asyncio.ensure_future(self._sync_health())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, status)  # type: ignore[arg-type]
+    async def _sync_health(self) -> None:
+        """Health follows the pool and what is loaded; an unloaded object's metrics go too."""
+        objects = set(self._registry.objects)
+        for gone in self._known_objects - objects:
+            self._metrics.forget_object(gone)
+        self._known_objects = objects
+        # Before the whole pool is up, and once stopping, the server's health is set by run() alone.
+        if self._started and not self._stop_requested.is_set():
+            await self._health.sync(self._pool.serving_count > 0, objects)
 
     def request_stop(self) -> None:
         if self._stop_requested.is_set():
@@ -120,7 +140,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.not_serving()
         try:
             if self.config.metrics.address:
                 metrics_port = self._metrics.serve(self.config.metrics.address)
@@ -131,7 +151,7 @@ class Daemon:
             await self._pool.start()
             await self._server.start()
             self._started = True
-            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            await self._sync_health()
             host = self.config.server.address.rpartition(":")[0]
             log.info("listening on %s:%d", host, self.port)
             await self._stop_requested.wait()
@@ -147,8 +167,12 @@ class Daemon:
 
     def _bind(self, address: str) -> int:
         """Bind before starting workers, so a taken port fails fast."""
+        tls = self.config.tls
         try:
-            port: int = self._server.add_insecure_port(address)
+            if tls.cert_file:
+                port: int = self._server.add_secure_port(address, server_credentials(tls))
+            else:
+                port = self._server.add_insecure_port(address)
         except RuntimeError as error:
             raise StartupError(f"cannot bind {address}: {error}") from None
         if port == 0:
@@ -157,7 +181,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("shutting down: draining calls for up to %.1fs", self.config.server.shutdown_grace_seconds)
-        await self._health.enter_graceful_shutdown()
+        await self._health.shutdown()
         stopping = asyncio.ensure_future(self._server.stop(self.config.server.shutdown_grace_seconds))
         fast = asyncio.ensure_future(self._fast_stop.wait())
         await asyncio.wait({stopping, fast}, return_when=asyncio.FIRST_COMPLETED)
@@ -167,7 +191,18 @@ class Daemon:
         await stopping
 
 
+def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
+    """TLS with the configured certificate; with client_ca_file, clients must present one it signed."""
+    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def run_daemon(config: Config) -> int:
+    logs.use_format(config.server.log_format)
     if config.server.tune_malloc and not tune_malloc():
         log.warning("server.tune_malloc: not glibc, malloc left as it is")
 

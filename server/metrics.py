@@ -7,11 +7,15 @@ Names follow deployd_<noun>_<unit>. Observed where calls enter and leave the dae
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from server.config import split_address
+from server.procinfo import MemoryUsage
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +31,29 @@ _FINE_BUCKETS = (
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        r = self.registry
         self.calls = Counter(
-            "deployd_calls", "gRPC calls handled, by method and status code", ["method", "code"], registry=self.registry
+            "deployd_calls",
+            "gRPC calls handled, by method, object and status code",
+            ["method", "object", "code"],
+            registry=r,
         )
         self.call_duration = Histogram(
             "deployd_call_duration_seconds",
             "Time from a call's arrival to its answer, by method",
             ["method"],
             buckets=_DURATION_BUCKETS,
-            registry=self.registry,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "deployd_queue_wait_seconds", "Time a call waited for a free worker", buckets=_FINE_BUCKETS, registry=r
+        )
+        self.run = Histogram(
+            "deployd_run_seconds",
+            "Time a worker spent on an Invoke, from taking it to its reply reaching the daemon, by object",
+            ["object"],
+            buckets=_FINE_BUCKETS,
+            registry=r,
         )
         self.worker_call = Histogram(
             "deployd_worker_call_seconds",
@@ -43,29 +61,84 @@ class Metrics:
             " in_worker (read -> the worker writes its reply), to_daemon (written -> the daemon has read)",
             ["phase"],
             buckets=_FINE_BUCKETS,
-            registry=self.registry,
-        )
-        self.queue_wait = Histogram(
-            "deployd_queue_wait_seconds",
-            "Time a call waited for a free worker",
-            buckets=_FINE_BUCKETS,
-            registry=self.registry,
+            registry=r,
         )
         self._phases = tuple(self.worker_call.labels(phase) for phase in ("to_worker", "in_worker", "to_daemon"))
-        self.workers_serving = Gauge(
-            "deployd_workers_serving", "Worker processes ready to take calls", registry=self.registry
+        self.calls_in_flight = Gauge("deployd_calls_in_flight", "gRPC calls being handled now", registry=r)
+        self.queue_depth = Gauge("deployd_queue_depth", "Calls waiting for a free worker now", registry=r)
+        self.workers_serving = Gauge("deployd_workers_serving", "Worker processes ready to take calls", registry=r)
+        self.workers_busy = Gauge("deployd_workers_busy", "Worker processes running a call now", registry=r)
+        self.worker_restarts = Counter(
+            "deployd_worker_restarts",
+            "Workers replaced, by why the old one ended: exited, crashed (its own fault signal), killed"
+            " (from outside), memory_limit, abandoned_call (hung past its caller)",
+            ["reason"],
+            registry=r,
         )
+        self.packages_loaded = Gauge("deployd_packages_loaded", "Packages loaded now", registry=r)
+        self.objects_loaded = Gauge("deployd_objects_loaded", "Objects loaded now", registry=r)
+        self.load_duration = Histogram(
+            "deployd_load_duration_seconds",
+            "Time to load a package or unpickle an object on every worker, by kind (package, pickle)",
+            ["kind"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.message_bytes = Counter(
+            "deployd_message_bytes",
+            "Bytes of gRPC messages, by direction (received, sent)",
+            ["direction"],
+            registry=r,
+        )
+        self._received, self._sent = self.message_bytes.labels("received"), self.message_bytes.labels("sent")
         self._http: Any = None
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._runs: dict[str, Any] = {}
 
-    def observe_call(self, method: str, code: str, seconds: float) -> None:
+    def watch(
+        self,
+        queue_depth: Callable[[], int],
+        workers_busy: Callable[[], int],
+        packages: Callable[[], int],
+        objects: Callable[[], int],
+        worker_memory: Callable[[], list[tuple[int, MemoryUsage]]],
+    ) -> None:
+        """Gauges read from the daemon's state when scraped, not kept up to date on every change."""
+        self.queue_depth.set_function(queue_depth)
+        self.workers_busy.set_function(workers_busy)
+        self.packages_loaded.set_function(packages)
+        self.objects_loaded.set_function(objects)
+        self.registry.register(_WorkerMemoryCollector(worker_memory))
+
+    def observe_call(self, method: str, object_id: str, code: str, seconds: float) -> None:
         # labels() takes a lock and builds a key on every call; the children never change.
-        key = (method, code)
+        key = (method, object_id, code)
         children = self._children.get(key)
         if children is None:
-            children = self._children[key] = (self.calls.labels(method, code), self.call_duration.labels(method))
+            children = self._children[key] = (
+                self.calls.labels(method, object_id, code),
+                self.call_duration.labels(method),
+            )
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_bytes(self, received: int, sent: int) -> None:
+        self._received.inc(received)
+        self._sent.inc(sent)
+
+    def observe_run(self, object_id: str, seconds: float) -> None:
+        child = self._runs.get(object_id)
+        if child is None:
+            child = self._runs[object_id] = self.run.labels(object_id)
+        child.observe(seconds)
+
+    def forget_object(self, object_id: str) -> None:
+        """Drop an unloaded object's series, so that loads and unloads do not grow /metrics forever."""
+        for key in [key for key in self._children if key[1] == object_id]:
+            del self._children[key]
+            self.calls.remove(*key)
+        if self._runs.pop(object_id, None) is not None:
+            self.run.remove(object_id)
 
     def observe_worker_call(self, timing: tuple[float, float, float]) -> None:
         for phase, seconds in zip(self._phases, timing, strict=True):
@@ -82,3 +155,22 @@ class Metrics:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+
+class _WorkerMemoryCollector(Collector):
+    """deployd_worker_memory_bytes{worker, kind}, read from /proc when scraped."""
+
+    def __init__(self, source: Callable[[], list[tuple[int, MemoryUsage]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "deployd_worker_memory_bytes",
+            "Each worker's memory by kind: rss, pss (shared pages divided among the processes that map them),"
+            " shared (e.g. weights), private",
+            labels=["worker", "kind"],
+        )
+        for index, usage in self._source():
+            for kind, value in zip(("rss", "pss", "shared", "private"), usage, strict=True):
+                family.add_metric([str(index), kind], value)
+        yield family

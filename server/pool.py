@@ -74,6 +74,8 @@ class WorkerPool:
         on_serving_changed: Callable[[int], None] = lambda count: None,
         on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
         on_queue_wait: Callable[[float], None] = lambda seconds: None,
+        on_run: Callable[[str, float], None] = lambda object_id, seconds: None,
+        on_restart: Callable[[str], None] = lambda cause: None,
     ) -> None:
         self.size = size
         # Held while the set of serving workers changes, and by the service while it
@@ -91,6 +93,8 @@ class WorkerPool:
         self._on_serving_changed = on_serving_changed
         self._on_call_timing = on_call_timing
         self._on_queue_wait = on_queue_wait
+        self._on_run = on_run
+        self._on_restart = on_restart
         # Workers come from a fork server: a fresh interpreter that imports torch once
         # and never runs grpc, so forking from it is safe and fast.
         self._context = multiprocessing.get_context("forkserver")
@@ -135,7 +139,7 @@ class WorkerPool:
                 used = anonymous_resident_bytes(worker.pid) if worker.alive else 0
                 if used > self._memory_limit:
                     why = f"used {_mib(used)} of memory, over worker.memory_limit_bytes ({_mib(self._memory_limit)})"
-                    worker.kill(f"was killed because it {why}", caused_by_call=True)
+                    worker.kill(f"was killed because it {why}", "memory_limit", caused_by_call=True)
 
     async def spawn_worker(self, index: int) -> WorkerHandle:
         async with self._spawn_lock:
@@ -165,6 +169,7 @@ class WorkerPool:
         if worker.stopping or self._closing:
             return
         log.warning("worker %d (pid %d) %s; replacing it", worker.index, worker.pid, worker.exit_reason)
+        self._on_restart(worker.exit_cause)
         self._on_serving_changed(len(self._serving))
         task = asyncio.create_task(self.restart_worker(worker.index))
         self._restart_tasks.add(task)
@@ -212,7 +217,8 @@ class WorkerPool:
             worker = await self._acquire()
         finally:
             self._waiting -= 1
-        self._on_queue_wait(time.perf_counter() - queued_at)
+        running_since = time.perf_counter()
+        self._on_queue_wait(running_since - queued_at)
         try:
             reply = worker.send(message, buffers)
         except BaseException:
@@ -230,6 +236,8 @@ class WorkerPool:
             self._release(worker)
             raise
         self._release(worker)
+        if isinstance(message, protocol.Invoke):
+            self._on_run(message.object_id, time.perf_counter() - running_since)
         return interpret_reply(frame)
 
     async def _acquire(self) -> WorkerHandle:
@@ -282,6 +290,14 @@ class WorkerPool:
     @property
     def serving_count(self) -> int:
         return len(self._serving)
+
+    @property
+    def busy_count(self) -> int:
+        return sum(1 for worker in self._serving if worker.state == "busy")
+
+    def memory(self) -> list[tuple[int, MemoryUsage]]:
+        """Each live worker's slot and memory (read at most once a second per worker)."""
+        return [(index, self._memory(worker.pid)) for index, worker in sorted(self._workers.items()) if worker.alive]
 
     @property
     def queue_depth(self) -> int:

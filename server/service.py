@@ -16,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import zipfile
+from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, NamedTuple
 
 from server import protocol
@@ -41,9 +42,21 @@ class StatusSnapshot(NamedTuple):
     queued_calls: int
 
 
+async def _nothing() -> None:
+    pass
+
+
 class ModelService:
-    def __init__(self, pool: WorkerPool, store: PackageStore, registry: Registry) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        store: PackageStore,
+        registry: Registry,
+        on_objects_changed: Callable[[], Awaitable[None]] = _nothing,
+    ) -> None:
+        """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered."""
         self._pool = pool
+        self._on_objects_changed = on_objects_changed
         self._store = store
         self._registry = registry
         self._replay_strikes: dict[ReplayKey, int] = {}
@@ -138,6 +151,8 @@ class ModelService:
                 self._evicted[loaded.object_id] = why
         for loaded in objects:
             await self._pool.broadcast(protocol.UnloadObject(loaded.object_id), [])
+        if objects:
+            await self._on_objects_changed()
 
     async def load_resource(self, package_id: str, module: str, resource: str, binary: bool) -> Any:
         self._require_package(package_id)
@@ -156,6 +171,7 @@ class ModelService:
                 f"cannot load pickle {file!r} of module {module!r}",
             )
             self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file)
+            await self._on_objects_changed()
         return object_id
 
     async def unload_object(self, object_id: str) -> None:

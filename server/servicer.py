@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeAlias, TypeVar
 
@@ -53,37 +54,74 @@ def status_for(error: DeploydError) -> grpc.StatusCode:
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
+REQUEST_ID_KEY = "x-request-id"
+_LOADS = {"LoadPackage": "package", "LoadPickle": "pickle"}
+# Calls labelled with their object in metrics (others are few; their series would outlive the object).
+_PER_OBJECT = frozenset({"Invoke", "HasAttr"})
+calls_log = logging.getLogger("deployd.calls")
+
 
 def _reports_errors(handler: Handler) -> Handler:
-    """Turn a domain error raised by a handler into its status, with remote details attached,
-    and count the call with its status and duration."""
+    """Turn a domain error raised by a handler into its status, with remote details attached;
+    count the call (status, duration, bytes) and log one line for it."""
+    method = handler.__name__
+    load_kind = _LOADS.get(method)
 
     @functools.wraps(handler)
     async def wrapper(self: DeploydServicer, request: Any, context: Context) -> Any:
         started = time.perf_counter()
+        metrics = self._metrics
+        metrics.calls_in_flight.inc()
+        object_id = getattr(request, "object_id", "")
+        metric_object = object_id if method in _PER_OBJECT else ""
+        response = None
 
-        def observe(code: grpc.StatusCode) -> None:
+        def finish(code: grpc.StatusCode) -> None:
             # Before the answer leaves, so a caller that has its answer finds it counted.
-            self._metrics.observe_call(handler.__name__, code.name, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            metrics.calls_in_flight.dec()
+            metrics.observe_call(method, metric_object, code.name, seconds)
+            received = request.ByteSize() if hasattr(request, "ByteSize") else 0
+            metrics.observe_bytes(received, response.ByteSize() if response is not None else 0)
+            if load_kind is not None and code == grpc.StatusCode.OK:
+                metrics.load_duration.labels(load_kind).observe(seconds)
+            if self._log_calls:
+                _log_call(context, method, object_id, code, seconds)
 
         try:
             response = await handler(self, request, context)
         except DeploydError as error:
             code = status_for(error)
             context.set_trailing_metadata(_error_metadata(error))
-            observe(code)
+            finish(code)
             await context.abort(code, str(error))
         except asyncio.CancelledError:
-            observe(grpc.StatusCode.CANCELLED)
+            finish(grpc.StatusCode.CANCELLED)
             raise
         except Exception as error:
-            log.exception("internal error in %s", handler.__name__)
-            observe(grpc.StatusCode.INTERNAL)
+            log.exception("internal error in %s", method)
+            finish(grpc.StatusCode.INTERNAL)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
-        observe(grpc.StatusCode.OK)
+        finish(grpc.StatusCode.OK)
         return response
 
     return wrapper  # type: ignore[return-value]
+
+
+def _log_call(context: Context, method: str, object_id: str, code: grpc.StatusCode, seconds: float) -> None:
+    """One line per call: ids, names, status and time only, never values or tokens."""
+    request_id = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            request_id = str(value)[:64]
+    fields = {
+        "request_id": request_id or secrets.token_hex(6),
+        "method": method,
+        "object": object_id,
+        "status": code.name,
+        "duration_ms": round(seconds * 1000, 3),
+    }
+    calls_log.info("call", extra={"fields": fields})
 
 
 def _error_metadata(error: DeploydError) -> tuple[tuple[str, bytes | str], ...]:
@@ -101,9 +139,10 @@ def _error_metadata(error: DeploydError) -> tuple[tuple[str, bytes | str], ...]:
 
 
 class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
-    def __init__(self, service: ModelService, metrics: Metrics) -> None:
+    def __init__(self, service: ModelService, metrics: Metrics, log_calls: bool = True) -> None:
         self._service = service
         self._metrics = metrics
+        self._log_calls = log_calls
 
     @_reports_errors
     async def LoadPackage(
@@ -118,7 +157,7 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
                 raise InvalidArgument("a server_path must be the only message of LoadPackage")
             record = await self._service.load_package_path(first.server_path)
         else:
-            record = await self._service.load_package_stream(_chunks(first, stream))
+            record = await self._service.load_package_stream(_chunks(first, stream, self._metrics))
         return pb.LoadPackageResponse(package_id=record.package_id, size_bytes=record.size_bytes)
 
     @_reports_errors
@@ -195,9 +234,13 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
         )
 
 
-async def _chunks(first: pb.LoadPackageRequest, rest: AsyncIterator[pb.LoadPackageRequest]) -> AsyncIterator[bytes]:
+async def _chunks(
+    first: pb.LoadPackageRequest, rest: AsyncIterator[pb.LoadPackageRequest], metrics: Metrics
+) -> AsyncIterator[bytes]:
+    metrics.observe_bytes(len(first.chunk), 0)
     yield first.chunk
     async for request in rest:
         if request.WhichOneof("source") != "chunk":
             raise InvalidArgument("a LoadPackage stream of chunks may not also name a server_path")
+        metrics.observe_bytes(len(request.chunk), 0)
         yield request.chunk

@@ -62,6 +62,13 @@ def ended_itself(exitcode: int | None) -> bool:
     return -exitcode in _SELF_INFLICTED_SIGNALS
 
 
+def exit_cause(exitcode: int | None) -> str:
+    """A worker's end in one word, for metrics: exited, crashed (a fault of its own) or killed."""
+    if exitcode is not None and exitcode >= 0:
+        return "exited"
+    return "crashed" if ended_itself(exitcode) else "killed"
+
+
 def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "did not exit"
@@ -89,10 +96,11 @@ class WorkerHandle:
         self.state = "starting"  # starting -> idle <-> busy -> stopped
         self.calls_served = 0
         self.stopping = False  # set when the daemon, not a crash, ends this worker
-        self.exit_reason = ""
+        self.exit_reason = ""  # how it ended, in words, for callers and logs
+        self.exit_cause = ""  # the same in one word, for metrics (see exit_cause)
         # Set when the daemon kills the worker for a reason of its own (memory limit, a hung
-        # call): (why, whether the call it was running caused it).
-        self._kill_reason: tuple[str, bool] | None = None
+        # call): (why, cause, whether the call it was running caused it).
+        self._kill_reason: tuple[str, str, bool] | None = None
         self._reader = reader
         self._writer = writer
         self._request_ids = itertools.count(1)
@@ -217,17 +225,18 @@ class WorkerHandle:
         if reply.done():
             return
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(grace, self.kill, f"was killed: a call ran {grace:g}s past its caller giving up", False)
+        why = f"was killed: a call ran {grace:g}s past its caller giving up"
+        timer = loop.call_later(grace, self.kill, why, "abandoned_call", False)
         reply.add_done_callback(lambda _: timer.cancel())
 
     # ------------------------------------------------------------------ exit
 
-    def kill(self, reason: str, caused_by_call: bool) -> None:
+    def kill(self, reason: str, cause: str, caused_by_call: bool) -> None:
         """SIGKILL the worker for a reason of the daemon's own; callers see the reason."""
         if not self.alive or self.stopping or self._kill_reason is not None:
             return
         log.warning("worker %d (pid %d) %s", self.index, self.pid, reason)
-        self._kill_reason = (reason, caused_by_call)
+        self._kill_reason = (reason, cause, caused_by_call)
         self.process.kill()
 
     async def stop(self, timeout: float) -> None:
@@ -264,10 +273,12 @@ class WorkerHandle:
         exited.cancel()
         self._writer.close()
         self.process.join(0)
+        exitcode = self.process.exitcode
         if self._kill_reason is not None:
-            self.exit_reason, caused_by_call = self._kill_reason
+            self.exit_reason, self.exit_cause, caused_by_call = self._kill_reason
         else:
-            self.exit_reason, caused_by_call = describe_exit(self.process.exitcode), ended_itself(self.process.exitcode)
+            self.exit_reason, self.exit_cause = describe_exit(exitcode), exit_cause(exitcode)
+            caused_by_call = ended_itself(exitcode)
         self.state = "stopped"
         crash = WorkerCrashed(
             f"worker {self.index} (pid {self.pid}) {self.exit_reason} while serving this call",

@@ -92,37 +92,6 @@ def test_sigterm_stops_workers_and_leaves_nothing(package_dir: Path, tmp_path: P
     assert "stopped" in process.log
 
 
-def test_metrics_count_calls(package_dir: Path, tmp_path: Path) -> None:
-    import re
-    import urllib.request
-
-    from tests.conftest import write_config
-
-    process = DaemonProcess(write_config(tmp_path / "config.yaml", package_dir), "--metrics-address", "127.0.0.1:0")
-    process.start()
-    try:
-        match = re.search(r"metrics on (http://\S+)", process.log)
-        assert match, process.log
-        with InterpreterManager(process.target, timeout=60) as manager:
-            scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
-            for _ in range(3):
-                scale(torch.ones(1))
-            with pytest.raises(UnavailableError):
-                scale.call_method("exit_now", 1)
-        with urllib.request.urlopen(match.group(1), timeout=10) as response:
-            text = response.read().decode()
-        assert 'deployd_calls_total{code="OK",method="Invoke"} 3.0' in text
-        assert 'deployd_calls_total{code="UNAVAILABLE",method="Invoke"} 1.0' in text
-        assert 'deployd_call_duration_seconds_count{method="LoadPickle"} 1.0' in text
-        assert "deployd_workers_serving" in text
-        # Where calls spend their time: the worker hop in both directions, the model, the queue.
-        for phase in ("to_worker", "in_worker", "to_daemon"):
-            assert re.search(rf'deployd_worker_call_seconds_count{{phase="{phase}"}} ([1-9]\d*)\.0', text), phase
-        assert re.search(r"deployd_queue_wait_seconds_count ([4-9]|\d\d+)\.0", text)
-    finally:
-        process.assert_clean_stop()
-
-
 def test_taken_port_fails_fast_with_a_message(package_dir: Path, tmp_path: Path) -> None:
     import socket
     import subprocess

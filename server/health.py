@@ -1,0 +1,39 @@
+"""grpc.health.v1 statuses: the whole server ("" and the Deployd service) and each loaded
+object (service name = its object id).
+
+SERVING while at least one worker can serve; NOT_SERVING while none can, before the pool
+is up and from the start of shutdown. An unloaded object's name reports SERVICE_UNKNOWN.
+"""
+
+from __future__ import annotations
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class Health:
+    def __init__(self, service_name: str) -> None:
+        self.servicer = HealthServicer()
+        self._server_names = ("", service_name)
+        self._objects: set[str] = set()
+
+    async def sync(self, serving: bool, objects: set[str]) -> None:
+        """Set every status from the pool's state and the objects loaded now."""
+        for gone in self._objects - objects:
+            await self.servicer.set(gone, _UNKNOWN)  # type: ignore[arg-type]
+        self._objects = set(objects)
+        status = _SERVING if serving else _NOT_SERVING
+        for name in (*self._server_names, *sorted(objects)):
+            await self.servicer.set(name, status)  # type: ignore[arg-type]
+
+    async def not_serving(self) -> None:
+        for name in self._server_names:
+            await self.servicer.set(name, _NOT_SERVING)  # type: ignore[arg-type]
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for every name, for good: later updates are ignored."""
+        await self.servicer.enter_graceful_shutdown()

@@ -1,0 +1,223 @@
+"""What an operator relies on: metrics, per-object health, call logs, tokens and TLS."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import (
+    TLS,
+    InterpreterManager,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from client._proto.deployd_pb2 import StatusRequest
+from tests.conftest import write_config
+from tests.daemon_process import DaemonProcess
+
+ADMIN_TOKEN = "admin-token-3f9a7c"
+INVOKE_TOKEN = "invoke-token-81be2d"
+
+
+def scrape(process: DaemonProcess) -> str:
+    match = re.search(r"metrics on (http://\S+)", process.log)
+    assert match, process.log
+    with urllib.request.urlopen(match.group(1), timeout=10) as response:
+        return str(response.read().decode())
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text format (labels in any order)."""
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        metric, _, label_text = series.partition("{")
+        if metric != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if found == labels:
+            return float(value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def check_health(target: str, service: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return int(response.status)
+
+
+@pytest.fixture
+def metrics_daemon(package_dir: Path, tmp_path: Path) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(write_config(tmp_path / "config.yaml", package_dir), "--metrics-address", "127.0.0.1:0")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.assert_clean_stop()
+
+
+def test_metrics_cover_calls_workers_loads_and_memory(metrics_daemon: DaemonProcess, package_dir: Path) -> None:
+    with InterpreterManager(metrics_daemon.target, timeout=60) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+        for _ in range(3):
+            scale(torch.ones(1024))
+        with pytest.raises(UnavailableError):
+            scale.call_method("exit_now", 1)
+        text = scrape(metrics_daemon)
+        assert sample(text, "deployd_calls_total", method="Invoke", object=scale.id, code="OK") == 3
+        assert sample(text, "deployd_calls_total", method="Invoke", object=scale.id, code="UNAVAILABLE") == 1
+        assert sample(text, "deployd_calls_total", method="LoadPickle", object="", code="OK") == 1
+        assert sample(text, "deployd_call_duration_seconds_count", method="LoadPickle") == 1
+        assert sample(text, "deployd_run_seconds_count", object=scale.id) == 3
+        assert sample(text, "deployd_queue_wait_seconds_count") >= 4
+        for phase in ("to_worker", "in_worker", "to_daemon"):
+            assert sample(text, "deployd_worker_call_seconds_count", phase=phase) >= 3
+        assert sample(text, "deployd_load_duration_seconds_count", kind="package") == 1
+        assert sample(text, "deployd_load_duration_seconds_count", kind="pickle") == 1
+        assert sample(text, "deployd_worker_restarts_total", reason="exited") == 1
+        assert sample(text, "deployd_packages_loaded") == 1
+        assert sample(text, "deployd_objects_loaded") == 1
+        assert sample(text, "deployd_queue_depth") == 0
+        assert sample(text, "deployd_workers_busy") == 0
+        assert sample(text, "deployd_calls_in_flight") == 0
+        assert sample(text, "deployd_workers_serving") in (1, 2)
+        assert sample(text, "deployd_message_bytes_total", direction="received") > 3 * 4096
+        assert sample(text, "deployd_message_bytes_total", direction="sent") > 3 * 4096
+        for kind in ("rss", "pss", "shared", "private"):
+            assert sample(text, "deployd_worker_memory_bytes", worker="0", kind=kind) > 0
+        # An unloaded object's series go with it.
+        scale.unload()
+        assert f'object="{scale.id}"' not in scrape(metrics_daemon)
+
+
+def test_health_per_object_follows_loads(daemon: DaemonProcess, package_dir: Path) -> None:
+    serving, unknown = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        echo = manager.load_package(package_dir / "models.pt").load_pickle("models", "echo.pkl")
+        assert check_health(daemon.target, echo.id) == serving
+        assert check_health(daemon.target, "") == serving
+        echo.unload()
+        assert check_health(daemon.target, echo.id) == unknown
+    with grpc.insecure_channel(daemon.target) as channel, pytest.raises(grpc.RpcError) as raised:
+        request = health_pb2.HealthCheckRequest(service="obj-never-loaded")
+        health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_one_log_line_per_call(package_dir: Path, tmp_path: Path, log_format: str) -> None:
+    config = write_config(tmp_path / "config.yaml", package_dir, server={"log_format": log_format})
+    process = DaemonProcess(config).start()
+    try:
+        with InterpreterManager(process.target, timeout=60, token="not-configured-so-ignored") as manager:
+            scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+            secret_values = torch.full((4,), 12345.678)
+            scale(secret_values)
+            manager._stub.Status(StatusRequest(), metadata=(("x-request-id", "req-42"),), timeout=60)
+    finally:
+        process.assert_clean_stop()
+    calls = [line for line in process.lines if "deployd.calls" in line]
+    assert len(calls) == 4, calls  # LoadPackage, LoadPickle, Invoke, Status
+    if log_format == "json":
+        entries = [json.loads(line) for line in calls]
+        invoke = next(entry for entry in entries if entry["method"] == "Invoke")
+        assert invoke["object"] == scale.id and invoke["status"] == "OK" and invoke["duration_ms"] > 0
+        assert invoke["request_id"]
+        assert next(entry for entry in entries if entry["method"] == "Status")["request_id"] == "req-42"
+    else:
+        invoke_line = next(line for line in calls if "method=Invoke" in line)
+        assert f"object={scale.id}" in invoke_line and "status=OK" in invoke_line and "duration_ms=" in invoke_line
+        assert any("request_id=req-42" in line for line in calls)
+    assert "12345" not in process.log and "not-configured-so-ignored" not in process.log
+
+
+# ---------------------------------------------------------------------------- tokens and TLS
+
+
+@pytest.fixture
+def token_daemon(package_dir: Path, tmp_path: Path) -> Iterator[DaemonProcess]:
+    config = write_config(
+        tmp_path / "config.yaml",
+        package_dir,
+        auth={"admin_tokens": [ADMIN_TOKEN], "invoke_tokens": [INVOKE_TOKEN]},
+    )
+    process = DaemonProcess(config, "--metrics-address", "127.0.0.1:0").start()
+    try:
+        yield process
+    finally:
+        process.assert_clean_stop()
+
+
+def test_tokens_and_roles(token_daemon: DaemonProcess, package_dir: Path) -> None:
+    target = token_daemon.target
+    with InterpreterManager(target, timeout=60, token=ADMIN_TOKEN) as admin:
+        scale = admin.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+    with InterpreterManager(target, timeout=60, token=INVOKE_TOKEN) as invoker:
+        assert torch.equal(
+            invoker.status() and scale.__class__(invoker, scale.id)(torch.ones(1)), torch.full((1,), 2.0)
+        )
+        with pytest.raises(PermissionDeniedError, match="LoadPackage needs an admin token"):
+            invoker.load_package(package_dir / "models.pt")
+        with pytest.raises(PermissionDeniedError, match="UnloadObject needs an admin token"):
+            scale.__class__(invoker, scale.id).unload()
+    for token in (None, "", "wrong-token", ADMIN_TOKEN + "x"):
+        with InterpreterManager(target, timeout=60, token=token or "") as stranger:
+            stranger._metadata = () if token is None else stranger._metadata
+            with pytest.raises(UnauthenticatedError):
+                stranger.status()
+    # Health stays open for probes; refusals are counted; tokens never reach the log.
+    assert check_health(target, "") == health_pb2.HealthCheckResponse.SERVING
+    text = scrape(token_daemon)
+    assert sample(text, "deployd_calls_total", method="Status", object="", code="UNAUTHENTICATED") >= 3
+    assert ADMIN_TOKEN not in token_daemon.log and INVOKE_TOKEN not in token_daemon.log
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all signed by it."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=deployd-test-ca")
+    for name, extension in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "")):
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=deployd-test-{name}")
+        (directory / f"{name}.ext").write_text(extension + "\n" if extension else "basicConstraints=CA:FALSE\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial")
+        run(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext",
+        )  # fmt: skip
+    return {name: directory / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+def test_tls(package_dir: Path, tmp_path: Path, mutual: bool) -> None:
+    certs = make_certificates(tmp_path)
+    tls_config = {"cert_file": str(certs["server.pem"]), "key_file": str(certs["server.key"])}
+    if mutual:
+        tls_config["client_ca_file"] = str(certs["ca.pem"])
+    process = DaemonProcess(write_config(tmp_path / "config.yaml", package_dir, tls=tls_config)).start()
+    try:
+        client_cert = {"cert": certs["client.pem"], "key": certs["client.key"]} if mutual else {}
+        with InterpreterManager(process.target, timeout=60, tls=TLS(ca=certs["ca.pem"], **client_cert)) as manager:
+            scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+            assert torch.equal(scale(torch.ones(1)), torch.full((1,), 2.0))
+        with InterpreterManager(process.target, timeout=5) as plaintext, pytest.raises(UnavailableError):
+            plaintext.status()
+        if mutual:
+            no_certificate = TLS(ca=certs["ca.pem"])
+            anonymous = InterpreterManager(process.target, timeout=5, tls=no_certificate)
+            with anonymous, pytest.raises(UnavailableError):
+                anonymous.status()
+    finally:
+        process.assert_clean_stop()
