@@ -81,3 +81,44 @@ def test_boolean_keys() -> None:
     assert load_config(environ={}).server.tune_malloc is True
     with pytest.raises(ConfigError, match=r"bad value for server\.tune_malloc: 'maybe'"):
         load_config(environ={"DEPLOYD_SERVER_TUNE_MALLOC": "maybe"})
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051"])
+def test_a_remote_bind_without_tokens_is_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match="reachable from other machines but no auth tokens"):
+        load_config(environ={"DEPLOYD_SERVER_ADDRESS": address})
+    with_tokens = load_config(environ={"DEPLOYD_SERVER_ADDRESS": address, "DEPLOYD_AUTH_ADMIN_TOKENS": "a:b"})
+    assert with_tokens.auth.admin_tokens == ("a", "b")
+    allowed = {"DEPLOYD_SERVER_ADDRESS": address, "DEPLOYD_AUTH_ALLOW_UNAUTHENTICATED_REMOTE": "true"}
+    assert load_config(environ=allowed).auth.allow_unauthenticated_remote
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "localhost:50051", "[::1]:50051"])
+def test_loopback_needs_no_tokens(address: str) -> None:
+    assert load_config(environ={"DEPLOYD_SERVER_ADDRESS": address}).server.address == address
+
+
+def test_cli_refuses_a_remote_bind_without_tokens() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--address", "0.0.0.0:0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "no auth tokens" in result.stderr
+
+
+def test_tls_and_token_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls\.key_file"):
+        load_config(environ={"DEPLOYD_TLS_CERT_FILE": str(tmp_path)})
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError, match=r"tls\.cert_file.*not a readable file"):
+        load_config(environ={"DEPLOYD_TLS_CERT_FILE": missing, "DEPLOYD_TLS_KEY_FILE": missing})
+    with pytest.raises(ConfigError, match="auth tokens") as raised:
+        load_config(environ={"DEPLOYD_AUTH_INVOKE_TOKENS": "has space"})
+    assert "has space" not in str(raised.value), "a token must never appear in a message"
+    with pytest.raises(ConfigError, match=r"server\.log_format"):
+        load_config(environ={"DEPLOYD_SERVER_LOG_FORMAT": "xml"})
