@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint protos bench bench-smoke clean
+.PHONY: install serve test lint protos bench bench-smoke clean deploy-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,34 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint deploy-tools
 	$(BIN)/pytest
+
+# prometheus (with promtool) and docker-compose from Debian, when missing: tests/test_deploy.py
+# and tests/test_prometheus.py use them. Where an init system runs, Debian's prometheus package
+# starts (and enables) its service on install; the tests start their own, so a prometheus the
+# install started is stopped (and disabled under systemd). One that ran before is left alone.
+deploy-tools:
+	@missing=; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+		sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		before=" $$(echo $$(pgrep -x prometheus)) "; \
+		echo "deploy-tools: installing$$missing with apt-get"; \
+		$$sudo apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing || exit 1; \
+		started=; \
+		for pid in $$(pgrep -x prometheus); do \
+			case "$$before" in *" $$pid "*) ;; *) started="$$started $$pid" ;; esac; \
+		done; \
+		if [ -n "$$started" ]; then \
+			echo "deploy-tools: stopping the prometheus service the install started (pid$$started)"; \
+			if [ -d /run/systemd/system ]; then $$sudo systemctl disable --now prometheus; \
+			else $$sudo service prometheus stop; fi || true; \
+			$$sudo kill $$started 2>/dev/null || true; \
+		fi; \
+	fi
 
 protos: install
 	$(BIN)/python scripts/generate_protos.py

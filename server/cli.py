@@ -1,4 +1,5 @@
-"""The `deployd` command line (also `python -m server`)."""
+"""The `deployd` command line (also `python -m server`): `serve` runs the daemon; status, load,
+unload, invoke and health are operator commands, a client of the daemon (client/cli.py)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,37 @@ from typing import Any
 from server.config import ConfigError, load_config
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deployd", description="Serve torch.package models over gRPC.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deployd",
+        description="Serve torch.package models over gRPC, and operate a running daemon.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", help="config file (default: $DEPLOYD_CONFIG, else built-in defaults)")
     serve.add_argument("--address", help="host:port to serve gRPC on (port 0: any free port)")
     serve.add_argument("--workers", type=int, help="number of worker processes (0: one per core)")
     serve.add_argument("--metrics-address", help="host:port for Prometheus metrics (empty: off)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    if client_commands:
+        # The operator commands are a client of the daemon, and the daemon core never imports
+        # the client: this command line is the one place where the two meet. Imported only
+        # here, so that `deployd serve` loads neither the client nor torch.
+        from client import cli as client_cli
+
+        client_cli.add_commands(commands)
+        parser.epilog = client_cli.EPILOG
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    options = build_parser(client_commands=args[:1] != ["serve"]).parse_args(args)
+    if options.command != "serve":
+        from client import cli as client_cli  # see build_parser
+
+        return client_cli.run(options)
     logging.basicConfig(
         level=options.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,558 @@
+"""The operator commands of `deployd`: status, load, unload, invoke, health.
+
+They are a client of a running daemon, built on the public client (InterpreterManager), so
+they live here; server/cli.py adds them to the one `deployd` parser and calls run().
+
+    deployd status                                   workers, packages, objects, modules, queue
+    deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...]
+    deployd unload (--object ID | --package ID)
+    deployd invoke OBJECT_ID [--method NAME] [--kwarg NAME=ARG ...] [--full] [ARG ...]
+    deployd health [--service NAME]                  exit 0 only when SERVING
+
+Common options: --address (default $DEPLOYD_ADDRESS, else 127.0.0.1:50051), --token (default
+$DEPLOYD_TOKEN; never printed), --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name,
+--timeout SECONDS (default 30, health 5; 0: none), --json (machine-readable stdout).
+
+An ARG (and the value of a --kwarg) is JSON (`2`, `1.5`, `'"text"'`, `true`, `null`, `[1, 2]`,
+`{"k": 1}`) or a tensor: `tensor:[[1,2],[3,4]]` (float32 from nested JSON lists),
+`tensor:int64:[1,2]` (any dtype below), `ones:1,3,8,8`, `zeros:2,2`, `rand:2,3` (float32 of that
+shape; `ones:int64:2,2` names a dtype). Results print as one line of JSON: a tensor as
+{"tensor": {"dtype", "shape", "values"}}, tuples as lists, bytes as {"bytes_base64": ...}.
+
+Exit codes (EXIT_CODES is the one table, and the --help epilog):
+    0  success
+    1  the daemon answered with an error (stderr: "deployd: CODE: details"), UNAVAILABLE
+       included when the daemon sent it (a worker died during the call, it is stopping)
+    2  usage error, or bad local input (a missing package file, a malformed ARG)
+    3  the daemon is unreachable (UNAVAILABLE and no connection comes up), or the deadline passed
+    4  health: the service is not SERVING
+    5  UNAUTHENTICATED or PERMISSION_DENIED
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from client import TLS, DeployError, InterpreterManager, Package, ReplicatedObj
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_SECONDS = 30.0
+HEALTH_TIMEOUT_SECONDS = 5.0  # Docker's HEALTHCHECK runs `deployd health`: fail fast
+MAX_PRINTED_VALUES = 1000
+_REACHABLE_PROBE_SECONDS = 2.0
+
+EXIT_OK = 0
+EXIT_DAEMON_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_NOT_SERVING = 4
+EXIT_DENIED = 5
+
+# The one table: what each exit code means, and which gRPC statuses lead to it.
+EXIT_CODES: list[tuple[int, str, tuple[grpc.StatusCode, ...]]] = [
+    (EXIT_OK, "success", (grpc.StatusCode.OK,)),
+    (EXIT_DAEMON_ERROR, "the daemon answered with an error (any other status; UNAVAILABLE: a worker died)", ()),
+    (EXIT_USAGE, "usage error, or bad local input (missing package file, malformed ARG)", ()),
+    (
+        EXIT_UNREACHABLE,
+        "the daemon is unreachable, or the deadline passed",
+        # UNAVAILABLE that the daemon itself sent (a worker died, it is stopping): 1, see _report
+        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED),
+    ),
+    (EXIT_NOT_SERVING, "health: the service is not SERVING (or unknown)", ()),
+    (
+        EXIT_DENIED,
+        "UNAUTHENTICATED or PERMISSION_DENIED",
+        (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED),
+    ),
+]
+_EXIT_FOR_STATUS = {status: exit_code for exit_code, _, statuses in EXIT_CODES for status in statuses}
+
+EPILOG = "exit codes:\n" + "\n".join(f"  {exit_code}  {meaning}" for exit_code, meaning, _ in EXIT_CODES)
+
+INVOKE_DETAILS = """
+
+An ARG (and a --kwarg value) is JSON, or a tensor:
+  2  1.5  '"text"'  true  null  '[1, 2]'  '{"k": 1}'    JSON (a string needs its quotes)
+  'tensor:[[1,2],[3,4]]'                               float32 from nested JSON lists
+  'tensor:int64:[1,2]'                                 any dtype: float16 float32 float64
+                                                       bfloat16 int8 int16 int32 int64 uint8 bool
+  ones:1,3,8,8  zeros:2,2  rand:2,3  ones:int64:2,2    float32 (or the dtype) of that shape
+The result prints as one line of JSON: a tensor as {"tensor": {"dtype", "shape", "values"}}
+(over 1000 values: the first 1000, flattened, unless --full), tuples as lists, bytes as
+{"bytes_base64": ...}."""
+
+_TENSOR_DTYPES = ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class UsageError(Exception):
+    """Bad local input: exit 2 before anything is sent."""
+
+
+class _InvokeParser(argparse.ArgumentParser):
+    """argparse takes positionals only before the first option, so `invoke OBJ --method m ARG`
+    would leave ARG unrecognized: take such leftovers as further ARGs, in order. Leftovers
+    that look like options (other than negative numbers) stay unrecognized: a usage error."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        unknown = [text for text in extras if text.startswith("-") and not self._negative_number_matcher.match(text)]
+        parsed.args = [*parsed.args, *(text for text in extras if text not in unknown)]
+        return parsed, unknown
+
+
+def exit_code_for(status: grpc.StatusCode) -> int:
+    return _EXIT_FOR_STATUS.get(status, EXIT_DAEMON_ERROR)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add status, load, unload, invoke and health to the `deployd` subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    connection = common.add_argument_group("connection")
+    connection.add_argument(
+        "--address",
+        default=os.environ.get("DEPLOYD_ADDRESS") or DEFAULT_ADDRESS,
+        help=f"the daemon's host:port (default: $DEPLOYD_ADDRESS, else {DEFAULT_ADDRESS})",
+    )
+    connection.add_argument("--token", help="bearer token (default: $DEPLOYD_TOKEN, which keeps it out of ps)")
+    connection.add_argument("--tls", action="store_true", help="connect with TLS (implied by any --tls-* option)")
+    connection.add_argument("--tls-ca", metavar="PEM", help="CA that signed the daemon's certificate")
+    connection.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    connection.add_argument("--tls-key", metavar="PEM", help="client key, for mutual TLS")
+    connection.add_argument("--tls-server-name", metavar="NAME", help="name to check the daemon's certificate against")
+    connection.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"deadline of each call (default {DEFAULT_TIMEOUT_SECONDS:g}, health {HEALTH_TIMEOUT_SECONDS:g}; 0: none)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], summary: str, details: str = ""
+    ) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            name,
+            parents=[common],
+            help=summary,
+            description=summary + details,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.set_defaults(handler=handler)
+        return parser
+
+    add("status", _status, "show the daemon's workers, packages, objects, modules and queued calls")
+
+    load = add("load", _load, "load a torch.package archive, and optionally unpickle objects from it")
+    load.add_argument("package", metavar="PACKAGE", help="a local .pt file (with --server-path: a path on the daemon)")
+    load.add_argument("--server-path", action="store_true", help="PACKAGE is a path in the daemon's packages.directory")
+    load.add_argument(
+        "--pickle",
+        action="append",
+        default=[],
+        metavar="MODULE:FILE",
+        help="unpickle this object from the package (repeatable); prints its object id",
+    )
+
+    unload = add("unload", _unload, "unload an object, or a package and every object loaded from it")
+    which = unload.add_mutually_exclusive_group(required=True)
+    which.add_argument("--object", metavar="ID", help="the object to unload")
+    which.add_argument("--package", metavar="ID", help="the package to unload, with its objects")
+
+    invoke = add("invoke", _invoke, "call a loaded object and print the result as JSON", INVOKE_DETAILS)
+    invoke.__class__ = _InvokeParser  # add_parser makes every subparser of one class
+    invoke.add_argument("object_id", metavar="OBJECT_ID")
+    invoke.add_argument(
+        "args", nargs="*", metavar="ARG", help="JSON, or tensor:[...], tensor:DTYPE:[...], ones:/zeros:/rand:SHAPE"
+    )
+    invoke.add_argument("--method", default="__call__", help="the method to call (default: __call__)")
+    invoke.add_argument(
+        "--kwarg", action="append", default=[], metavar="NAME=ARG", help="a keyword argument (repeatable)"
+    )
+    invoke.add_argument("--full", action="store_true", help=f"print every value of tensors over {MAX_PRINTED_VALUES}")
+
+    health = add("health", _health, "check grpc.health.v1 (needs no token); exit 0 only when SERVING")
+    health.add_argument(
+        "--service", default="", help='"" (default): the whole server; or deployd.v1.Deployd, or an object id'
+    )
+
+
+def run(options: argparse.Namespace) -> int:
+    """Run the command that add_commands' parser parsed; returns the exit code."""
+    try:
+        return int(options.handler(options))
+    except (UsageError, OSError) as error:  # OSError: a local file (package, TLS) that cannot be read
+        print(f"deployd: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except DeployError as error:
+        return _report(error, options)
+
+
+def _report(error: DeployError, options: argparse.Namespace) -> int:
+    exit_code = exit_code_for(error.code)
+    if error.code == grpc.StatusCode.UNAVAILABLE and (error.call_killed_worker or _reachable(options)):
+        exit_code = EXIT_DAEMON_ERROR  # the daemon itself answered: a worker died, or it is stopping
+    where = f" (daemon at {options.address})" if exit_code == EXIT_UNREACHABLE else ""
+    print(f"deployd: {error}{where}", file=sys.stderr)
+    for note in getattr(error, "__notes__", ()):
+        print(f"deployd: {note}", file=sys.stderr)
+    return exit_code
+
+
+# ---------------------------------------------------------------- connection
+
+
+def _tls(options: argparse.Namespace) -> TLS | None:
+    paths = (options.tls_ca, options.tls_cert, options.tls_key, options.tls_server_name)
+    if not options.tls and all(path is None for path in paths):
+        return None
+    for flag, path in (("--tls-ca", options.tls_ca), ("--tls-cert", options.tls_cert), ("--tls-key", options.tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag}: no such file: {path!r}")
+    try:
+        return TLS(ca=options.tls_ca, cert=options.tls_cert, key=options.tls_key, server_name=options.tls_server_name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _timeout(options: argparse.Namespace, default: float) -> float | None:
+    if options.timeout is None:
+        return default
+    if options.timeout < 0 or not math.isfinite(options.timeout):
+        raise UsageError(f"--timeout must be a number of seconds >= 0, not {options.timeout}")
+    return options.timeout or None
+
+
+def _manager(options: argparse.Namespace) -> InterpreterManager:
+    return InterpreterManager(
+        options.address,
+        timeout=_timeout(options, DEFAULT_TIMEOUT_SECONDS),
+        token=options.token,  # None: $DEPLOYD_TOKEN
+        tls=_tls(options),
+    )
+
+
+def _channel(options: argparse.Namespace) -> grpc.Channel:
+    tls = _tls(options)
+    if tls is None:
+        return grpc.insecure_channel(options.address)
+    return grpc.secure_channel(options.address, tls.channel_credentials(), options=tls.channel_options())
+
+
+def _reachable(options: argparse.Namespace) -> bool:
+    """Whether a connection to the daemon comes up: tells an UNAVAILABLE the daemon sent (a
+    worker died, it is stopping) from one gRPC made up because it could not connect."""
+    with _channel(options) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=_REACHABLE_PROBE_SECONDS)
+        except grpc.FutureTimeoutError:
+            return False
+    return True
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------- status
+
+
+def _status(options: argparse.Namespace) -> int:
+    with _manager(options) as manager:
+        status = manager.status()
+    report = {
+        "workers": [
+            {
+                "index": worker.index,
+                "pid": worker.pid,
+                "state": worker.state,
+                "calls": worker.calls_served,
+                "restarts": worker.restarts,
+                "rss_bytes": worker.rss_bytes,
+                "pss_bytes": worker.pss_bytes,
+                "shared_bytes": worker.shared_bytes,
+                "private_bytes": worker.private_bytes,
+            }
+            for worker in status.workers
+        ],
+        "packages": [
+            {"package_id": package.package_id, "size_bytes": package.size_bytes} for package in status.packages
+        ],
+        "objects": [
+            {"object_id": obj.object_id, "package_id": obj.package_id, "module": obj.module, "file": obj.file}
+            for obj in status.objects
+        ],
+        "modules": list(status.modules),
+        "queued_calls": status.queued_calls,
+    }
+    if options.json:
+        _print_json(report)
+    else:
+        print(_status_text(report))
+    return EXIT_OK
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    def mib(size: int) -> str:
+        return f"{size / 2**20:.1f}"
+
+    header = ["WORKER", "PID", "STATE", "CALLS", "RESTARTS", "RSS MiB", "PSS MiB", "SHARED MiB", "PRIVATE MiB"]
+    rows = [
+        [
+            str(w["index"]),
+            str(w["pid"]),
+            w["state"],
+            str(w["calls"]),
+            str(w["restarts"]),
+            mib(w["rss_bytes"]),
+            mib(w["pss_bytes"]),
+            mib(w["shared_bytes"]),
+            mib(w["private_bytes"]),
+        ]
+        for w in report["workers"]
+    ]
+    lines = _table(header, rows)
+    lines.append(f"queued calls: {report['queued_calls']}")
+    lines.append(f"packages: {len(report['packages'])}")
+    lines += [f"  {p['package_id']}  {mib(p['size_bytes'])} MiB" for p in report["packages"]]
+    lines.append(f"objects: {len(report['objects'])}")
+    lines += [f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}" for o in report["objects"]]
+    lines.append(f"modules: {len(report['modules'])}")
+    lines += [f"  {name}" for name in report["modules"]]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+# ---------------------------------------------------------------- load, unload
+
+
+def _load(options: argparse.Namespace) -> int:
+    pickles = [_module_and_file(spec) for spec in options.pickle]
+    if not options.server_path:
+        try:
+            with open(options.package, "rb"):  # the client opens it lazily, inside the request stream
+                pass
+        except OSError as error:
+            raise UsageError(f"cannot read package file {options.package!r}: {error.strerror or error}") from None
+    with _manager(options) as manager:
+        if options.server_path:
+            package = manager.load_package(server_path=options.package)
+        else:
+            package = manager.load_package(options.package)
+        objects: list[ReplicatedObj] = []
+        try:
+            for module, file in pickles:
+                objects.append(package.load_pickle(module, file))
+        except DeployError as error:
+            # All or nothing for the objects of this command (their ids are new); the package
+            # stays: it is content-addressed, so others may hold objects from it.
+            for obj in objects:
+                with contextlib.suppress(DeployError):
+                    obj.unload()
+            error.add_note(f"package {package.id} stays loaded; no object of this command was kept")
+            raise
+    if options.json:
+        _print_json(
+            {
+                "package_id": package.id,
+                "objects": [
+                    {"module": module, "file": file, "object_id": obj.id}
+                    for (module, file), obj in zip(pickles, objects, strict=True)
+                ],
+            }
+        )
+    else:
+        print(package.id)
+        for obj in objects:
+            print(obj.id)
+    return EXIT_OK
+
+
+def _module_and_file(spec: str) -> tuple[str, str]:
+    module, _, file = spec.partition(":")
+    if not module or not file:
+        raise UsageError(f"--pickle takes MODULE:FILE (e.g. models:model.pkl), not {spec!r}")
+    return module, file
+
+
+def _unload(options: argparse.Namespace) -> int:
+    with _manager(options) as manager:
+        if options.object is not None:
+            ReplicatedObj(manager, options.object).unload()
+            report: dict[str, Any] = {"object_ids": [options.object]}
+        else:
+            object_ids = Package(manager, options.package).unload()
+            report = {"package_id": options.package, "object_ids": object_ids}
+    if options.json:
+        _print_json(report)
+    else:
+        if "package_id" in report:
+            print(f"unloaded package {report['package_id']}")
+        for object_id in report["object_ids"]:
+            print(f"unloaded object {object_id}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- invoke
+
+
+def _invoke(options: argparse.Namespace) -> int:
+    args = [parse_arg(text) for text in options.args]
+    kwargs: dict[str, Any] = {}
+    for spec in options.kwarg:
+        name, equals, text = spec.partition("=")
+        if not equals or not name.isidentifier():
+            raise UsageError(f"--kwarg takes NAME=ARG (e.g. offset=1.5), not {spec!r}")
+        kwargs[name] = parse_arg(text)
+    with _manager(options) as manager:
+        result = ReplicatedObj(manager, options.object_id).call_method(options.method, *args, **kwargs)
+    _print_json(to_json(result, full=options.full))
+    return EXIT_OK
+
+
+def parse_arg(text: str) -> Any:
+    """One ARG: a tensor spec (tensor:, ones:, zeros:, rand:) or a JSON value."""
+    kind, colon, rest = text.partition(":")
+    if colon and kind in ("tensor", "ones", "zeros", "rand"):
+        return _parse_tensor(kind, rest, text)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        hint = f" (a string is JSON-quoted: '\"{text}\"')" if text.isidentifier() else ""
+        raise UsageError(f"ARG {text!r} is neither JSON nor a tensor spec{hint}") from None
+    _check_ints(value, text)
+    return value
+
+
+def _check_ints(value: Any, text: str) -> None:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+        raise UsageError(f"ARG {text!r}: integer {value} does not fit in int64")
+    if isinstance(value, list):
+        for item in value:
+            _check_ints(item, text)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_ints(item, text)
+
+
+def _parse_tensor(kind: str, rest: str, text: str) -> torch.Tensor:
+    import torch  # only invoke needs it
+
+    name, colon, tail = rest.partition(":")
+    dtype_name = "float32"
+    if colon and name.isidentifier():
+        if name not in _TENSOR_DTYPES:
+            raise UsageError(f"ARG {text!r}: unknown dtype {name!r} (one of: {', '.join(_TENSOR_DTYPES)})")
+        dtype_name, rest = name, tail
+    if kind == "rand" and dtype_name not in ("float16", "float32", "float64", "bfloat16"):
+        raise UsageError(f"ARG {text!r}: rand: makes floating-point tensors only")
+    dtype = getattr(torch, dtype_name)
+    if kind == "tensor":
+        try:
+            values = json.loads(rest)
+            return torch.tensor(values, dtype=dtype)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as error:
+            raise UsageError(f"ARG {text!r}: not a tensor of nested JSON lists ({error})") from None
+    try:
+        shape = [int(size) for size in rest.split(",")]
+    except ValueError:
+        raise UsageError(f"ARG {text!r}: {kind}: takes a shape like 2,3 (non-negative integers)") from None
+    if any(size < 0 for size in shape):
+        raise UsageError(f"ARG {text!r}: {kind}: takes a shape of non-negative integers")
+    make = {"ones": torch.ones, "zeros": torch.zeros, "rand": torch.rand}[kind]
+    try:
+        return make(shape, dtype=dtype)
+    except RuntimeError as error:
+        raise UsageError(f"ARG {text!r}: {error}") from None
+
+
+def to_json(value: Any, *, full: bool = False) -> Any:
+    """A result as JSON: tensors as {"tensor": {...}}, tuples as lists, bytes as base64."""
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return {"tensor": _tensor_json(value, full)}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes_base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, (list, tuple)):
+        return [to_json(item, full=full) for item in value]
+    if isinstance(value, dict):
+        return {
+            (key if isinstance(key, str) else json.dumps(to_json(key, full=full))): to_json(item, full=full)
+            for key, item in value.items()
+        }
+    if isinstance(value, complex):
+        return [value.real, value.imag]
+    return repr(value)
+
+
+def _tensor_json(tensor: torch.Tensor, full: bool) -> dict[str, Any]:
+    import torch
+
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    description: dict[str, Any] = {"dtype": dtype, "shape": list(tensor.shape)}
+    if tensor.is_complex():  # JSON has no complex numbers: [real, imag] pairs
+        tensor = torch.view_as_real(tensor.resolve_conj())
+    if full or tensor.numel() <= MAX_PRINTED_VALUES:
+        description["values"] = tensor.tolist()
+    else:
+        description["values"] = tensor.reshape(-1)[:MAX_PRINTED_VALUES].tolist()
+        description["truncated"] = (
+            f"the first {MAX_PRINTED_VALUES} of {tensor.numel()} values, flattened in C order; --full prints all"
+        )
+    return description
+
+
+# ---------------------------------------------------------------- health
+
+
+def _health(options: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    timeout = _timeout(options, HEALTH_TIMEOUT_SECONDS)
+    request = health_pb2.HealthCheckRequest(service=options.service)
+    with _channel(options) as channel:  # no token: health is open
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        except grpc.RpcError as error:
+            code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+            if code != grpc.StatusCode.NOT_FOUND:
+                where = f" (daemon at {options.address})" if exit_code_for(code) == EXIT_UNREACHABLE else ""
+                print(f"deployd: {code.name}: {error.details()}{where}", file=sys.stderr)  # type: ignore[attr-defined]
+                return exit_code_for(code)
+            status = "SERVICE_UNKNOWN"  # the daemon has no health status for that name
+    if options.json:
+        _print_json({"service": options.service, "status": status})
+    else:
+        print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING

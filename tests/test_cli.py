@@ -1,0 +1,227 @@
+"""The operator commands (`deployd status|load|unload|invoke|health`), run as the real CLI
+in a subprocess against the real daemon; exit codes as client/cli.py documents them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from torch.package import PackageExporter
+
+from client import InterpreterManager, NotFoundError, ReplicatedObj
+from tests.daemon_process import REPO, DaemonProcess
+
+
+def deployd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("DEPLOYD_ADDRESS", "DEPLOYD_TOKEN")}
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=REPO,
+        env={**environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def unload_objects(target: str, object_ids: list[str]) -> None:
+    with InterpreterManager(target, timeout=60) as manager:
+        for object_id in object_ids:
+            with contextlib.suppress(NotFoundError):  # the test unloaded it itself
+                ReplicatedObj(manager, object_id).unload()
+
+
+@pytest.fixture(scope="module")
+def objects(daemon: DaemonProcess, package_dir: Path) -> Iterator[dict[str, str]]:
+    """Scale and Echo, loaded with `deployd load` (human output: one id a line)."""
+    result = deployd(
+        "load", str(package_dir / "models.pt"), "--pickle", "models:scale.pkl", "--pickle", "models:echo.pkl",
+        "--address", daemon.target,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    package_id, scale_id, echo_id = result.stdout.split()
+    try:
+        yield {"package": package_id, "scale": scale_id, "echo": echo_id}
+    finally:
+        unload_objects(daemon.target, [scale_id, echo_id])  # the package stays: other tests share it
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def invoke_json(target: str, *args: str) -> object:
+    result = deployd("invoke", "--address", target, *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_status_human_and_json(daemon: DaemonProcess, objects: dict[str, str]) -> None:
+    human = deployd("status", "--address", daemon.target)
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.startswith("WORKER")
+    assert "queued calls: " in human.stdout
+    assert objects["scale"] in human.stdout
+
+    machine = deployd("status", "--json", env={"DEPLOYD_ADDRESS": daemon.target})  # the default address
+    assert machine.returncode == 0, machine.stderr
+    status = json.loads(machine.stdout)
+    assert len(status["workers"]) == 2
+    assert set(status["workers"][0]) >= {"index", "pid", "state", "calls", "restarts", "rss_bytes", "private_bytes"}
+    assert isinstance(status["queued_calls"], int)
+    assert {
+        "object_id": objects["scale"],
+        "package_id": objects["package"],
+        "module": "models",
+        "file": "scale.pkl",
+    } in (status["objects"])
+    assert objects["package"] in [package["package_id"] for package in status["packages"]]
+
+
+def test_invoke_with_tensor_json_and_kwargs(daemon: DaemonProcess, objects: dict[str, str]) -> None:
+    target, scale, echo = daemon.target, objects["scale"], objects["echo"]
+    doubled = {"tensor": {"dtype": "float32", "shape": [2, 2], "values": [[2.0, 4.0], [6.0, 8.0]]}}
+    assert invoke_json(target, scale, "tensor:[[1,2],[3,4]]") == doubled
+    shifted = invoke_json(target, scale, "tensor:[1,2]", "--kwarg", "offset=1", "--kwarg", "negate=true")
+    assert shifted == {"tensor": {"dtype": "float32", "shape": [2], "values": [-3.0, -5.0]}}
+    assert invoke_json(target, scale, "--method", "describe", '"x"', "--kwarg", 'suffix="?"') == "x2.0?"
+    assert invoke_json(target, scale, "ones:1,3") == {
+        "tensor": {"dtype": "float32", "shape": [1, 3], "values": [[2.0] * 3]}
+    }
+    assert invoke_json(target, echo, "tensor:int64:[7,8]")["tensor"] == {
+        "dtype": "int64",
+        "shape": [2],
+        "values": [7, 8],
+    }  # type: ignore[index]
+    assert invoke_json(target, echo, '{"a": [1, 2.5, null, true, "s"]}') == {"a": [1, 2.5, None, True, "s"]}
+    assert invoke_json(target, echo, "--method", "pair", "1", "2") == [[1, 2], {}]  # a tuple prints as a list
+
+
+def test_invoke_truncates_large_tensors_unless_full(daemon: DaemonProcess, objects: dict[str, str]) -> None:
+    short = invoke_json(daemon.target, objects["echo"], "zeros:2,1000")["tensor"]  # type: ignore[index]
+    assert short["shape"] == [2, 1000] and len(short["values"]) == 1000 and "truncated" in short
+    full = invoke_json(daemon.target, objects["echo"], "zeros:2,1000", "--full")["tensor"]  # type: ignore[index]
+    assert len(full["values"]) == 2 and len(full["values"][1]) == 1000 and "truncated" not in full
+
+
+def test_invoke_unknown_object_exits_1(daemon: DaemonProcess) -> None:
+    result = deployd("invoke", "obj-missing", "1", "--address", daemon.target)
+    assert result.returncode == 1
+    assert result.stderr.startswith("deployd: NOT_FOUND: no object 'obj-missing' is loaded"), result.stderr
+    assert result.stdout == ""
+
+
+def test_unloaded_object_cannot_be_invoked(daemon: DaemonProcess, package_dir: Path) -> None:
+    loaded = deployd(
+        "load", str(package_dir / "models.pt"), "--pickle", "models:echo.pkl", "--json", "--address", daemon.target
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    echo = json.loads(loaded.stdout)["objects"][0]
+    assert echo["module"] == "models" and echo["file"] == "echo.pkl"
+    try:
+        assert invoke_json(daemon.target, echo["object_id"], '"hi"') == "hi"
+        unloaded = deployd("unload", "--object", echo["object_id"], "--address", daemon.target)
+        assert (unloaded.returncode, unloaded.stdout) == (0, f"unloaded object {echo['object_id']}\n")
+        result = deployd("invoke", echo["object_id"], '"hi"', "--address", daemon.target)
+        assert result.returncode == 1
+        assert result.stderr.startswith("deployd: NOT_FOUND: "), result.stderr
+    finally:
+        unload_objects(daemon.target, [echo["object_id"]])
+
+
+def test_unload_package_takes_its_objects(daemon: DaemonProcess, tmp_path: Path) -> None:
+    path = tmp_path / "own.pt"
+    with PackageExporter(str(path)) as exporter:  # bytes no other test loads: unloading it hurts none
+        exporter.save_pickle("data", "data.pkl", {"unique": uuid.uuid4().hex})
+    loaded = deployd("load", str(path), "--pickle", "data:data.pkl", "--json", "--address", daemon.target)
+    assert loaded.returncode == 0, loaded.stderr
+    report = json.loads(loaded.stdout)
+    object_id = report["objects"][0]["object_id"]
+    try:
+        unloaded = deployd("unload", "--package", report["package_id"], "--json", "--address", daemon.target)
+        assert unloaded.returncode == 0, unloaded.stderr
+        assert json.loads(unloaded.stdout) == {"package_id": report["package_id"], "object_ids": [object_id]}
+        again = deployd("unload", "--package", report["package_id"], "--address", daemon.target)
+        assert again.returncode == 1 and again.stderr.startswith("deployd: NOT_FOUND: "), again.stderr
+    finally:
+        unload_objects(daemon.target, [object_id])
+
+
+def test_health(daemon: DaemonProcess) -> None:
+    result = deployd("health", "--address", daemon.target)
+    assert (result.returncode, result.stdout) == (0, "SERVING\n"), result.stderr
+    named = deployd("health", "--service", "deployd.v1.Deployd", "--json", "--address", daemon.target)
+    assert named.returncode == 0, named.stderr
+    assert json.loads(named.stdout) == {"service": "deployd.v1.Deployd", "status": "SERVING"}
+    unknown = deployd("health", "--service", "no.such.Service", "--address", daemon.target)
+    assert (unknown.returncode, unknown.stdout) == (4, "SERVICE_UNKNOWN\n"), unknown.stderr
+
+
+def test_unreachable_daemon_exits_3() -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    for command in ("status", "health"):
+        result = deployd(command, "--address", address, "--timeout", "5")
+        assert result.returncode == 3, (command, result.stderr)
+        assert result.stderr.startswith("deployd: UNAVAILABLE: ") and address in result.stderr, result.stderr
+
+
+MALFORMED_ARGS = [
+    ["tensor:[1,"],  # not JSON
+    ["tensor:[[1,2],[3]]"],  # ragged
+    ["ones:2,x"],
+    ["rand:int64:2"],  # rand makes floats only
+    ["hello"],  # a string needs its JSON quotes
+    ["9223372036854775808"],  # over int64
+    ["1", "--kwarg", "offset"],  # no =
+    ["1", "--bogus"],  # not an option of invoke
+]
+
+
+def test_malformed_arg_exits_2(daemon: DaemonProcess) -> None:
+    environ = {k: v for k, v in os.environ.items() if k not in ("DEPLOYD_ADDRESS", "DEPLOYD_TOKEN")}
+    runs = [  # side by side: each is a process start and nothing else
+        subprocess.Popen(
+            [sys.executable, "-m", "server", "invoke", "obj-whatever", *args, "--address", daemon.target],
+            cwd=REPO,
+            env=environ,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in MALFORMED_ARGS
+    ]
+    results = [run.communicate(timeout=90) for run in runs]
+    for args, run, (stdout, stderr) in zip(MALFORMED_ARGS, runs, results, strict=True):
+        assert (run.returncode, stdout) == (2, ""), (args, stderr)
+        assert stderr.startswith(("deployd: ", "usage: deployd")), (args, stderr)
+
+
+def test_bad_local_input_for_load_exits_2(daemon: DaemonProcess, tmp_path: Path, package_dir: Path) -> None:
+    missing = deployd("load", str(tmp_path / "missing.pt"), "--address", daemon.target)
+    assert missing.returncode == 2
+    assert "cannot read package file" in missing.stderr and "missing.pt" in missing.stderr
+    bad_pickle = deployd("load", str(package_dir / "models.pt"), "--pickle", "scale.pkl", "--address", daemon.target)
+    assert bad_pickle.returncode == 2 and "MODULE:FILE" in bad_pickle.stderr
+    usage = deployd("unload", "--address", daemon.target)  # needs --object or --package
+    assert usage.returncode == 2
+
+
+def test_serve_loads_neither_client_nor_torch() -> None:
+    code = (
+        "import sys; from server.cli import main; code = main(['serve', '--config', '/nonexistent/deployd.yaml']);"
+        " sys.exit(10 + code if 'client' in sys.modules or 'torch' in sys.modules else code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr  # the config error, with no client imported
