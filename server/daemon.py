@@ -78,7 +78,13 @@ class Daemon:
             on_restart=lambda cause: self._metrics.worker_restarts.labels(cause).inc(),
         )
         store = PackageStore(self._store_directory, Path(config.packages.directory), config.packages.max_bytes)
-        self._service = ModelService(self._pool, store, self._registry, on_objects_changed=self._sync_health)
+        self._service = ModelService(
+            self._pool,
+            store,
+            self._registry,
+            on_objects_changed=self._sync_health,
+            replay_step_timeout=config.pool.start_timeout_seconds,
+        )
         self._metrics.watch(
             queue_depth=lambda: self._pool.queue_depth,
             workers_busy=lambda: self._pool.busy_count,

@@ -53,9 +53,12 @@ class ModelService:
         store: PackageStore,
         registry: Registry,
         on_objects_changed: Callable[[], Awaitable[None]] = _nothing,
+        replay_step_timeout: float = 60.0,
     ) -> None:
-        """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered."""
+        """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
+        replay_step_timeout: seconds one replayed module, package or object may take in a new worker."""
         self._pool = pool
+        self._replay_step_timeout = replay_step_timeout
         self._on_objects_changed = on_objects_changed
         self._store = store
         self._registry = registry
@@ -66,19 +69,29 @@ class ModelService:
         """Replay everything loaded into a new worker, before it takes calls (pool holds `changes`)."""
         for key, request in self._registry.replay_steps():
             try:
-                await worker.request(request, [])
+                await self._replay_step(worker, key, request)
             except WorkerCrashed as crash:
                 if crash.caused_by_call:
-                    await self._strike(key, worker.exit_reason)
+                    await self._strike(key, str(crash))
                 raise
         self._replay_strikes.clear()
 
-    async def _strike(self, key: ReplayKey, exit_reason: str) -> None:
+    async def _replay_step(self, worker: WorkerHandle, key: ReplayKey, request: protocol.Request) -> None:
+        # A replay that hangs would hold `changes`, and so every load, for ever: past the
+        # timeout the worker is killed, and the step counts as one that killed it.
+        try:
+            await asyncio.wait_for(worker.request(request, []), self._replay_step_timeout)
+        except TimeoutError:
+            why = f"was killed: replaying {key.kind} {key.name!r} took over {self._replay_step_timeout:g}s"
+            worker.kill(why, "replay_timeout", caused_by_call=True)
+            raise WorkerCrashed(f"worker {worker.index} {why}", caused_by_call=True) from None
+
+    async def _strike(self, key: ReplayKey, last_death: str) -> None:
         strikes = self._replay_strikes[key] = self._replay_strikes.get(key, 0) + 1
         if strikes < _REPLAY_STRIKES:
             return
         del self._replay_strikes[key]
-        why = f"evicted: replaying {key.kind} {key.name!r} into {strikes} new workers killed each ({exit_reason})"
+        why = f"evicted: replaying {key.kind} {key.name!r} into {strikes} new workers killed each (last: {last_death})"
         log.error("%s", why)
         if key.kind == "object" and key.name in self._registry.objects:
             await self._drop_objects([self._registry.objects[key.name]], why)

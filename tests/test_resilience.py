@@ -368,3 +368,22 @@ def test_a_sigkilled_daemon_leaves_no_workers_and_the_next_start_cleans_up(packa
         assert "shared-memory segments left by a daemon that died" in second.log
     finally:
         second.assert_clean_stop()
+
+
+def test_a_replay_that_hangs_is_cut_off_and_evicted(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "poison-marker"
+    daemon = daemon_with(pool={"start_timeout_seconds": 2.0}, env={"DEPLOYD_TEST_POISON_MARKER": str(marker)})
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        package = manager.load_package(package_dir / "models.pt")
+        fragile = package.load_pickle("models", "dies_in_new_workers.pkl")
+        marker.write_text("hang")  # from now on, replaying `fragile` never finishes
+        before = worker_pids(manager)
+        os.kill(next(iter(before)), signal.SIGKILL)
+        wait_for_replacement(manager, before, timeout=30)
+        with pytest.raises(NotFoundError, match=r"evicted: .* took over 2s"):
+            fragile(torch.ones(1))
+        # Loads were held only while a replay ran, never for good.
+        scale = package.load_pickle("models", "scale.pkl")
+        assert torch.equal(scale(torch.ones(1)), torch.full((1,), 2.0))

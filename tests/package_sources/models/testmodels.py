@@ -112,7 +112,7 @@ def _mapped_file(address):
 
 class DiesInNewWorkers:
     """Loads anywhere until the file named by $DEPLOYD_TEST_POISON_MARKER exists; from then on
-    unpickling it (a replay into a new worker) kills the worker."""
+    unpickling it (a replay into a new worker) kills the worker, or hangs if the file says "hang"."""
 
     def __init__(self):
         self.kind = "poison"  # pickle calls __setstate__ only for a non-empty state
@@ -121,6 +121,9 @@ class DiesInNewWorkers:
         self.__dict__.update(state)
         marker = os.environ.get("DEPLOYD_TEST_POISON_MARKER", "")
         if marker and os.path.exists(marker):
+            with open(marker) as contents:
+                if contents.read() == "hang":
+                    time.sleep(3600)
             os._exit(7)
 
     def __call__(self, x):
