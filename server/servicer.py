@@ -86,7 +86,8 @@ def _reports_errors(handler: Handler) -> Handler:
             if load_kind is not None and code == grpc.StatusCode.OK:
                 metrics.load_duration.labels(load_kind).observe(seconds)
             if self._log_calls:
-                _log_call(context, method, object_id, code, seconds)
+                # Once the answer has left: the line costs the caller no latency.
+                context.add_done_callback(lambda _: _log_call(context, method, object_id, code, seconds))
 
         try:
             response = await handler(self, request, context)
