@@ -46,6 +46,9 @@ class PoolSection:
     # A call whose caller gave up (deadline, cancel) keeps its worker this long; then the
     # worker is taken to be stuck, killed and replaced.
     abandoned_call_grace_seconds: float = 5.0
+    # A call still running after this long kills its worker (a hung model whose caller set
+    # no deadline); 0: no limit.
+    max_call_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,7 @@ def _validate(config: Config) -> None:
             config.pool.abandoned_call_grace_seconds,
             config.pool.abandoned_call_grace_seconds > 0,
         ),
+        ("pool.max_call_seconds", config.pool.max_call_seconds, config.pool.max_call_seconds >= 0),
         ("worker.memory_limit_bytes", config.worker.memory_limit_bytes, config.worker.memory_limit_bytes >= 0),
         ("worker.num_threads", config.worker.num_threads, config.worker.num_threads >= 1),
         ("worker.shm_threshold_bytes", config.worker.shm_threshold_bytes, config.worker.shm_threshold_bytes >= 1),

@@ -70,6 +70,7 @@ class Daemon:
             prepare=self._prepare_worker,
             max_queued_calls=config.pool.max_queued_calls,
             abandoned_call_grace=config.pool.abandoned_call_grace_seconds,
+            max_call_seconds=config.pool.max_call_seconds,
             memory_limit=config.worker.memory_limit_bytes,
             on_serving_changed=self._on_serving_changed,
             on_call_timing=self._metrics.observe_worker_call,

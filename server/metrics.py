@@ -71,7 +71,7 @@ class Metrics:
         self.worker_restarts = Counter(
             "deployd_worker_restarts",
             "Workers replaced, by why the old one ended: exited, crashed (its own fault signal), killed"
-            " (from outside), memory_limit, abandoned_call (hung past its caller), replay_timeout",
+            " (from outside), memory_limit, abandoned_call (hung past its caller), call_timeout, replay_timeout",
             ["reason"],
             registry=r,
         )

@@ -70,6 +70,7 @@ class WorkerPool:
         prepare: Callable[[WorkerHandle], Awaitable[None]],
         max_queued_calls: int = 1000,
         abandoned_call_grace: float = 5.0,
+        max_call_seconds: float = 0.0,
         memory_limit: int = 0,
         on_serving_changed: Callable[[int], None] = lambda count: None,
         on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
@@ -87,6 +88,7 @@ class WorkerPool:
         self._prepare = prepare
         self._max_queued_calls = max_queued_calls
         self._abandoned_call_grace = abandoned_call_grace
+        self._max_call_seconds = max_call_seconds
         self._memory_limit = memory_limit
         self._waiting = 0  # calls waiting for a free worker
         self._memory_watch: asyncio.Task[None] | None = None
@@ -225,7 +227,7 @@ class WorkerPool:
             self._release(worker)
             raise
         try:
-            frame = await asyncio.shield(reply)
+            frame = await self._await_reply(worker, reply)
         except asyncio.CancelledError:
             # The worker still runs the call: it takes no other until it answers or dies,
             # and it is killed if it has not answered within the grace.
@@ -239,6 +241,17 @@ class WorkerPool:
         if isinstance(message, protocol.Invoke):
             self._on_run(message.object_id, time.perf_counter() - running_since)
         return interpret_reply(frame)
+
+    async def _await_reply(self, worker: WorkerHandle, reply: asyncio.Future[protocol.Frame]) -> protocol.Frame:
+        """The reply; past max_call_seconds the worker is killed and the call fails with WorkerCrashed."""
+        if not self._max_call_seconds:
+            return await asyncio.shield(reply)
+        try:
+            return await asyncio.wait_for(asyncio.shield(reply), self._max_call_seconds)
+        except TimeoutError:
+            why = f"was killed: the call ran over pool.max_call_seconds ({self._max_call_seconds:g}s)"
+            worker.kill(why, "call_timeout", caused_by_call=True)
+            return await asyncio.shield(reply)
 
     async def _acquire(self) -> WorkerHandle:
         while True:

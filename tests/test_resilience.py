@@ -211,6 +211,22 @@ def test_hung_model_loses_its_worker_after_the_grace(
     assert "a call ran 1s past its caller giving up" in daemon.log
 
 
+def test_a_call_over_the_servers_limit_kills_its_worker(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+) -> None:
+    daemon = daemon_with(pool={"max_call_seconds": 1.0})
+    with InterpreterManager(daemon.target, timeout=60, retry=Retry(attempts=3)) as manager:
+        scale = load_scale(manager, package_dir)
+        before = worker_pids(manager)
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match=r"ran over pool\.max_call_seconds \(1s\)") as raised:
+            scale.call_method("spin")  # the caller set a deadline of 60 s; the server's limit is 1 s
+        assert time.monotonic() - started < 5
+        assert raised.value.call_killed_worker, "a call that hangs would hang again: not retried"
+        wait_for_replacement(manager, before)
+        assert scale.call_method("nap", 0.5) in worker_pids(manager), "calls under the limit run"
+
+
 def test_a_flood_past_the_queue_bound_fails_at_once(
     daemon_with: Callable[..., DaemonProcess], package_dir: Path
 ) -> None:
