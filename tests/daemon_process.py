@@ -51,11 +51,13 @@ class DaemonProcess:
         assert self.process is not None
         return self.process.pid
 
+    def command(self) -> list[str]:
+        serve = [sys.executable, "-m", "server", "serve", "--config", str(self.config_path)]
+        return [*serve, "--address", "127.0.0.1:0", *self.extra_args]
+
     def start(self, timeout: float = 90.0) -> DaemonProcess:
-        command = [sys.executable, "-m", "server", "serve", "--config", str(self.config_path)]
-        command += ["--address", "127.0.0.1:0", *self.extra_args]
         self.process = subprocess.Popen(
-            command,
+            self.command(),
             cwd=REPO,
             env=self.env,
             stdin=subprocess.DEVNULL,

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.daemon_process import REPO, DaemonProcess, wait_until
+from tests.daemon_process import REPO, DaemonProcess
 from tests.tools import require_program
 
 DEPLOY = REPO / "deploy"
@@ -95,29 +94,12 @@ class ImageDaemon(DaemonProcess):
 
     def __init__(self, command: list[str], env: dict[str, str]) -> None:
         super().__init__(DEPLOY / "config.yaml")
-        self.command = command
+        self._command = command
         # Only our DEPLOYD_ settings: one in the caller's environment must not move the daemon off loopback.
         self.env = {key: value for key, value in os.environ.items() if not key.startswith("DEPLOYD_")} | env
 
-    def start(self, timeout: float = 90.0) -> ImageDaemon:
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=REPO,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
-        self._log_reader.start()
-        process = self.process
-        if not wait_until(lambda: self._listening.is_set() or process.poll() is not None, timeout):
-            self.kill()
-            raise AssertionError(f"daemon did not start in {timeout}s:\n{self.log}")
-        if not self._listening.is_set():
-            raise AssertionError(f"daemon exited with {process.returncode}:\n{self.log}")
-        return self
+    def command(self) -> list[str]:
+        return self._command
 
 
 @pytest.fixture
