@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, NamedTuple
 
 from server import protocol
-from server.errors import DeploydError, InvalidPackage, ObjectNotFound, PackageNotFound, WorkerCrashed
+from server.errors import DeploydError, InvalidPackage, ObjectNotFound, PackageNotFound, TooLarge, WorkerCrashed
 from server.packages import PackageStore, StoredPackage
 from server.pool import WorkerPool, WorkerStatus
 from server.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
@@ -54,10 +54,15 @@ class ModelService:
         registry: Registry,
         on_objects_changed: Callable[[], Awaitable[None]] = _nothing,
         replay_step_timeout: float = 60.0,
+        max_packages: int = 0,
+        max_objects: int = 0,
     ) -> None:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
-        replay_step_timeout: seconds one replayed module, package or object may take in a new worker."""
+        replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
+        max_packages, max_objects: how many may be loaded at once (limits.*); 0: no limit."""
         self._pool = pool
+        self._max_packages = max_packages
+        self._max_objects = max_objects
         self._replay_step_timeout = replay_step_timeout
         self._on_objects_changed = on_objects_changed
         self._store = store
@@ -118,6 +123,9 @@ class ModelService:
             existing = self._registry.packages.get(stored.package_id)
             if existing is not None:
                 return existing
+            if self._max_packages and len(self._registry.packages) >= self._max_packages:
+                self._store.remove(stored.package_id)
+                raise TooLarge(f"{self._max_packages} packages are loaded, the limit (limits.max_packages)")
             record = PackageRecord(*stored)
             try:
                 record = PackageRecord(*stored, weights=await self._stage_weights(stored))
@@ -178,6 +186,8 @@ class ModelService:
         object_id = f"obj-{secrets.token_hex(8)}"
         async with self._pool.changes:
             self._require_package(package_id)
+            if self._max_objects and len(self._registry.objects) >= self._max_objects:
+                raise TooLarge(f"{self._max_objects} objects are loaded, the limit (limits.max_objects)")
             await self._everywhere(
                 protocol.LoadPickle(object_id, package_id, module, file),
                 protocol.UnloadObject(object_id),
