@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -20,18 +21,19 @@ from grpc_reflection.v1alpha import reflection
 
 from server import eventloop, logs
 from server.auth import TokenAuth
-from server.config import Config, TlsSection, split_address
+from server.config import Config, TlsSection, split_address, worker_user
 from server.errors import WorkerCrashed
 from server.health import Health
 from server.malloc import tune_malloc
 from server.metrics import Metrics
 from server.packages import PackageStore
 from server.pool import WorkerPool
-from server.proto import deployd_pb2, deployd_pb2_grpc
+from server.proto import deployd_pb2
 from server.registry import Registry
 from server.service import ModelService
-from server.servicer import DeploydServicer
-from server.shm import remove_stale_segments
+from server.servicer import DeploydServicer, add_to_server
+from server.shm import remove_stale_segments, set_worker_group
+from server.values import ValueLimits, set_limits
 from server.worker.entry import WorkerSettings
 from server.worker_handle import WorkerHandle
 
@@ -60,10 +62,25 @@ class Daemon:
         self._store_directory.mkdir(parents=True, exist_ok=True)
         self._owns_store_directory = not store_directory
         self._registry = Registry()
+        limits = config.limits
+        set_limits(
+            ValueLimits(
+                limits.max_value_depth, limits.max_tensor_rank, limits.max_tensor_elements, limits.max_container_items
+            )
+        )
+        uid, gid = worker_user(config.worker.user) if config.worker.user else (-1, -1)
+        worker_group = gid if uid not in (-1, os.geteuid()) else None
+        set_worker_group(worker_group)  # workers of another user map the daemon's segments through it
         self._pool = WorkerPool(
             size=config.worker_count,
             settings=WorkerSettings(
-                config.worker.num_threads, config.worker.extra_sys_paths, config.worker.shm_threshold_bytes
+                config.worker.num_threads,
+                config.worker.extra_sys_paths,
+                config.worker.shm_threshold_bytes,
+                config.worker.max_open_files,
+                config.worker.max_address_space_bytes,
+                uid,
+                gid,
             ),
             start_timeout=config.pool.start_timeout_seconds,
             stop_timeout=config.pool.stop_timeout_seconds,
@@ -78,13 +95,22 @@ class Daemon:
             on_run=self._metrics.observe_run,
             on_restart=lambda cause: self._metrics.worker_restarts.labels(cause).inc(),
         )
-        store = PackageStore(self._store_directory, Path(config.packages.directory), config.packages.max_bytes)
+        store = PackageStore(
+            self._store_directory,
+            Path(config.packages.directory),
+            config.packages.max_bytes,
+            limits.max_package_unpacked_bytes,
+            limits.max_package_compression_ratio,
+            worker_group,
+        )
         self._service = ModelService(
             self._pool,
             store,
             self._registry,
             on_objects_changed=self._sync_health,
             replay_step_timeout=config.pool.start_timeout_seconds,
+            max_packages=limits.max_packages,
+            max_objects=limits.max_objects,
         )
         self._metrics.watch(
             queue_depth=lambda: self._pool.queue_depth,
@@ -110,7 +136,7 @@ class Daemon:
             ],
         )
         servicer = DeploydServicer(self._service, self._metrics, config.server.log_calls)
-        deployd_pb2_grpc.add_DeploydServicer_to_server(servicer, self._server)
+        add_to_server(servicer, self._server, self._metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, self._server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -210,6 +236,9 @@ def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
 
 def run_daemon(config: Config) -> int:
     logs.use_format(config.server.log_format)
+    # Workers inherit the environment, and model code can read it: tokens stay in the config alone.
+    for name in ("DEPLOYD_AUTH_ADMIN_TOKENS", "DEPLOYD_AUTH_INVOKE_TOKENS"):
+        os.environ.pop(name, None)
     if config.server.tune_malloc and not tune_malloc():
         log.warning("server.tune_malloc: not glibc, malloc left as it is")
 

@@ -2,6 +2,11 @@
 
 This is the only module that knows both grpc and the service. STATUS_FOR_ERROR is the
 one table from domain error to gRPC status code.
+
+`add_to_server` registers the generated method table with two changes: a request that
+does not parse reaches its handler as a MalformedRequest (so it fails INVALID_ARGUMENT,
+counted and logged like any call, instead of grpc's bare UNKNOWN), and message bytes are
+counted from the serialized bytes grpc already holds (never by serializing again).
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ import functools
 import logging
 import secrets
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeAlias, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from server import errors
 from server.errors import DeploydError, InvalidArgument
@@ -74,15 +80,12 @@ def _reports_errors(handler: Handler) -> Handler:
         metrics.calls_in_flight.inc()
         object_id = getattr(request, "object_id", "")
         metric_object = object_id if method in _PER_OBJECT else ""
-        response = None
 
         def finish(code: grpc.StatusCode) -> None:
             # Before the answer leaves, so a caller that has its answer finds it counted.
             seconds = time.perf_counter() - started
             metrics.calls_in_flight.dec()
             metrics.observe_call(method, metric_object, code.name, seconds)
-            received = request.ByteSize() if hasattr(request, "ByteSize") else 0
-            metrics.observe_bytes(received, response.ByteSize() if response is not None else 0)
             if load_kind is not None and code == grpc.StatusCode.OK:
                 metrics.load_duration.labels(load_kind).observe(seconds)
             if self._log_calls:
@@ -90,6 +93,8 @@ def _reports_errors(handler: Handler) -> Handler:
                 context.add_done_callback(lambda _: _log_call(context, method, object_id, code, seconds))
 
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidArgument(request.describe())
             response = await handler(self, request, context)
         except DeploydError as error:
             code = status_for(error)
@@ -153,12 +158,14 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
         first = await anext(stream, None)
         if first is None:
             raise InvalidArgument("LoadPackage needs a chunk or a server_path")
+        if isinstance(first, MalformedRequest):
+            raise InvalidArgument(first.describe())
         if first.WhichOneof("source") == "server_path":
             if await anext(stream, None) is not None:
                 raise InvalidArgument("a server_path must be the only message of LoadPackage")
             record = await self._service.load_package_path(first.server_path)
         else:
-            record = await self._service.load_package_stream(_chunks(first, stream, self._metrics))
+            record = await self._service.load_package_stream(_chunks(first, stream))
         return pb.LoadPackageResponse(package_id=record.package_id, size_bytes=record.size_bytes)
 
     @_reports_errors
@@ -235,13 +242,83 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
         )
 
 
-async def _chunks(
-    first: pb.LoadPackageRequest, rest: AsyncIterator[pb.LoadPackageRequest], metrics: Metrics
-) -> AsyncIterator[bytes]:
-    metrics.observe_bytes(len(first.chunk), 0)
+async def _chunks(first: pb.LoadPackageRequest, rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     yield first.chunk
     async for request in rest:
+        if isinstance(request, MalformedRequest):
+            raise InvalidArgument(request.describe())
         if request.WhichOneof("source") != "chunk":
             raise InvalidArgument("a LoadPackage stream of chunks may not also name a server_path")
-        metrics.observe_bytes(len(request.chunk), 0)
         yield request.chunk
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+class MalformedRequest(NamedTuple):
+    """What a handler gets instead of a request whose bytes do not parse."""
+
+    message_type: str  # the protobuf type the bytes should have been
+    reason: str  # protobuf's own words
+
+    def describe(self) -> str:
+        for phrase, meaning in _DECODE_REASONS.items():
+            if phrase in self.reason:
+                return f"the request is not a valid {self.message_type}: {meaning}"
+        return f"the request is not a valid {self.message_type}: {self.reason or 'its bytes are not protobuf'}"
+
+
+# What protobuf's (upb's) decode errors mean, in terms a caller can act on.
+_DECODE_REASONS = {
+    "bad UTF-8": "a string field holds bytes that are not valid UTF-8 (send binary data as bytes)",
+    "MaxDepth": "it nests messages deeper than protobuf's limit of 100 levels",
+}
+
+
+def _parse_or_mark(parse: Callable[[bytes], Any], message_type: str, metrics: Metrics) -> Callable[[bytes], Any]:
+    def parse_request(data: bytes) -> Any:
+        metrics.observe_bytes(len(data), 0)
+        try:
+            return parse(data)
+        except DecodeError as error:
+            reason = str(error).partition(": ")[2] if ": " in str(error) else str(error)
+            return MalformedRequest(message_type, reason)
+
+    return parse_request
+
+
+def _serialize_counted(serialize: Callable[[Any], bytes], metrics: Metrics) -> Callable[[Any], bytes]:
+    def serialize_response(message: Any) -> bytes:
+        data = serialize(message)
+        metrics.observe_bytes(0, len(data))
+        return data
+
+    return serialize_response
+
+
+class _HandlerTable:
+    """Stands in for a server to take the generated add_*_to_server's method table."""
+
+    handlers: dict[str, Any]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+
+
+def add_to_server(servicer: DeploydServicer, server: Any, metrics: Metrics) -> None:
+    """Register the Deployd service: the generated table, with tolerant parsing and byte counts."""
+    table = _HandlerTable()
+    pb_grpc.add_DeploydServicer_to_server(servicer, table)
+    service = pb.DESCRIPTOR.services_by_name["Deployd"]
+    handlers = {}
+    for name, handler in table.handlers.items():
+        message_type = service.methods_by_name[name].input_type.full_name
+        handlers[name] = handler._replace(
+            request_deserializer=_parse_or_mark(handler.request_deserializer, message_type, metrics),
+            response_serializer=_serialize_counted(handler.response_serializer, metrics),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

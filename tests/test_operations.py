@@ -21,6 +21,7 @@ from client import (
     UnauthenticatedError,
     UnavailableError,
 )
+from client._proto import deployd_pb2 as pb
 from client._proto.deployd_pb2 import StatusRequest
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess
@@ -221,3 +222,53 @@ def test_tls(package_dir: Path, tmp_path: Path, mutual: bool) -> None:
                 anonymous.status()
     finally:
         process.assert_clean_stop()
+
+
+def _deeply_nested_invoke(levels: int) -> bytes:
+    """An InvokeRequest whose argument nests `levels` lists, written by hand: protobuf itself
+    refuses to build one past its depth limit."""
+    value = pb.Value(int_value=1).SerializeToString()
+    for _ in range(levels):
+        items = b"\x0a" + _varint(len(value)) + value  # ListValue.items = 1
+        value = b"\x42" + _varint(len(items)) + items  # Value.list_value = 8
+    return pb.InvokeRequest(object_id="x").SerializeToString() + b"\x1a" + _varint(len(value)) + value  # args = 3
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        out.append(low | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x0a\x02\xff\xfe", r"InvokeRequest: a string field holds bytes that are not valid UTF-8"),
+        (_deeply_nested_invoke(120), r"InvokeRequest: it nests messages deeper than protobuf's limit"),
+        (b"\xff\xff\xff", r"not a valid deployd\.v1\.InvokeRequest"),
+    ],
+    ids=["bad-utf8", "too-deep", "garbage"],
+)
+def test_request_that_does_not_parse(metrics_daemon: DaemonProcess, payload: bytes, message: str) -> None:
+    """INVALID_ARGUMENT with a message a person can act on, counted and logged like any call."""
+    with grpc.insecure_channel(metrics_daemon.target) as channel:
+        invoke = channel.unary_unary("/deployd.v1.Deployd/Invoke")  # raw bytes both ways
+        with pytest.raises(grpc.RpcError) as raised:
+            invoke(payload, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.search(message, raised.value.details()), raised.value.details()
+        load = channel.stream_unary("/deployd.v1.Deployd/LoadPackage")
+        with pytest.raises(grpc.RpcError) as raised:
+            load(iter([pb.LoadPackageRequest(chunk=b"PK").SerializeToString(), b"\x12\x01\xff"]), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "LoadPackageRequest" in raised.value.details()
+    text = scrape(metrics_daemon)
+    assert sample(text, "deployd_calls_total", method="Invoke", object="", code="INVALID_ARGUMENT") == 1
+    assert sample(text, "deployd_calls_total", method="LoadPackage", object="", code="INVALID_ARGUMENT") == 1
+    assert sample(text, "deployd_message_bytes_total", direction="received") >= len(payload)
+    assert any("method=Invoke" in line and "status=INVALID_ARGUMENT" in line for line in metrics_daemon.lines)
+    with InterpreterManager(metrics_daemon.target, timeout=60) as manager:
+        assert manager.status().workers
