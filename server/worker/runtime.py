@@ -6,6 +6,7 @@ a request message and its buffers and returns a reply message and the reply's bu
 
 from __future__ import annotations
 
+import gc
 import linecache
 import sys
 import traceback
@@ -94,7 +95,14 @@ class Runtime:
         self._packages[request.package_id] = importer
 
     def _close_package(self, request: protocol.ClosePackage, _: list[Any], __: list[Any]) -> None:
-        self._packages.pop(request.package_id, None)
+        importer = self._packages.pop(request.package_id, None)
+        if importer is None:
+            return
+        if isinstance(importer.zip_reader, SharedWeightsReader):
+            importer.zip_reader.close()
+        _forget_sources(importer)
+        del importer
+        _collect_garbage()
 
     def _package(self, package_id: str) -> PackageImporter:
         try:
@@ -117,7 +125,8 @@ class Runtime:
         self._objects[request.object_id] = package.load_pickle(request.module, request.file)
 
     def _unload_object(self, request: protocol.UnloadObject, _: list[Any], __: list[Any]) -> None:
-        self._objects.pop(request.object_id, None)
+        if self._objects.pop(request.object_id, None) is not None:
+            _collect_garbage()
 
     def _object(self, object_id: str) -> Any:
         try:
@@ -141,3 +150,34 @@ class Runtime:
         with torch.no_grad():
             result = method(*args, **kwargs)
         return pack(result, out_buffers)
+
+
+def _forget_sources(importer: PackageImporter) -> None:
+    """Take a closed package's modules out of linecache.
+
+    The importer registers each module it makes with linecache.lazycache, under the
+    module's mangled file name ("<torch_package_N>.pkg/mod.py"), so that tracebacks show
+    package source. A lazy entry holds a bound method of the importer, and linecache never
+    drops one: left there, it would keep the importer (its archive's file descriptor and
+    every module it made) alive for good.
+    """
+    for module in list(importer.modules.values()):
+        filename = getattr(module, "__file__", None)
+        if getattr(module, "__loader__", None) is importer and isinstance(filename, str):
+            linecache.cache.pop(filename, None)
+
+
+def _collect_garbage() -> None:
+    """Free what an unload let go of, now.
+
+    A package's importer and the modules it made refer to each other (each module's
+    `__loader__` is the importer, which keeps its modules), and model objects often sit in
+    cycles too, so dropping our reference frees nothing: only a full collection does, and
+    a worker that just serves calls makes too few objects to ever run one. Until then the
+    importer holds the archive's file descriptor and the last copy-on-write mapping of the
+    package's weight segment, which the daemon has already unlinked: every unload leaked
+    the package's weights and code. The collection is cheap: torch and everything imported
+    before the fork are frozen out of its reach (server.worker.preload), so it walks only
+    the objects of the packages still loaded.
+    """
+    gc.collect()

@@ -98,6 +98,11 @@ class SharedWeightsReader:
         as torch.package gives each load_pickle call its own storages."""
         self._mapping = map_private(self._segment, self._size)
 
+    def close(self) -> None:
+        """Drop this reader's mapping (the package is closed): its pages go with the last
+        tensor still using them, even if something keeps the importer alive."""
+        self._mapping = None
+
     def get_storage_from_record(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         entry = self._index.get(name)
         itemsize = torch.empty((), dtype=dtype).element_size()
