@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bandwidth, chaos, hops, memory, overhead, scaling, startup, threshold
+from bench import bandwidth, chaos, churn, hops, memory, overhead, scaling, startup, threshold
 from bench.common import DAEMON_NOTES, RESULTS_DIR, Context, Report, format_table, write_csv
 
 BENCHMARKS: dict[str, Callable[[Context], None]] = {
@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "memory": memory.run,
     "startup": startup.run,
     "chaos": chaos.run,
+    "churn": churn.run,
 }
 
 
