@@ -118,7 +118,7 @@ def callers_and_killer(spec: dict[str, Any]) -> dict[str, Any]:
 
 def rss_of(daemon_pid: int, manager: Any) -> dict[str, int]:
     """Resident bytes of the daemon, and of its current workers together."""
-    workers = [worker.pid for worker in manager.status().workers if worker.state != "stopped"]
+    workers = [worker.pid for worker in manager.status().workers if worker.state not in ("stopped", "restarting")]
     return {"daemon": rss_bytes(daemon_pid), "workers": sum(rss_bytes(pid) for pid in workers)}
 
 

@@ -290,6 +290,7 @@ def _status(options: argparse.Namespace) -> int:
                 "pss_bytes": worker.pss_bytes,
                 "shared_bytes": worker.shared_bytes,
                 "private_bytes": worker.private_bytes,
+                "last_failure": worker.last_failure,
             }
             for worker in status.workers
         ],
@@ -330,6 +331,9 @@ def _status_text(report: dict[str, Any]) -> str:
         for w in report["workers"]
     ]
     lines = _table(header, rows)
+    lines += [
+        f"worker {w['index']} cannot be replaced: {w['last_failure']}" for w in report["workers"] if w["last_failure"]
+    ]
     lines.append(f"queued calls: {report['queued_calls']}")
     lines.append(f"packages: {len(report['packages'])}")
     lines += [f"  {p['package_id']}  {mib(p['size_bytes'])} MiB" for p in report["packages"]]

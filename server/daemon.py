@@ -161,7 +161,7 @@ class Daemon:
         self._known_objects = objects
         # Before the whole pool is up, and once stopping, the server's health is set by run() alone.
         if self._started and not self._stop_requested.is_set():
-            await self._health.sync(self._pool.serving_count > 0, objects)
+            await self._health.sync(self._pool.serving_count > 0, objects, self._pool.full_capacity)
 
     def request_stop(self) -> None:
         if self._stop_requested.is_set():

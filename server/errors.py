@@ -62,11 +62,14 @@ class TooLarge(DeploydError):
 class WorkerCrashed(DeploydError):
     """caused_by_call: the worker ended itself while running the call (it crashed, exited,
     or went over its memory limit), so running the same call again would likely kill
-    another worker. False when something outside killed it: a retry is safe."""
+    another worker. False when something outside killed it: a retry is safe.
+    started: False when the worker died before it began this request (it was queued behind
+    another, or the worker was already gone): the request had no part in its end."""
 
-    def __init__(self, message: str, *, caused_by_call: bool = False) -> None:
+    def __init__(self, message: str, *, caused_by_call: bool = False, started: bool = True) -> None:
         super().__init__(message)
-        self.caused_by_call = caused_by_call
+        self.caused_by_call = caused_by_call and started
+        self.started = started
 
 
 class Overloaded(DeploydError):

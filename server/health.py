@@ -3,6 +3,10 @@ object (service name = its object id).
 
 SERVING while at least one worker can serve; NOT_SERVING while none can, before the pool
 is up and from the start of shutdown. An unloaded object's name reports SERVICE_UNKNOWN.
+
+`<service>/capacity` is SERVING only while every worker slot serves: a pool that lost a
+worker it cannot replace still serves (the server stays SERVING) but at reduced capacity,
+which this name shows (a name with "/" never clashes with an object's).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ class Health:
     def __init__(self, service_name: str) -> None:
         self.servicer = HealthServicer()
         self._server_names = ("", service_name)
+        self.capacity_name = f"{service_name}/capacity"
         self._objects: set[str] = set()
 
-    async def sync(self, serving: bool, objects: set[str]) -> None:
+    async def sync(self, serving: bool, objects: set[str], full_capacity: bool) -> None:
         """Set every status from the pool's state and the objects loaded now."""
+        await self.servicer.set(self.capacity_name, _SERVING if full_capacity else _NOT_SERVING)  # type: ignore[arg-type]
         for gone in self._objects - objects:
             await self.servicer.set(gone, _UNKNOWN)  # type: ignore[arg-type]
         self._objects = set(objects)
@@ -31,7 +37,7 @@ class Health:
             await self.servicer.set(name, status)  # type: ignore[arg-type]
 
     async def not_serving(self) -> None:
-        for name in self._server_names:
+        for name in (*self._server_names, self.capacity_name):
             await self.servicer.set(name, _NOT_SERVING)  # type: ignore[arg-type]
 
     async def shutdown(self) -> None:

@@ -58,6 +58,7 @@ class WorkerStatus:
     calls_served: int
     restarts: int
     memory: MemoryUsage
+    last_failure: str = ""  # why the slot's last replacement failed, while it has no worker
 
 
 class WorkerPool:
@@ -109,6 +110,7 @@ class WorkerPool:
         self._backoff = dict.fromkeys(range(size), 0.0)
         self._started_at: dict[int, float] = {}
         self._restart_tasks: set[asyncio.Task[None]] = set()
+        self._last_failure: dict[int, str] = {}  # slot -> why its last replacement failed
         self._closing = False
         self._memory_cache: dict[int, tuple[float, MemoryUsage]] = {}
 
@@ -189,9 +191,18 @@ class WorkerPool:
             self._restarts[index] += 1
             try:
                 await self.spawn_worker(index)
-                return
-            except DeploydError as error:
-                log.error("could not replace worker %d: %s; retrying", index, error)
+            except Exception as error:  # whatever it was, the slot must not stay empty
+                self._last_failure[index] = f"{type(error).__name__}: {error}"
+                log.error(
+                    "could not replace worker %d (retrying in %.1fs): %s",
+                    index,
+                    self._backoff[index],
+                    self._last_failure[index],
+                    exc_info=not isinstance(error, DeploydError),  # a domain error's message says it all
+                )
+                continue
+            self._last_failure.pop(index, None)
+            return
 
     async def stop(self) -> None:
         """Stop every worker: close its channel, then terminate, then kill."""
@@ -293,9 +304,9 @@ class WorkerPool:
     def _send_or_fail(worker: WorkerHandle, message: protocol.Request, buffers: list[Any]) -> asyncio.Future[Any]:
         try:
             return worker.send(message, buffers)
-        except WorkerCrashed as error:
+        except WorkerCrashed as error:  # it died before this request reached it
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(error)
+            failed.set_exception(WorkerCrashed(str(error), started=False))
             return failed
 
     # ------------------------------------------------------------------ inspection
@@ -318,12 +329,24 @@ class WorkerPool:
         return self._waiting
 
     def status(self) -> list[WorkerStatus]:
+        """Every slot: its worker, or the dead one it is replacing ("restarting") and why that failed."""
         return [
             WorkerStatus(
-                index, worker.pid, worker.state, worker.calls_served, self._restarts[index], self._memory(worker.pid)
+                index,
+                worker.pid,
+                worker.state if worker.alive or self._closing else "restarting",
+                worker.calls_served,
+                self._restarts[index],
+                self._memory(worker.pid),
+                self._last_failure.get(index, ""),
             )
             for index, worker in sorted(self._workers.items())
         ]
+
+    @property
+    def full_capacity(self) -> bool:
+        """Whether every slot has a serving worker."""
+        return len(self._serving) == self.size
 
     def _memory(self, pid: int) -> MemoryUsage:
         """A worker's memory, read at most once a second: smaps_rollup walks every mapping

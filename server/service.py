@@ -79,6 +79,11 @@ class ModelService:
                 if crash.caused_by_call:
                     await self._strike(key, str(crash))
                 raise
+            except DeploydError as error:
+                # It failed outright (it may never have run anywhere: a load that no worker
+                # could run at the time is taken on one worker's word): no retry will differ.
+                await self._evict(key, f"evicted: replaying {key.kind} {key.name!r} into a new worker failed: {error}")
+                raise
         self._replay_strikes.clear()
 
     async def _replay_step(self, worker: WorkerHandle, key: ReplayKey, request: protocol.Request) -> None:
@@ -96,7 +101,12 @@ class ModelService:
         if strikes < _REPLAY_STRIKES:
             return
         del self._replay_strikes[key]
-        why = f"evicted: replaying {key.kind} {key.name!r} into {strikes} new workers killed each (last: {last_death})"
+        what = f"{key.kind} {key.name!r}"
+        await self._evict(key, f"evicted: replaying {what} into {strikes} new workers killed each (last: {last_death})")
+
+    async def _evict(self, key: ReplayKey, why: str) -> None:
+        """Forget what cannot be replayed, so that new workers can start without it."""
+        self._replay_strikes.pop(key, None)
         log.error("%s", why)
         if key.kind == "object" and key.name in self._registry.objects:
             await self._drop_objects([self._registry.objects[key.name]], why)
@@ -246,19 +256,37 @@ class ModelService:
         if self._pool.serving_count == 0:
             raise WorkerCrashed("no worker is serving; try again once the pool has recovered")
         outcomes = await self._pool.broadcast(request, [])
-        failures = [(worker, outcome) for worker, outcome in outcomes if isinstance(outcome, BaseException)]
-        if not failures:
+        succeeded = [worker for worker, outcome in outcomes if not isinstance(outcome, BaseException)]
+        # A worker that died before it started this request (it was busy with a call that
+        # hung or crashed) says nothing about the request: its replacement gets it by replay,
+        # once `changes` is released. One worker that ran it is still needed to vouch for it.
+        bystanders: list[tuple[WorkerHandle, BaseException]] = [
+            (worker, outcome)
+            for worker, outcome in outcomes
+            if isinstance(outcome, WorkerCrashed) and not outcome.started
+        ]
+        failures = [
+            (worker, outcome)
+            for worker, outcome in outcomes
+            if isinstance(outcome, BaseException) and (worker, outcome) not in bystanders
+        ]
+        if not failures and succeeded:
+            for worker, outcome in bystanders:
+                log.warning("%s: worker %d will get it by replay: %s", context, worker.index, outcome)
             return
+        if not failures:
+            failures = bystanders
         if undo is not None:
-            succeeded = [worker for worker, outcome in outcomes if not isinstance(outcome, BaseException)]
             for worker in succeeded:
                 try:
                     await worker.request(undo, [])
                 except DeploydError as error:
                     log.warning("could not undo %s on worker %d: %s", type(request).__name__, worker.index, error)
         worker, failure = failures[0]
-        if isinstance(failure, WorkerCrashed):
+        if isinstance(failure, WorkerCrashed) and failure.caused_by_call:
             failure.args = (f"{context}: it killed the worker: {failure}",)
+        elif isinstance(failure, WorkerCrashed):
+            failure.args = (f"{context}: the worker died before it could finish: {failure}; try again",)
         elif isinstance(failure, DeploydError):
             failure.args = (f"{context}: {failure} (on worker {worker.index})",)
         raise failure

@@ -228,6 +228,7 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
                     state=w.state,
                     calls_served=w.calls_served,
                     restarts=w.restarts,
+                    last_failure=w.last_failure,
                     **w.memory._asdict(),
                 )
                 for w in snapshot.workers

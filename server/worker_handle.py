@@ -280,13 +280,26 @@ class WorkerHandle:
             self.exit_reason, self.exit_cause = describe_exit(exitcode), exit_cause(exitcode)
             caused_by_call = ended_itself(exitcode)
         self.state = "stopped"
-        crash = WorkerCrashed(
-            f"worker {self.index} (pid {self.pid}) {self.exit_reason} while serving this call",
-            caused_by_call=caused_by_call and not self.stopping,
-        )
+        # A worker serves its requests one at a time, in the order sent: the oldest one
+        # unanswered is the one it was running; the others waited behind it and did not
+        # cause its end, whatever it was.
+        running = True
         for reply in self._pending.values():
-            if not reply.done():
-                reply.set_exception(crash)
+            if reply.done():
+                continue
+            if running:
+                crash = WorkerCrashed(
+                    f"worker {self.index} (pid {self.pid}) {self.exit_reason} while serving this call",
+                    caused_by_call=caused_by_call and not self.stopping,
+                )
+            else:
+                crash = WorkerCrashed(
+                    f"worker {self.index} (pid {self.pid}) {self.exit_reason} while running an earlier"
+                    " request, before it could start this one",
+                    started=False,
+                )
+            reply.set_exception(crash)
+            running = False
         self._pending.clear()
         self._sent_at.clear()
         self._inbox.retire()

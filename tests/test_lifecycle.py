@@ -17,7 +17,7 @@ from tests.daemon_process import DaemonProcess, alive, wait_until
 
 
 def worker_pids(manager: InterpreterManager) -> set[int]:
-    return {worker.pid for worker in manager.status().workers if worker.state != "stopped"}
+    return {worker.pid for worker in manager.status().workers if worker.state not in ("stopped", "restarting")}
 
 
 def wait_for_replacement(manager: InterpreterManager, old_pids: set[int], timeout: float = 30.0) -> set[int]:

@@ -211,6 +211,47 @@ def test_hung_model_loses_its_worker_after_the_grace(
     assert "a call ran 1s past its caller giving up" in daemon.log
 
 
+def test_changes_queued_behind_a_hung_call_succeed_when_its_worker_is_killed(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+) -> None:
+    """A load, a module registration and an unload each wait behind a hung call on one worker;
+    that worker is killed after the grace, for a reason none of them caused: each succeeds,
+    and the replacement gets what they changed by replay."""
+    daemon = daemon_with(pool={"abandoned_call_grace_seconds": 1.0})
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        scale = load_scale(manager, package_dir)
+        package = manager.load_package(package_dir / "models.pt")
+
+        def behind_a_hung_call(change: Callable[[], Any]) -> Any:
+            before = worker_pids(manager)
+            with pytest.raises(DeadlineExceededError):
+                scale.options(timeout=0.5).call_method("spin")
+            result = change()  # before the fix: UNAVAILABLE "it killed the worker"
+            wait_for_replacement(manager, before, timeout=30)
+            return result
+
+        def on_both_workers(obj: ReplicatedObj, method: str, *args: Any) -> list[Any]:
+            threads = [in_thread(lambda: obj.call_method(method, *args)) for _ in range(2)]
+            for thread, _ in threads:
+                thread.join(30)
+            assert all("result" in outcome for _, outcome in threads), threads
+            return [outcome["result"] for _, outcome in threads]
+
+        loaded = behind_a_hung_call(lambda: package.load_pickle("models", "scale.pkl"))
+        assert set(on_both_workers(loaded, "nap", 0.5)) == worker_pids(manager), "replayed into the new worker"
+
+        behind_a_hung_call(lambda: manager.register_module_source("queued_module", "ANSWER = 42\n"))
+        answers = on_both_workers(loaded, "call_module", "queued_module", "__getattribute__", "ANSWER")
+        assert answers == [42, 42]
+
+        behind_a_hung_call(loaded.unload)
+        with pytest.raises(NotFoundError):
+            loaded(torch.ones(1))
+        assert [obj.object_id for obj in manager.status().objects] == [scale.id]
+    assert "it killed the worker" not in daemon.log
+    assert "will get it by replay" in daemon.log
+
+
 def test_a_call_over_the_servers_limit_kills_its_worker(
     daemon_with: Callable[..., DaemonProcess], package_dir: Path
 ) -> None:

@@ -243,7 +243,7 @@ class StatusResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., packages: _Optional[_Iterable[_Union[PackageStatus, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectStatus, _Mapping]]] = ..., modules: _Optional[_Iterable[str]] = ..., queued_calls: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("index", "pid", "state", "calls_served", "restarts", "rss_bytes", "pss_bytes", "shared_bytes", "private_bytes")
+    __slots__ = ("index", "pid", "state", "calls_served", "restarts", "rss_bytes", "pss_bytes", "shared_bytes", "private_bytes", "last_failure")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class WorkerStatus(_message.Message):
     PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
     index: int
     pid: int
     state: str
@@ -262,7 +263,8 @@ class WorkerStatus(_message.Message):
     pss_bytes: int
     shared_bytes: int
     private_bytes: int
-    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., calls_served: _Optional[int] = ..., restarts: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., private_bytes: _Optional[int] = ...) -> None: ...
+    last_failure: str
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., calls_served: _Optional[int] = ..., restarts: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., private_bytes: _Optional[int] = ..., last_failure: _Optional[str] = ...) -> None: ...
 
 class PackageStatus(_message.Message):
     __slots__ = ("package_id", "size_bytes")
