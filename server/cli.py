@@ -4,11 +4,11 @@ unload, invoke and health are operator commands, a client of the daemon (client/
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Any
 
+from server import logs
 from server.config import ConfigError, load_config
 
 
@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         from client import cli as client_cli  # see build_parser
 
         return client_cli.run(options)
-    logging.basicConfig(
-        level=options.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.start(options.log_level)
+    try:
+        return _serve(options)
+    finally:
+        logs.stop()  # the last lines ("stopped") are written before the process ends
+
+
+def _serve(options: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     for flag, key in (
         ("address", "server.address"),

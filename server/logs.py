@@ -1,14 +1,39 @@
-"""The daemon's log format: plain lines or one JSON object per line (server.log_format).
+"""The daemon's logs: written by a thread of their own, in plain lines or one JSON object per
+line (server.log_format).
+
+A serving path never waits on its logs. A record is handed to a bounded queue on the
+thread that logs it (the event loop, mostly); one writer thread formats and writes it
+to stderr. When stderr stops taking lines (a full pipe nobody reads), the queue fills
+and further records are dropped and counted (records_dropped(), served as
+deployd_log_records_dropped_total), rather than stalling every call:
+
+    logger.info() -> QueueingHandler.enqueue() --put_nowait--> queue (MAX_QUEUED_RECORDS)
+                                       | full: dropped += 1        |
+                                                       writer thread (QueueListener)
+                                                       -> format -> os.write(stderr)
 
 A record may carry structured fields (`extra={"fields": {...}}`, as the per-call line
 does): plain appends them as key=value, JSON puts them at the top level.
+
+Worker processes are not covered: they come from the fork server with its stderr, and
+what a model prints there is written directly.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
+import queue
+import threading
+import time
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
+
+# Records waiting for the writer: a few hundred KB at most. A stderr that keeps up empties
+# it within microseconds; only one that stopped reading lets it fill.
+MAX_QUEUED_RECORDS = 1000
 
 _PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -39,8 +64,116 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class QueueingHandler(QueueHandler):
+    """Puts records on a bounded queue without ever waiting: one that does not fit is dropped and counted."""
+
+    def __init__(self, records: queue.Queue[Any]) -> None:
+        super().__init__(records)
+        self.dropped = 0
+        self._count_lock = threading.Lock()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # Only the message is resolved here, while its arguments still hold what they held;
+        # the costly part (time, fields, JSON, a traceback) is the writer thread's.
+        # QueueHandler.prepare would format it all on the caller's thread.
+        prepared = copy.copy(record)
+        prepared.msg = record.getMessage()
+        prepared.args = None
+        return prepared
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            with self._count_lock:
+                self.dropped += 1
+
+
+class StderrWriter(logging.Handler):
+    """Writes formatted records to file descriptor 2 with os.write: a write that blocks on a full
+    pipe holds no lock of sys.stderr's, so the interpreter can still flush it and exit."""
+
+    def __init__(self, fd: int = 2) -> None:
+        super().__init__()
+        self._fd = fd
+        self.setFormatter(PlainFormatter())
+
+    def createLock(self) -> None:
+        # No lock: while the daemon serves, the writer thread is its only caller; and at exit
+        # logging.shutdown() takes every handler's lock, which a write blocked for good would hold.
+        self.lock = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = memoryview((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except Exception:
+            self.handleError(record)
+
+
+class _Writer(QueueListener):
+    """The writer thread: takes records off the queue and hands them to StderrWriter."""
+
+    def __init__(self, records: queue.Queue[Any], output: logging.Handler) -> None:
+        super().__init__(records, output)
+        self._records = records
+
+    def stop_within(self, timeout: float) -> bool:
+        """Write out what is queued and end the thread; False if stderr would not take it in time.
+        (QueueListener.stop raises when the queue is full, and waits as long as stderr does.)"""
+        thread = self._thread
+        if thread is None:
+            return True
+        deadline = time.monotonic() + timeout
+        try:
+            self._records.put(None, timeout=timeout)  # QueueListener's sentinel: the thread ends there
+        except queue.Full:
+            return False
+        thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread = None
+        return not thread.is_alive()
+
+
+_handler: QueueingHandler | None = None
+_writer: _Writer | None = None
+_output = StderrWriter()
+
+
+def start(level: int | str) -> None:
+    """Send the root logger's records through the queue to the writer thread."""
+    global _handler, _writer
+    root = logging.getLogger()
+    root.setLevel(level)
+    if _handler is not None:
+        return
+    records: queue.Queue[Any] = queue.Queue(MAX_QUEUED_RECORDS)
+    _handler = QueueingHandler(records)
+    _writer = _Writer(records, _output)
+    _writer.start()
+    root.addHandler(_handler)
+
+
+def stop(timeout: float = 5.0) -> None:
+    """Write out what is queued; later records (nothing serves any more) are written at once.
+    If stderr takes nothing for timeout seconds, what is still queued is lost."""
+    global _handler, _writer
+    if _handler is None or _writer is None:
+        return
+    root = logging.getLogger()
+    root.removeHandler(_handler)
+    written = _writer.stop_within(timeout)
+    root.addHandler(_output if written else logging.NullHandler())
+    _handler, _writer = None, None
+
+
+def records_dropped() -> int:
+    """Records dropped because the queue was full, while the writer runs."""
+    return _handler.dropped if _handler is not None else 0
+
+
 def use_format(log_format: str) -> None:
-    """Give every handler of the root logger the configured format."""
+    """Give the writer, and every other handler of the root logger, the configured format."""
     formatter = JsonFormatter() if log_format == "json" else PlainFormatter()
-    for handler in logging.getLogger().handlers:
+    for handler in {_output, *logging.getLogger().handlers}:
         handler.setFormatter(formatter)

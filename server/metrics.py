@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server import logs
 from server.config import split_address
 from server.procinfo import MemoryUsage
 
@@ -91,6 +92,7 @@ class Metrics:
             registry=r,
         )
         self._received, self._sent = self.message_bytes.labels("received"), self.message_bytes.labels("sent")
+        r.register(_LogDropsCollector(logs.records_dropped))
         self._http: Any = None
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._runs: dict[str, Any] = {}
@@ -174,3 +176,17 @@ class _WorkerMemoryCollector(Collector):
             for kind, value in zip(("rss", "pss", "shared", "private"), usage, strict=True):
                 family.add_metric([str(index), kind], value)
         yield family
+
+
+class _LogDropsCollector(Collector):
+    """deployd_log_records_dropped_total, read from the log writer's count (server/logs.py) when scraped."""
+
+    def __init__(self, source: Callable[[], int]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "deployd_log_records_dropped",
+            "Log records dropped because stderr did not take them fast enough (the log queue was full)",
+            value=self._source(),
+        )
