@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2
 
 from client import (
     DeadlineExceededError,
@@ -33,6 +34,9 @@ from server.procinfo import alive, descendants_of
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until
 from tests.test_lifecycle import wait_for_replacement, worker_pids
+from tests.test_operations import check_health
+
+CAPACITY = "deployd.v1.Deployd/capacity"
 
 
 @pytest.fixture
@@ -350,7 +354,17 @@ def test_an_object_whose_replay_kills_new_workers_is_evicted(
         marker.touch()  # from now on, replaying `fragile` kills the worker it is replayed into
         before = worker_pids(manager)
         os.kill(next(iter(before)), signal.SIGKILL)
+        # While the slot cannot be refilled, the lost capacity shows, and why.
+        failing = [w for w in manager.status().workers if w.last_failure]
+        assert wait_until(
+            lambda: failing.extend(w for w in manager.status().workers if w.last_failure) or failing, 10, 0.02
+        )
+        assert failing[0].state == "restarting" and "exited with code 7" in failing[0].last_failure
+        assert check_health(daemon.target, CAPACITY) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert check_health(daemon.target, "") == health_pb2.HealthCheckResponse.SERVING  # one worker still serves
         wait_for_replacement(manager, before, timeout=30)
+        assert wait_until(lambda: check_health(daemon.target, CAPACITY) == health_pb2.HealthCheckResponse.SERVING, 10)
+        assert not any(w.last_failure for w in manager.status().workers)
         with pytest.raises(NotFoundError, match=r"evicted: replaying object .* killed each"):
             fragile(torch.ones(1))
         assert [o.object_id for o in manager.status().objects] == [scale.id]
