@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import pwd
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,6 +61,11 @@ class WorkerSection:
     # Anonymous resident memory (RssAnon) at which a worker is killed and replaced; 0: no
     # limit. A fresh worker starts at about 150 MB (torch, inherited from the fork server).
     memory_limit_bytes: int = 0
+    # setrlimit in each worker, soft and hard, before any model code; 0: leave as inherited.
+    max_open_files: int = 0  # RLIMIT_NOFILE
+    max_address_space_bytes: int = 0  # RLIMIT_AS (virtual memory, shared mappings included)
+    # Run workers as this user (name or uid) when the daemon starts as root; empty: the daemon's user.
+    user: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,21 @@ class PackagesSection:
     max_bytes: int = 16 * 1024 * 1024 * 1024
     # Where the daemon keeps its copies of loaded packages; empty: a fresh temporary directory.
     store_directory: str = ""
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """What one request may ask of the daemon; past a limit the request fails with a status naming it."""
+
+    max_value_depth: int = 64  # nesting of lists, tuples and dicts in one value; at most 64
+    max_tensor_rank: int = 32
+    max_tensor_elements: int = 1 << 31
+    max_container_items: int = 1 << 20  # items in one list, tuple or dict
+    # A package's entries inflated (sum of their sizes) and that sum over the archive's size.
+    max_package_unpacked_bytes: int = 32 * 1024 * 1024 * 1024
+    max_package_compression_ratio: float = 100.0
+    max_packages: int = 1000  # loaded at once; 0: no limit
+    max_objects: int = 10000
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,7 @@ class Config:
     pool: PoolSection = field(default_factory=PoolSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
     packages: PackagesSection = field(default_factory=PackagesSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     auth: AuthSection = field(default_factory=AuthSection)
     tls: TlsSection = field(default_factory=TlsSection)
@@ -231,6 +253,16 @@ def _validate(config: Config) -> None:
         ("worker.num_threads", config.worker.num_threads, config.worker.num_threads >= 1),
         ("worker.shm_threshold_bytes", config.worker.shm_threshold_bytes, config.worker.shm_threshold_bytes >= 1),
         ("packages.max_bytes", config.packages.max_bytes, config.packages.max_bytes >= 0),
+        (  # 0, or room for the worker's own files (stdio, its channel, the package archives)
+            "worker.max_open_files",
+            config.worker.max_open_files,
+            config.worker.max_open_files == 0 or config.worker.max_open_files >= _MIN_OPEN_FILES,
+        ),
+        (
+            "worker.max_address_space_bytes",
+            config.worker.max_address_space_bytes,
+            config.worker.max_address_space_bytes >= 0,
+        ),
         ("metrics.address", config.metrics.address, not config.metrics.address or _is_address(config.metrics.address)),
     ]
     checks += [
@@ -242,6 +274,13 @@ def _validate(config: Config) -> None:
         ("tls.key_file", config.tls.key_file, bool(config.tls.key_file) == bool(config.tls.cert_file)),
         ("tls.client_ca_file", config.tls.client_ca_file, not config.tls.client_ca_file or bool(config.tls.cert_file)),
     ]
+    checks += [
+        (f"limits.{key}", getattr(config.limits, key), getattr(config.limits, key) >= minimum)
+        for key, minimum in _LIMIT_MINIMUMS.items()
+    ]
+    # Workers refuse deeper values themselves (server.worker.values), so the daemon cannot allow more.
+    depth = config.limits.max_value_depth
+    checks.append(("limits.max_value_depth", depth, 1 <= depth <= 64))
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {value!r}")
@@ -249,6 +288,8 @@ def _validate(config: Config) -> None:
         path = getattr(config.tls, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"bad value for tls.{key}: {path!r} is not a readable file")
+    if config.worker.user:
+        worker_user(config.worker.user)  # refuses an unknown user, or one the daemon cannot become
     host = split_address(config.server.address)[0]
     has_tokens = bool(config.auth.admin_tokens or config.auth.invoke_tokens)
     if not _is_loopback(host) and not has_tokens and not config.auth.allow_unauthenticated_remote:
@@ -257,6 +298,32 @@ def _validate(config: Config) -> None:
             " set: anyone could load code into the workers. Set auth.admin_tokens (and auth.invoke_tokens),"
             " or auth.allow_unauthenticated_remote: true if something else guards the port"
         )
+
+
+_MIN_OPEN_FILES = 32
+# The smallest value each limits.KEY accepts (0 where 0 means no limit).
+_LIMIT_MINIMUMS: dict[str, float] = {
+    "max_tensor_rank": 1,
+    "max_tensor_elements": 1,
+    "max_container_items": 1,
+    "max_package_unpacked_bytes": 0,
+    "max_package_compression_ratio": 0,
+    "max_packages": 0,
+    "max_objects": 0,
+}
+
+
+def worker_user(user: str) -> tuple[int, int]:
+    """worker.user as (uid, gid): a user name, or a numeric uid, from the password database."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"bad value for worker.user: {user!r} is not a user on this host") from None
+    if os.geteuid() not in (0, entry.pw_uid):
+        raise ConfigError(
+            f"bad value for worker.user: {user!r}: only a daemon started as root can run workers as another user"
+        )
+    return entry.pw_uid, entry.pw_gid
 
 
 def _is_loopback(host: str) -> bool:

@@ -3,6 +3,8 @@
 Segments are named `deployd-<daemon pid>-<n>`, so a daemon that starts can tell the
 segments of a daemon that died (SIGKILL leaves them behind) from those of one alive.
 Workers map segments by name (server.worker.shared); they never create or unlink one.
+When workers run as another user (worker.user), segments are shared with that user's
+group (set_worker_group): mode 0660, instead of 0600.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ SHM_DIRECTORY = "/dev/shm"
 PREFIX = "deployd-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)-\d+$")
 _counter = itertools.count()
+_worker_group: int | None = None
+
+
+def set_worker_group(gid: int | None) -> None:
+    """Segments made from now on may be mapped (read-write) by this group too; None: owner only."""
+    global _worker_group
+    _worker_group = gid
 
 
 class SharedMemoryFull(OSError):
@@ -44,6 +53,9 @@ class Segment:
         # The daemon unlinks its own segments; the multiprocessing tracker need not
         # (and would warn at exit about segments that were already gone).
         resource_tracker.unregister(self._memory._name, "shared_memory")  # type: ignore[attr-defined]
+        if _worker_group is not None:
+            os.fchown(self._memory._fd, -1, _worker_group)  # type: ignore[attr-defined]
+            os.fchmod(self._memory._fd, 0o660)  # type: ignore[attr-defined]
         try:
             os.posix_fallocate(self._memory._fd, 0, self.size)  # type: ignore[attr-defined]
         except OSError as error:

@@ -1,13 +1,15 @@
 """Wire values (deployd.v1.Value) <-> packed values (server.protocol), in the daemon.
 
 The daemon never builds tensors: it checks that a tensor's bytes match its dtype and
-shape, and hands the bytes on as a buffer.
+shape, and hands the bytes on as a buffer. A value past one of the configured limits
+(config section `limits`, set once at start with set_limits) is refused with an
+InvalidValue that names the limit's key.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from server.errors import InvalidValue
 from server.proto import deployd_pb2 as pb
@@ -28,27 +30,60 @@ _DTYPES: dict[int, tuple[str, int]] = {
     pb.DTYPE_COMPLEX128: ("complex128", 16),
 }
 _DTYPE_BY_NAME = {name: dtype for dtype, (name, _) in _DTYPES.items()}
-MAX_DEPTH = 64
 
 
-def unpack_value(value: pb.Value, buffers: list[Any], depth: int = 0) -> Any:
+class ValueLimits(NamedTuple):
+    """What one wire value may hold (config section `limits`, same names)."""
+
+    max_value_depth: int = 64  # the worker's own limit too (server.worker.values)
+    max_tensor_rank: int = 32
+    max_tensor_elements: int = 1 << 31
+    max_container_items: int = 1 << 20
+
+
+_limits = ValueLimits()
+
+
+def set_limits(limits: ValueLimits) -> None:
+    """The limits unpack_value checks from now on (the daemon sets them once, from its config)."""
+    global _limits
+    _limits = limits
+
+
+def unpack_value(value: pb.Value, buffers: list[Any]) -> Any:
     """A wire value as a packed value; tensor bytes are appended to buffers."""
-    if depth > MAX_DEPTH:
-        raise InvalidValue(f"value nested deeper than {MAX_DEPTH} levels")
+    return _unpack(value, buffers, 0, _limits)
+
+
+def _unpack(value: pb.Value, buffers: list[Any], depth: int, limits: ValueLimits) -> Any:
+    if depth > limits.max_value_depth:
+        raise InvalidValue(f"value nested deeper than {limits.max_value_depth} levels (limits.max_value_depth)")
     kind = value.WhichOneof("kind")
     if kind == "tensor_value":
-        return _unpack_tensor(value.tensor_value, buffers)
+        return _unpack_tensor(value.tensor_value, buffers, limits)
     if kind == "list_value":
-        return [unpack_value(item, buffers, depth + 1) for item in value.list_value.items]
+        items = _checked_items(value.list_value.items, "list", limits)
+        return [_unpack(item, buffers, depth + 1, limits) for item in items]
     if kind == "tuple_value":
-        return ("tuple", [unpack_value(item, buffers, depth + 1) for item in value.tuple_value.items])
+        items = _checked_items(value.tuple_value.items, "tuple", limits)
+        return ("tuple", [_unpack(item, buffers, depth + 1, limits) for item in items])
     if kind == "dict_value":
-        return {_entry_key(entry): unpack_value(entry.value, buffers, depth + 1) for entry in value.dict_value.entries}
+        entries = _checked_items(value.dict_value.entries, "dict", limits)
+        return {_entry_key(entry): _unpack(entry.value, buffers, depth + 1, limits) for entry in entries}
     if kind == "none_value":
         return None
     if kind is None:
         raise InvalidValue("a Value with no kind set")
     return getattr(value, kind)
+
+
+def _checked_items(items: Any, what: str, limits: ValueLimits) -> Any:
+    if len(items) > limits.max_container_items:
+        raise InvalidValue(
+            f"a {what} of {len(items)} items, over the limit of {limits.max_container_items}"
+            " (limits.max_container_items)"
+        )
+    return items
 
 
 def _entry_key(entry: pb.DictEntry) -> str | int:
@@ -59,14 +94,25 @@ def _entry_key(entry: pb.DictEntry) -> str | int:
     return result
 
 
-def _unpack_tensor(tensor: pb.Tensor, buffers: list[Any]) -> tuple[str, str, list[int], int]:
+def _unpack_tensor(tensor: pb.Tensor, buffers: list[Any], limits: ValueLimits) -> tuple[str, str, list[int], int]:
     if tensor.dtype not in _DTYPES:
         raise InvalidValue(f"unknown tensor dtype {tensor.dtype}")
     name, itemsize = _DTYPES[tensor.dtype]
+    if len(tensor.shape) > limits.max_tensor_rank:
+        raise InvalidValue(
+            f"a tensor of {len(tensor.shape)} dimensions, over the limit of {limits.max_tensor_rank}"
+            " (limits.max_tensor_rank)"
+        )
     shape = list(tensor.shape)
     if any(size < 0 for size in shape):
         raise InvalidValue(f"tensor shape {shape} has a negative size")
-    expected = math.prod(shape) * itemsize
+    elements = math.prod(shape)
+    if elements > limits.max_tensor_elements:
+        raise InvalidValue(
+            f"a tensor of shape {shape} has {elements} elements, over the limit of {limits.max_tensor_elements}"
+            " (limits.max_tensor_elements)"
+        )
+    expected = elements * itemsize
     data = tensor.data  # each read of a bytes field copies it: read it once
     if len(data) != expected:
         raise InvalidValue(f"tensor of dtype {name} and shape {shape} needs {expected} bytes of data, got {len(data)}")

@@ -15,6 +15,12 @@ class WorkerSettings(NamedTuple):
     num_threads: int
     extra_sys_paths: tuple[str, ...]
     shm_threshold_bytes: int  # tensors this large or larger go through shared memory
+    # setrlimit (soft and hard) before any model code runs; 0: as inherited.
+    max_open_files: int = 0
+    max_address_space_bytes: int = 0
+    # Become this user and group at start (the daemon runs as root); -1: stay as the daemon's user.
+    uid: int = -1
+    gid: int = -1
 
 
 def run_worker(channel: socket.socket, settings: WorkerSettings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import socket
 import sys
@@ -32,7 +33,9 @@ from server.worker.shared import ArenaMappings, ReplyPlacement
 
 
 def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
+    _become_user(settings.uid, settings.gid)  # first: a change of user clears the parent-death signal
     _die_with_parent()
+    _limit_resources(settings)
     # Ctrl-C reaches the whole process group; the daemon decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # torch.package's unpickler still uses TypedStorage; the warning says nothing to an operator.
@@ -44,6 +47,30 @@ def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
     write_frame_blocking(channel, encode_frame(0, Ready(os.getpid()), []))
     while serve_one(channel, runtime, mappings, settings.shm_threshold_bytes):
         pass
+
+
+def _become_user(uid: int, gid: int) -> None:
+    """Drop root for worker.user before any model code runs; workers never get it back."""
+    if uid < 0 or os.getuid() == uid:
+        return
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _limit_resources(settings: WorkerSettings) -> None:
+    """worker.max_open_files and worker.max_address_space_bytes, as soft and hard limits:
+    model code cannot raise them again. Past them, opening a file fails with EMFILE and an
+    allocation with MemoryError (torch: RuntimeError "can't allocate memory"), in that call."""
+    for which, value in (
+        (resource.RLIMIT_NOFILE, settings.max_open_files),
+        (resource.RLIMIT_AS, settings.max_address_space_bytes),
+    ):
+        if value:
+            hard = resource.getrlimit(which)[1]
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)  # only root may raise a hard limit
+            resource.setrlimit(which, (value, value))
 
 
 def _die_with_parent() -> None:
