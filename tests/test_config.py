@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from server.config import Config, ConfigError, load_config
+from server.config import Config, ConfigError, load_config, worker_user
 from tests.daemon_process import REPO
 
 
@@ -122,3 +124,49 @@ def test_tls_and_token_settings_are_checked(tmp_path: Path) -> None:
     assert "has space" not in str(raised.value), "a token must never appear in a message"
     with pytest.raises(ConfigError, match=r"server\.log_format"):
         load_config(environ={"DEPLOYD_SERVER_LOG_FORMAT": "xml"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"DEPLOYD_LIMITS_MAX_VALUE_DEPTH": "0"}, "limits.max_value_depth: 0"),
+        ({"DEPLOYD_LIMITS_MAX_VALUE_DEPTH": "65"}, "limits.max_value_depth: 65"),
+        ({"DEPLOYD_LIMITS_MAX_TENSOR_RANK": "0"}, "limits.max_tensor_rank: 0"),
+        ({"DEPLOYD_LIMITS_MAX_TENSOR_ELEMENTS": "0"}, "limits.max_tensor_elements: 0"),
+        ({"DEPLOYD_LIMITS_MAX_CONTAINER_ITEMS": "0"}, "limits.max_container_items: 0"),
+        ({"DEPLOYD_LIMITS_MAX_PACKAGE_UNPACKED_BYTES": "-1"}, "limits.max_package_unpacked_bytes: -1"),
+        ({"DEPLOYD_LIMITS_MAX_PACKAGE_COMPRESSION_RATIO": "-2.5"}, "limits.max_package_compression_ratio: -2.5"),
+        ({"DEPLOYD_LIMITS_MAX_PACKAGES": "-1"}, "limits.max_packages: -1"),
+        ({"DEPLOYD_LIMITS_MAX_OBJECTS": "many"}, "limits.max_objects: 'many'"),
+        ({"DEPLOYD_WORKER_MAX_OPEN_FILES": "5"}, "worker.max_open_files: 5"),
+        ({"DEPLOYD_WORKER_MAX_ADDRESS_SPACE_BYTES": "-1"}, "worker.max_address_space_bytes: -1"),
+        ({"DEPLOYD_WORKER_USER": "no-such-user-here"}, "worker.user: 'no-such-user-here' is not a user on this host"),
+    ],
+)
+def test_bad_limits_are_refused(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"bad value for {message}".replace(".", r"\.")):
+        load_config(environ=environ)
+
+
+def test_limits_and_worker_resources() -> None:
+    config = load_config(
+        environ={
+            "DEPLOYD_LIMITS_MAX_PACKAGES": "0",
+            "DEPLOYD_LIMITS_MAX_PACKAGE_COMPRESSION_RATIO": "20",
+            "DEPLOYD_WORKER_MAX_OPEN_FILES": "256",
+            "DEPLOYD_WORKER_MAX_ADDRESS_SPACE_BYTES": "8589934592",
+        }
+    )
+    assert (config.limits.max_packages, config.limits.max_package_compression_ratio) == (0, 20.0)
+    assert (config.worker.max_open_files, config.worker.max_address_space_bytes) == (256, 8 * 1024**3)
+    assert Config().worker.max_open_files == 0 and Config().worker.max_address_space_bytes == 0  # off by default
+
+
+def test_worker_user_needs_root_unless_it_is_the_daemons_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    own = pwd.getpwuid(os.geteuid()).pw_name
+    assert load_config(environ={"DEPLOYD_WORKER_USER": own}).worker.user == own
+    assert worker_user(str(os.geteuid()))[0] == os.geteuid()
+    other = "nobody" if os.geteuid() != pwd.getpwnam("nobody").pw_uid else "root"
+    monkeypatch.setattr(os, "geteuid", lambda: 12345)
+    with pytest.raises(ConfigError, match="only a daemon started as root"):
+        load_config(environ={"DEPLOYD_WORKER_USER": other})
