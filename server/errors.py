@@ -4,7 +4,7 @@ DeploydError
 ├── NotFound            PackageNotFound, ObjectNotFound, and a missing method
 ├── InvalidArgument     InvalidPackage, InvalidValue, and a bad module, pickle or resource
 ├── PathNotAllowed      a server-side path outside the package directory
-├── TooLarge            a package over the configured size limit
+├── TooLarge            over a configured size or count limit (a package, packages or objects loaded)
 ├── WorkerCrashed       the worker died while serving the call (.caused_by_call: it ended itself)
 ├── Overloaded          too many calls already wait for a worker
 ├── PoolClosed          the daemon is shutting down
