@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint protos bench bench-smoke clean deploy-tools
+.PHONY: install serve test lint protos bench bench-smoke clean deploy-tools check-install
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: install
 
 test: lint deploy-tools
 	$(BIN)/pytest
+
+# A plain install, as a user's or the image's: a fresh venv with torch and `pip install .`,
+# no dev extras; the daemon from it answers the README's example. `make test` installs .[dev]
+# and so cannot show a runtime dependency missing. About 2-3 minutes, most of it installing torch.
+check-install:
+	PYTHON=$(PYTHON) scripts/check_plain_install.sh
 
 # prometheus (with promtool) and docker-compose from Debian, when missing: tests/test_deploy.py
 # and tests/test_prometheus.py use them. Where an init system runs, Debian's prometheus package
