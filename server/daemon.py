@@ -33,7 +33,7 @@ from server.registry import Registry
 from server.service import ModelService
 from server.servicer import DeploydServicer, add_to_server
 from server.shm import remove_stale_segments, set_worker_group
-from server.values import ValueLimits, set_limits
+from server.values import ValueLimits
 from server.worker.entry import WorkerSettings
 from server.worker_handle import WorkerHandle
 
@@ -63,11 +63,6 @@ class Daemon:
         self._owns_store_directory = not store_directory
         self._registry = Registry()
         limits = config.limits
-        set_limits(
-            ValueLimits(
-                limits.max_value_depth, limits.max_tensor_rank, limits.max_tensor_elements, limits.max_container_items
-            )
-        )
         uid, gid = worker_user(config.worker.user) if config.worker.user else (-1, -1)
         worker_group = gid if uid not in (-1, os.geteuid()) else None
         set_worker_group(worker_group)  # workers of another user map the daemon's segments through it
@@ -135,7 +130,10 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = DeploydServicer(self._service, self._metrics, config.server.log_calls)
+        value_limits = ValueLimits(
+            limits.max_value_depth, limits.max_tensor_rank, limits.max_tensor_elements, limits.max_container_items
+        )
+        servicer = DeploydServicer(self._service, self._metrics, config.server.log_calls, value_limits)
         add_to_server(servicer, self._server, self._metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, self._server)
         reflection.enable_server_reflection(

@@ -27,7 +27,7 @@ from server.metrics import Metrics
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
 from server.service import ModelService
-from server.values import pack_value, unpack_value
+from server.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,17 @@ def _error_metadata(error: DeploydError) -> tuple[tuple[str, bytes | str], ...]:
 
 
 class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
-    def __init__(self, service: ModelService, metrics: Metrics, log_calls: bool = True) -> None:
+    def __init__(
+        self,
+        service: ModelService,
+        metrics: Metrics,
+        log_calls: bool = True,
+        value_limits: ValueLimits = DEFAULT_LIMITS,
+    ) -> None:
         self._service = service
         self._metrics = metrics
         self._log_calls = log_calls
+        self._value_limits = value_limits
 
     @_reports_errors
     async def LoadPackage(
@@ -176,8 +183,9 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
     @_reports_errors
     async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
         buffers: list[Any] = []
-        args = [unpack_value(value, buffers) for value in request.args]
-        kwargs = {name: unpack_value(value, buffers) for name, value in request.kwargs.items()}
+        limits = self._value_limits
+        args = [unpack_value(value, buffers, limits) for value in request.args]
+        kwargs = {name: unpack_value(value, buffers, limits) for name, value in request.kwargs.items()}
         result, result_buffers = await self._service.invoke(
             request.object_id, request.method or "__call__", args, kwargs, buffers
         )

@@ -2,8 +2,8 @@
 
 The daemon never builds tensors: it checks that a tensor's bytes match its dtype and
 shape, and hands the bytes on as a buffer. A value past one of the configured limits
-(config section `limits`, set once at start with set_limits) is refused with an
-InvalidValue that names the limit's key.
+(config section `limits`, given by the servicer) is refused with an InvalidValue that
+names the limit's key.
 """
 
 from __future__ import annotations
@@ -41,18 +41,12 @@ class ValueLimits(NamedTuple):
     max_container_items: int = 1 << 20
 
 
-_limits = ValueLimits()
+DEFAULT_LIMITS = ValueLimits()
 
 
-def set_limits(limits: ValueLimits) -> None:
-    """The limits unpack_value checks from now on (the daemon sets them once, from its config)."""
-    global _limits
-    _limits = limits
-
-
-def unpack_value(value: pb.Value, buffers: list[Any]) -> Any:
+def unpack_value(value: pb.Value, buffers: list[Any], limits: ValueLimits = DEFAULT_LIMITS) -> Any:
     """A wire value as a packed value; tensor bytes are appended to buffers."""
-    return _unpack(value, buffers, 0, _limits)
+    return _unpack(value, buffers, 0, limits)
 
 
 def _unpack(value: pb.Value, buffers: list[Any], depth: int, limits: ValueLimits) -> Any:
