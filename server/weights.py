@@ -72,10 +72,16 @@ def _byte_order(archive: zipfile.ZipFile, root: str) -> str:
         return "little"  # archives from before the record existed were written little-endian
 
 
+# A ZipExtFile's readinto reads into a temporary bytes of the size asked for, then copies:
+# asked for a whole record, the daemon would allocate (and, with server.malloc's settings,
+# keep in the executor thread's heap) as much again as the package's largest tensor.
+_READ_CHUNK = 1 << 20
+
+
 def _read_into(record: Any, target: memoryview) -> None:
     filled = 0
     while filled < len(target):
-        count = record.readinto(target[filled:])
+        count = record.readinto(target[filled : filled + _READ_CHUNK])
         if not count:
             raise zipfile.BadZipFile("storage record shorter than its header says")
         filled += count
