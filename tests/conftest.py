@@ -14,7 +14,7 @@ from client import InterpreterManager
 from tests.daemon_process import DaemonProcess
 
 HERE = Path(__file__).parent
-PACKAGES = ["conv", "models", "twin_a", "twin_b", "uses_extra", "big"]
+PACKAGES = ["conv", "models", "twin_a", "twin_b", "uses_extra", "big", "churn"]
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,13 @@ def build_big(out: Path) -> None:
         exporter.save_pickle("big", "model.pkl", nn.Linear(1200, 1200))
 
 
+def build_churn(out: Path) -> None:
+    """16 MB of weights, loaded and unloaded over and over (test_churn)."""
+    torch.manual_seed(2)
+    with PackageExporter(str(out)) as exporter:
+        exporter.save_pickle("churn", "model.pkl", nn.Linear(2048, 2048))
+
+
 BUILDS = {
     "conv": build_conv,
     "models": build_models,
@@ -75,6 +82,7 @@ BUILDS = {
     "twin_b": lambda out: build_twin("b", out),
     "uses_extra": build_uses_extra,
     "big": build_big,
+    "churn": build_churn,
 }
 
 if __name__ == "__main__":
