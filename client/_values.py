@@ -93,8 +93,10 @@ def _tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> None:
     if dense.layout != torch.strided:
         dense = dense.to_dense()
     # Any layout (transposed, sliced, conjugated views) goes as dense C-order bytes.
-    dense = dense.cpu().resolve_conj().resolve_neg().contiguous()
-    out.data = dense.reshape(-1).view(torch.uint8).numpy().tobytes()
+    flat = dense.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    if flat.stride(0) != 1:  # one element counts as contiguous whatever its stride; view() needs 1
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    out.data = flat.view(torch.uint8).numpy().tobytes()
 
 
 def from_wire(value: pb.Value) -> Any:

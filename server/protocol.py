@@ -205,12 +205,36 @@ def encode_header(
 
 
 def decode_header(header: bytes) -> tuple[int, Message, list[int | SharedRef], dict[str, Any]]:
+    """The header's parts; ProtocolError for anything that is not a header of this protocol.
+
+    marshal trusts the counts it reads (the peer is the daemon or its own worker): garbage
+    may make it allocate memory before it fails, but never yields anything but a header.
+    """
     try:
         request_id, tag, fields, refs, notes = marshal.loads(header)
+        if type(tag) is not int or tag < 0 or type(fields) is not tuple:
+            raise TypeError(f"message tag {tag!r} with fields of type {type(fields).__name__}")
         message = _MESSAGE_TYPES[tag](*fields)
-    except (ValueError, EOFError, TypeError, IndexError) as error:
+    except (ValueError, EOFError, TypeError, IndexError, MemoryError) as error:
         raise ProtocolError(f"malformed frame header: {error}") from error
+    if type(request_id) is not int or type(notes) is not dict or type(refs) is not list:
+        raise ProtocolError("malformed frame header: request id, buffer refs or notes of the wrong type")
+    for ref in refs:
+        if not (type(ref) is int and ref >= 0) and not _is_shared_ref(ref):
+            raise ProtocolError(f"malformed frame header: buffer ref {ref!r}")
     return request_id, message, refs, notes
+
+
+def _is_shared_ref(ref: Any) -> bool:
+    return (
+        type(ref) is tuple
+        and len(ref) == 3
+        and type(ref[0]) is str
+        and type(ref[1]) is int
+        and type(ref[2]) is int
+        and ref[1] >= 0
+        and ref[2] >= 0
+    )
 
 
 # ------------------------------------------------------------------ daemon side: asyncio streams

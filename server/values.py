@@ -30,6 +30,7 @@ _DTYPES: dict[int, tuple[str, int]] = {
     pb.DTYPE_COMPLEX128: ("complex128", 16),
 }
 _DTYPE_BY_NAME = {name: dtype for dtype, (name, _) in _DTYPES.items()}
+_INT64_MAX = 2**63 - 1
 
 
 class ValueLimits(NamedTuple):
@@ -100,6 +101,9 @@ def _unpack_tensor(tensor: pb.Tensor, buffers: list[Any], limits: ValueLimits) -
     shape = list(tensor.shape)
     if any(size < 0 for size in shape):
         raise InvalidValue(f"tensor shape {shape} has a negative size")
+    if math.prod(max(size, 1) for size in shape[1:]) > _INT64_MAX:
+        # An empty tensor's other sizes still make its strides: torch refuses to build it.
+        raise InvalidValue(f"tensor shape {shape} is too large for int64 strides")
     elements = math.prod(shape)
     if elements > limits.max_tensor_elements:
         raise InvalidValue(
