@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, NamedTuple
 
 from server import protocol
 from server.errors import DeploydError, InvalidPackage, ObjectNotFound, PackageNotFound, TooLarge, WorkerCrashed
+from server.malloc import release_free_memory
 from server.packages import PackageStore, StoredPackage
 from server.pool import WorkerPool, WorkerStatus
 from server.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
@@ -172,6 +173,7 @@ class ModelService:
         if record.weights is not None:
             # Workers keep their mappings while replicas use them; the pages go with the last.
             record.weights.segment.unlink()
+        release_free_memory()  # what streaming and staging the package left in the heap
         return [loaded.object_id for loaded in objects]
 
     async def _drop_objects(self, objects: list[ObjectRecord], why: str = "") -> None:
