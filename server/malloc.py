@@ -19,8 +19,10 @@ threads, keep glibc's default. Unloading a package trims the heap (release_free_
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,15 @@ def release_free_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim), e.g. once a package
     is unloaded: with the settings above nothing else would, and the holes that large buffers
     leave between long-lived small objects would stay resident. A no-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, looked up once (each lookup leaves a function pointer behind); None without glibc."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        return
-    trim(0)
+        return None
