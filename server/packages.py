@@ -92,12 +92,17 @@ class PackageStore:
         return await self.save(read_chunks())
 
     def resolve_server_path(self, path: str) -> Path:
+        if "\x00" in path:
+            raise InvalidArgument(f"{path!r} is not a path: it holds a NUL character")
         root = self._package_directory.resolve()
-        candidate = (root / path).resolve()  # follows symlinks, so they cannot lead outside
-        if not candidate.is_relative_to(root):
-            raise PathNotAllowed(f"{path!r} is outside the package directory")
-        if not candidate.is_file():
-            raise NotFound(f"no file {path!r} in the package directory")
+        try:
+            candidate = (root / path).resolve()  # follows symlinks, so they cannot lead outside
+            if not candidate.is_relative_to(root):
+                raise PathNotAllowed(f"{path!r} is outside the package directory")
+            if not candidate.is_file():
+                raise NotFound(f"no file {path!r} in the package directory")
+        except (OSError, RuntimeError) as error:  # a name too long, a symlink loop
+            raise NotFound(f"no file {path!r} in the package directory: {error}") from None
         return candidate
 
     def remove(self, package_id: str) -> None:
@@ -111,7 +116,7 @@ class PackageStore:
         try:
             with zipfile.ZipFile(path) as archive:
                 unpacked = sum(info.file_size for info in archive.infolist())
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):  # e.g. "zip file version 16.4"
             return
         if self._max_unpacked_bytes and unpacked > self._max_unpacked_bytes:
             raise TooLarge(

@@ -101,9 +101,10 @@ def _unpack_tensor(tensor: pb.Tensor, buffers: list[Any], limits: ValueLimits) -
     shape = list(tensor.shape)
     if any(size < 0 for size in shape):
         raise InvalidValue(f"tensor shape {shape} has a negative size")
-    if math.prod(max(size, 1) for size in shape[1:]) > _INT64_MAX:
-        # An empty tensor's other sizes still make its strides: torch refuses to build it.
-        raise InvalidValue(f"tensor shape {shape} is too large for int64 strides")
+    if math.prod(max(size, 1) for size in shape) * itemsize > _INT64_MAX:
+        # An empty tensor's other sizes still make its strides and byte sizes: torch or numpy
+        # in the worker would refuse it.
+        raise InvalidValue(f"tensor shape {shape} is too large: its sizes overflow int64")
     elements = math.prod(shape)
     if elements > limits.max_tensor_elements:
         raise InvalidValue(

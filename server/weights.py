@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+import zlib
 from typing import Any, NamedTuple
 
 from server.protocol import align
@@ -30,7 +31,18 @@ class SharedWeights(NamedTuple):
 
 
 def stage_weights(archive_path: str) -> SharedWeights | None:
-    """Copy a package's storages into a new segment; None if it has none to share."""
+    """Copy a package's storages into a new segment; None if it has none to share.
+
+    A damaged archive raises zipfile.BadZipFile, whatever part of it is damaged.
+    """
+    try:
+        return _stage_weights(archive_path)
+    except (zlib.error, NotImplementedError, EOFError, RuntimeError, UnicodeDecodeError) as error:
+        # zipfile's other ways of saying so: a compression it lacks, encryption, a bad stream.
+        raise zipfile.BadZipFile(f"{type(error).__name__}: {error}") from error
+
+
+def _stage_weights(archive_path: str) -> SharedWeights | None:
     with zipfile.ZipFile(archive_path) as archive:
         names = archive.namelist()
         root = names[0].split("/", 1)[0] if names else ""
@@ -56,8 +68,10 @@ def stage_weights(archive_path: str) -> SharedWeights | None:
         try:
             for info in records:
                 start, size = index[info.filename.split("/", 1)[1]]
-                with archive.open(info) as record:
-                    _read_into(record, segment.buffer[start : start + size])
+                # The view is released before unlink: one a traceback still held would keep the
+                # mapping exported, and closing it would fail (BufferError) with the name left.
+                with archive.open(info) as record, segment.buffer[start : start + size] as target:
+                    _read_into(record, target)
         except BaseException:
             segment.unlink()
             raise
