@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint protos bench bench-smoke clean deploy-tools check-install
+.PHONY: install serve test lint protos bench bench-smoke clean deploy-tools check-install fuzz
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: install
 
 test: lint deploy-tools
 	$(BIN)/pytest
+
+# The live-daemon fuzz (tests/test_fuzz.py) for 5 minutes instead of make test's 20 s, and the
+# property tests; DEPLOYD_FUZZ_SEED=N replays a failure's inputs.
+fuzz: install
+	DEPLOYD_FUZZ_SECONDS=$${DEPLOYD_FUZZ_SECONDS:-300} $(BIN)/pytest -p no:cacheprovider -o timeout=900 tests/test_fuzz.py tests/test_properties.py
 
 # A plain install, as a user's or the image's: a fresh venv with torch and `pip install .`,
 # no dev extras; the daemon from it answers the README's example. `make test` installs .[dev]
