@@ -457,7 +457,7 @@ def rebuild_zip(rng: random.Random, data: bytes) -> bytes:
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a duplicate name is wanted here
         for entry_name, entry_content in entries:
-            with contextlib.suppress(ValueError, UnicodeError):  # a name zipfile refuses
+            with contextlib.suppress(ValueError, UnicodeError, IndexError):  # a name zipfile refuses
                 archive.writestr(entry_name, entry_content)
     return out.getvalue()
 
