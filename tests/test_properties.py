@@ -189,12 +189,6 @@ def test_every_tensor_comes_back_dense_with_the_values_it_read_as(tensor: torch.
     assert_same(got, tensor)
 
 
-def one_element_view_needing_a_copy(tensor: torch.Tensor) -> bool:
-    """What server.worker.values.tensor_bytes cannot pack yet (its view(uint8) needs stride 1)."""
-    numpy_cannot = tensor.dtype == torch.bfloat16 or tensor.is_conj() or tensor.is_neg() or tensor.requires_grad
-    return numpy_cannot and tensor.numel() == 1 and tensor.reshape(-1).stride(0) != 1
-
-
 def result_of_model(value: Any) -> Any:
     """What the client reads when model code returns value (the worker packs it as it is)."""
     buffers: list[Any] = []
@@ -206,11 +200,9 @@ def result_of_model(value: Any) -> Any:
 @QUICK
 @given(tensors())
 def test_every_tensor_a_model_returns_arrives_as_it_reads(tensor: torch.Tensor) -> None:
-    assume(not one_element_view_needing_a_copy(tensor))  # test_one_element_views_a_model_returns
     assert_same(result_of_model(tensor), tensor)
 
 
-@pytest.mark.xfail(strict=True, reason="server/worker/values.py tensor_bytes: view(uint8) of a stride-2 element")
 @pytest.mark.parametrize(
     "view",
     [
@@ -221,7 +213,6 @@ def test_every_tensor_a_model_returns_arrives_as_it_reads(tensor: torch.Tensor) 
     ids=["bfloat16-step", "conj-step", "bfloat16-column"],
 )
 def test_one_element_views_a_model_returns(view: torch.Tensor) -> None:
-    assert one_element_view_needing_a_copy(view)
     assert_same(result_of_model(view), view)
 
 

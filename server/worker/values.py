@@ -109,5 +109,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     dense = tensor.detach()
     if dense.layout != torch.strided:
         dense = dense.to_dense()
-    dense = dense.cpu().resolve_conj().resolve_neg().contiguous()
-    return memoryview(dense.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    flat = dense.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    if flat.stride(0) != 1:  # one element counts as contiguous whatever its stride; view() needs 1
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
