@@ -80,7 +80,7 @@ class PackagesSection:
 class LimitsSection:
     """What one request may ask of the daemon; past a limit the request fails with a status naming it."""
 
-    max_value_depth: int = 64  # nesting of lists, tuples and dicts in one value; at most 64
+    max_value_depth: int = 32  # nesting of lists, tuples and dicts in one value; at most 32
     max_tensor_rank: int = 32
     max_tensor_elements: int = 1 << 31
     max_container_items: int = 1 << 20  # items in one list, tuple or dict
@@ -280,7 +280,7 @@ def _validate(config: Config) -> None:
     ]
     # Workers refuse deeper values themselves (server.worker.values), so the daemon cannot allow more.
     depth = config.limits.max_value_depth
-    checks.append(("limits.max_value_depth", depth, 1 <= depth <= 64))
+    checks.append(("limits.max_value_depth", depth, 1 <= depth <= 32))
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"bad value for {key}: {value!r}")

@@ -36,7 +36,7 @@ _INT64_MAX = 2**63 - 1
 class ValueLimits(NamedTuple):
     """What one wire value may hold (config section `limits`, same names)."""
 
-    max_value_depth: int = 64  # the worker's own limit too (server.worker.values)
+    max_value_depth: int = 32  # the worker's own limit too (server.worker.values)
     max_tensor_rank: int = 32
     max_tensor_elements: int = 1 << 31
     max_container_items: int = 1 << 20

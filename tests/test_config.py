@@ -130,7 +130,7 @@ def test_tls_and_token_settings_are_checked(tmp_path: Path) -> None:
     ("environ", "message"),
     [
         ({"DEPLOYD_LIMITS_MAX_VALUE_DEPTH": "0"}, "limits.max_value_depth: 0"),
-        ({"DEPLOYD_LIMITS_MAX_VALUE_DEPTH": "65"}, "limits.max_value_depth: 65"),
+        ({"DEPLOYD_LIMITS_MAX_VALUE_DEPTH": "33"}, "limits.max_value_depth: 33"),
         ({"DEPLOYD_LIMITS_MAX_TENSOR_RANK": "0"}, "limits.max_tensor_rank: 0"),
         ({"DEPLOYD_LIMITS_MAX_TENSOR_ELEMENTS": "0"}, "limits.max_tensor_elements: 0"),
         ({"DEPLOYD_LIMITS_MAX_CONTAINER_ITEMS": "0"}, "limits.max_container_items: 0"),

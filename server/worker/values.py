@@ -23,7 +23,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-MAX_DEPTH = 64
+# Nesting a result may have: protobuf parses at most 100 nested messages, and a level of dict
+# takes 3 (Value, DictValue, DictEntry), so 33 levels is what a client can still read.
+MAX_DEPTH = 32
 
 
 def unpack(packed: Any, buffers: list[Any]) -> Any:
