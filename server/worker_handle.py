@@ -312,6 +312,9 @@ class WorkerHandle:
                 self._on_reply(await protocol.read_frame_async(self._reader, self._outbox.read))
         except (asyncio.IncompleteReadError, ConnectionError):
             return
-        except protocol.ProtocolError:
+        except Exception:  # a ProtocolError, a shared ref outside the outbox, notes of the wrong shape
+            # Whatever the worker wrote (model code can write to the channel's descriptor too),
+            # a frame the daemon cannot take leaves the channel unusable: the worker goes, and
+            # its pending requests fail at once instead of waiting for a reader that has died.
             log.exception("worker %d sent a malformed frame; stopping it", self.index)
             self.process.kill()

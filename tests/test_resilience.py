@@ -188,6 +188,42 @@ def test_poison_call_carries_a_negative_retry_pushback(
     assert ("grpc-retry-pushback-ms", "-1") in tuple(raised.value.trailing_metadata())
 
 
+# Model code that writes a frame of its own into its worker's channel: a reply whose tensor
+# lies in a shared-memory segment the daemon never lent.
+FORGED_REPLY = """
+import marshal, os, struct
+from server import protocol
+
+def forge():
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the descriptor listdir itself used
+            continue
+        if target.startswith("socket:"):
+            tag = protocol._TAG_OF[protocol.Result]
+            header = marshal.dumps((10**6, tag, (None,), [("deployd-never-lent", 0, 8)], {}))
+            os.write(int(name), struct.pack("<I", len(header)) + header)
+            return True
+    return False
+"""
+
+
+def test_a_worker_that_writes_a_frame_the_daemon_cannot_take_is_replaced(
+    fresh_daemon: DaemonProcess, package_dir: Path
+) -> None:
+    with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+        scale = load_scale(manager, package_dir)
+        manager.register_module_source("forged_reply", FORGED_REPLY)
+        before = worker_pids(manager)
+        # Before the fix the daemon's reader died silently and this call waited for good.
+        with pytest.raises(UnavailableError, match="was killed by signal SIGKILL"):
+            scale.options(timeout=30).call_method("call_module", "forged_reply", "forge")
+        wait_for_replacement(manager, before, timeout=30)
+        assert torch.equal(scale(torch.ones(1)), torch.full((1,), 2.0))
+    assert "sent a malformed frame" in fresh_daemon.log
+
+
 # ---------------------------------------------------------------------------- hung, overloaded, too big
 
 
