@@ -40,7 +40,13 @@ def test_unloading_releases_the_package_everywhere(fresh_daemon: DaemonProcess, 
     assert last["deleted_segments_mapped"] == 0, "an unloaded package's weights are still mapped"
     for name, rss in last["rss"].items():
         # Each cycle used to leak its 16 MB in each worker: ~300 MB over 20 cycles.
-        assert rss <= 1.1 * first["rss"][name], f"{name} RSS grew: {first['rss'][name]} -> {rss} bytes"
+        if name != "daemon":
+            assert rss <= 1.1 * first["rss"][name], f"{name} RSS grew: {first['rss'][name]} -> {rss} bytes"
+    # The daemon's heap swings by several MB from one cycle to the next (where glibc happens to
+    # place the streamed chunks among long-lived objects), so 20 cycles cannot resolve a 10%
+    # drift: this catches a package's bytes kept per cycle, and bench.churn's 200 cycles the rest.
+    grown = last["rss"]["daemon"] - first["rss"]["daemon"]
+    assert grown < len(data), f"daemon RSS grew by {grown} bytes over {CYCLES - WARM_UP} cycles"
     assert last["daemon_fds"] == first["daemon_fds"]
     assert last["worker_fds"] == first["worker_fds"], "an unloaded package's archive is still open"
     assert last["segments"] == first["segments"], "shared-memory segments left in /dev/shm"
