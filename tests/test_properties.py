@@ -27,24 +27,11 @@ from server.errors import InvalidValue
 from server.proto import deployd_pb2 as server_pb
 from server.values import pack_value, unpack_value
 from server.worker.values import MAX_DEPTH, pack, unpack
+from tests.test_values import DTYPES  # every dtype the wire carries
 
 # Modest counts: the whole file runs in a few seconds; `make fuzz` runs the live fuzz longer.
 QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 
-DTYPES = [
-    torch.float16,
-    torch.float32,
-    torch.float64,
-    torch.bfloat16,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.complex64,
-    torch.complex128,
-]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
