@@ -1,0 +1,76 @@
+"""The servicer's call wrapper as a unit: what it does on the event loop for every call.
+
+The wire behaviour (statuses, messages, metrics over real gRPC) is in test_operations.py
+and test_errors.py; these check what a real daemon cannot show directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from server.metrics import Metrics
+from server.proto import deployd_pb2 as pb
+from server.servicer import MalformedRequest, _parse_or_mark, _reports_errors, _serialize_counted
+
+
+class Tripwire:
+    """A message that fails the test if anything serializes it to learn its size."""
+
+    object_id = "obj-tripwire"
+
+    def ByteSize(self) -> int:
+        raise AssertionError("a message was serialized again on the event loop just to count its bytes")
+
+
+class Context:
+    """The little of a grpc.aio servicer context the wrapper uses."""
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
+
+class Servicer:
+    def __init__(self) -> None:
+        self._metrics = Metrics()
+        self._log_calls = False
+
+    @_reports_errors
+    async def Invoke(self, request: Any, context: Any) -> Any:
+        return Tripwire()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name}{labels}"
+    return value
+
+
+def test_the_wrapper_never_serializes_a_message_to_count_it() -> None:
+    """Before: request.ByteSize() and response.ByteSize() on every call, each a full
+    serialization (~3 ms for 16 MiB with upb) during which no other call moved."""
+    servicer = Servicer()
+    response = asyncio.run(servicer.Invoke(Tripwire(), Context()))
+    assert isinstance(response, Tripwire)
+    assert sample(servicer._metrics, "deployd_calls_total", method="Invoke", object="obj-tripwire", code="OK") == 1
+
+
+def test_bytes_are_counted_from_what_grpc_holds() -> None:
+    metrics = Metrics()
+    parse = _parse_or_mark(pb.InvokeRequest.FromString, "deployd.v1.InvokeRequest", metrics)
+    serialize = _serialize_counted(pb.InvokeResponse.SerializeToString, metrics)
+    raw = pb.InvokeRequest(object_id="obj", method="forward").SerializeToString()
+    assert parse(raw) == pb.InvokeRequest(object_id="obj", method="forward")
+    sent = serialize(pb.InvokeResponse(result=pb.Value(string_value="x" * 100)))
+    assert sample(metrics, "deployd_message_bytes_total", direction="received") == len(raw)
+    assert sample(metrics, "deployd_message_bytes_total", direction="sent") == len(sent)
+    malformed = parse(b"\x0a\x02\xff\xfe")
+    assert isinstance(malformed, MalformedRequest)
+    assert "not valid UTF-8" in malformed.describe()
+    assert sample(metrics, "deployd_message_bytes_total", direction="received") == len(raw) + 4
