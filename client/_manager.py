@@ -109,6 +109,11 @@ class InterpreterManager:
         response = self.call(self._stub.LoadPackage, requests)
         return Package(self, response.package_id)
 
+    def model(self, name: str, version: int = 0) -> ReplicatedObj:
+        """A handle to the model served under name: each call goes to the version serving at that
+        moment, or to `version` while it is loaded. No call is made until the handle is used."""
+        return ReplicatedObj(self, name, version=version)
+
     def register_module_source(self, name: str, src: str) -> None:
         """Make `import name` work in every worker, including workers started later."""
         self.call(self._stub.RegisterModuleSource, pb.RegisterModuleSourceRequest(name=name, source=src))
@@ -142,11 +147,17 @@ class Package:
     def __repr__(self) -> str:
         return f"<Package {self.id[:12]}>"
 
-    def load_pickle(self, module: str, file: str) -> ReplicatedObj:
-        """Unpickle an object on every worker and return a handle to its replicas."""
-        request = pb.LoadPickleRequest(package_id=self.id, module=module, file=file)
+    def load_pickle(self, module: str, file: str, *, name: str | None = None) -> ReplicatedObj:
+        """Unpickle an object on every worker and return a handle to its replicas.
+
+        With a name, the object is served as that model's next version (hot swap: new calls go
+        to it at once, calls running on the old version finish there), and the handle follows
+        the name; its `.version` says which version this load made."""
+        request = pb.LoadPickleRequest(package_id=self.id, module=module, file=file, name=name or "")
         response = self.manager.call(self.manager._stub.LoadPickle, request)
-        return ReplicatedObj(self.manager, response.object_id)
+        handle = ReplicatedObj(self.manager, response.name or response.object_id)
+        handle.object_id, handle.version = response.object_id, response.version
+        return handle
 
     def load_text(self, module: str, resource: str) -> str:
         request = pb.LoadResourceRequest(package_id=self.id, module=module, resource=resource)
@@ -163,22 +174,38 @@ class Package:
 
 
 class ReplicatedObj:
-    """One object replicated on every worker; a call runs on a free worker (C++: ReplicatedObj)."""
+    """One object replicated on every worker; a call runs on a free worker (C++: ReplicatedObj).
+
+    `id` is what calls name: an object id, or a model name; `pinned_version` (0: none) sends
+    every call to that version of the name instead of the serving one. After load_pickle,
+    `object_id` and `version` say what the load made (version 0 without a name).
+    """
 
     def __init__(
-        self, manager: InterpreterManager, object_id: str, *, timeout: float | None = None, retry: Retry | None = None
+        self,
+        manager: InterpreterManager,
+        object_id: str,
+        *,
+        version: int = 0,
+        timeout: float | None = None,
+        retry: Retry | None = None,
     ) -> None:
         self.manager = manager
         self.id = object_id
+        self.pinned_version = version
+        self.object_id = object_id
+        self.version = version
         self._timeout = timeout
         self._retry = retry
 
     def __repr__(self) -> str:
-        return f"<ReplicatedObj {self.id}>"
+        return f"<ReplicatedObj {self.id}{f' version {self.pinned_version}' if self.pinned_version else ''}>"
 
     def options(self, *, timeout: float | None = None, retry: Retry | None = None) -> ReplicatedObj:
         """The same object with per-call options (None: the manager's), e.g. obj.options(timeout=1)(x)."""
-        return ReplicatedObj(self.manager, self.id, timeout=timeout, retry=retry)
+        handle = ReplicatedObj(self.manager, self.id, version=self.pinned_version, timeout=timeout, retry=retry)
+        handle.object_id, handle.version = self.object_id, self.version
+        return handle
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """C++: operator() and callKwargs."""
@@ -189,7 +216,7 @@ class ReplicatedObj:
         # commands that send no tensors start in a tenth of a second instead of a second.
         from client._values import from_wire, to_wire
 
-        request = pb.InvokeRequest(object_id=self.id, method=name)
+        request = pb.InvokeRequest(object_id=self.id, method=name, version=self.pinned_version)
         try:
             for arg in args:
                 to_wire(arg, request.args.add())
@@ -201,7 +228,7 @@ class ReplicatedObj:
         return from_wire(response.result)
 
     def hasattr(self, name: str) -> bool:
-        request = pb.HasAttrRequest(object_id=self.id, name=name)
+        request = pb.HasAttrRequest(object_id=self.id, name=name, version=self.pinned_version)
         return self.manager.call(self.manager._stub.HasAttr, request, self._timeout, self._retry).present
 
     def unload(self) -> None:

@@ -4,6 +4,10 @@ Everything that changes what the workers hold runs under `pool.changes` and is a
 nothing: if any worker fails, the workers that succeeded are told to undo it and the
 registry is left as it was. Imports no grpc.
 
+Models served by name (server.model_names) are objects too: loading a name again adds a
+version that serves new calls at once, and the version it replaced is unloaded when the
+last call running on it ends (`_in_flight` counts them), so a swap fails no call.
+
 A load that kills workers fails like any other (the pool replaces them and replays only
 what is still loaded). Something that loaded fine but whose replay kills new workers
 (it depends on state a fresh worker lacks) is evicted after _REPLAY_STRIKES such deaths
@@ -16,12 +20,22 @@ import asyncio
 import logging
 import secrets
 import zipfile
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, NamedTuple
 
 from server import protocol
-from server.errors import DeploydError, InvalidPackage, ObjectNotFound, PackageNotFound, TooLarge, WorkerCrashed
+from server.errors import (
+    DeploydError,
+    InvalidArgument,
+    InvalidPackage,
+    ObjectNotFound,
+    PackageNotFound,
+    TooLarge,
+    WorkerCrashed,
+)
 from server.malloc import release_free_memory
+from server.model_names import ModelNames, NamedModel, check_name, is_object_id
 from server.packages import PackageStore, StoredPackage
 from server.pool import WorkerPool, WorkerStatus
 from server.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
@@ -41,6 +55,14 @@ class StatusSnapshot(NamedTuple):
     objects: list[ObjectRecord]
     modules: list[str]
     queued_calls: int
+    models: list[NamedModel]
+    calls_in_flight: dict[str, int]  # object id -> calls running on it
+
+
+class LoadedObject(NamedTuple):
+    object_id: str
+    name: str  # the model name it serves under; "" for an anonymous object
+    version: int  # its version of that name; 0 for an anonymous object
 
 
 async def _nothing() -> None:
@@ -70,6 +92,9 @@ class ModelService:
         self._registry = registry
         self._replay_strikes: dict[ReplayKey, int] = {}
         self._evicted: dict[str, str] = {}  # object id -> why it was evicted
+        self._names = ModelNames()
+        self._in_flight: Counter[str] = Counter()  # object id -> calls running on it
+        self._drains: set[asyncio.Task[None]] = set()  # unloads of versions whose last call ended
 
     async def prepare_worker(self, worker: WorkerHandle) -> None:
         """Replay everything loaded into a new worker, before it takes calls (pool holds `changes`)."""
@@ -180,6 +205,7 @@ class ModelService:
         """Forget objects everywhere (caller holds `changes`); why: what later calls to them are told."""
         for loaded in objects:
             del self._registry.objects[loaded.object_id]
+            self._names.forget_object(loaded.object_id)
             if why:
                 self._evicted[loaded.object_id] = why
         for loaded in objects:
@@ -194,7 +220,10 @@ class ModelService:
 
     # ------------------------------------------------------------------ objects
 
-    async def load_pickle(self, package_id: str, module: str, file: str) -> str:
+    async def load_pickle(self, package_id: str, module: str, file: str, name: str = "") -> LoadedObject:
+        """Unpickle an object on every worker; with a name, serve it as that model's next version."""
+        if name:
+            check_name(name)
         object_id = f"obj-{secrets.token_hex(8)}"
         async with self._pool.changes:
             self._require_package(package_id)
@@ -206,25 +235,75 @@ class ModelService:
                 f"cannot load pickle {file!r} of module {module!r}",
             )
             self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file)
+            version = 0
+            if name:
+                version, replaced = self._names.add_version(name, object_id)
+                if replaced is not None and not self._in_flight[replaced]:
+                    await self._drop_objects([self._registry.objects[replaced]])
             await self._on_objects_changed()
-        return object_id
+        return LoadedObject(object_id, name, version)
 
-    async def unload_object(self, object_id: str) -> None:
+    async def unload_object(self, target: str) -> None:
+        """Unload an object, or a model name and every version of it."""
         async with self._pool.changes:
-            self._require_object(object_id)
-            await self._drop_objects([self._registry.objects[object_id]])
+            if target in self._registry.objects:
+                object_ids = [target]
+            elif is_object_id(target):
+                raise ObjectNotFound(target, self._evicted.get(target, ""))
+            else:
+                object_ids = self._names.objects_of(target) or [self._names.resolve(target)]
+            await self._drop_objects([self._registry.objects[object_id] for object_id in object_ids])
 
     async def invoke(
-        self, object_id: str, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any]
+        self, target: str, version: int, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any]
     ) -> tuple[Any, list[Any]]:
-        """Call a method of an object on a free worker: packed values in, a packed value out."""
-        self._require_object(object_id)
-        return await self._pool.call(protocol.Invoke(object_id, method, args, kwargs), buffers)
+        """Call a method of an object or a model (its serving version, or the one pinned) on a
+        free worker: packed values in, a packed value out."""
+        object_id = self._resolve(target, version)
+        return await self._counted_call(object_id, protocol.Invoke(object_id, method, args, kwargs), buffers)
 
-    async def has_attr(self, object_id: str, name: str) -> bool:
-        self._require_object(object_id)
-        present, _ = await self._pool.call(protocol.HasAttr(object_id, name), [])
+    async def has_attr(self, target: str, version: int, name: str) -> bool:
+        object_id = self._resolve(target, version)
+        present, _ = await self._counted_call(object_id, protocol.HasAttr(object_id, name), [])
         return bool(present)
+
+    def resolve(self, target: str, version: int = 0) -> LoadedObject:
+        """What a target (an object id or a model name, and a version) refers to now."""
+        object_id = self._resolve(target, version)
+        named = self._names.name_of(object_id)
+        return LoadedObject(object_id, *named) if named else LoadedObject(object_id, "", 0)
+
+    def _resolve(self, target: str, version: int) -> str:
+        if is_object_id(target):
+            if version:
+                raise InvalidArgument("a version can only be asked of a model name, not of an object id")
+            self._require_object(target)
+            return target
+        return self._names.resolve(target, version)
+
+    async def _counted_call(
+        self, object_id: str, request: protocol.Request, buffers: list[Any]
+    ) -> tuple[Any, list[Any]]:
+        # Counted from before the first await: a swap that retires this version meanwhile
+        # sees the call and leaves the version loaded until it ends.
+        self._in_flight[object_id] += 1
+        try:
+            return await self._pool.call(request, buffers)
+        finally:
+            self._in_flight[object_id] -= 1
+            if not self._in_flight[object_id]:
+                del self._in_flight[object_id]
+                if self._names.is_draining(object_id):
+                    task = asyncio.create_task(self._unload_drained(object_id))
+                    self._drains.add(task)
+                    task.add_done_callback(self._drains.discard)
+
+    async def _unload_drained(self, object_id: str) -> None:
+        """Unload a version that no longer serves, once its last call has ended."""
+        async with self._pool.changes:
+            record = self._registry.objects.get(object_id)
+            if record is not None and self._names.is_draining(object_id) and not self._in_flight[object_id]:
+                await self._drop_objects([record])
 
     def close(self) -> None:
         """Unlink every package's shared weights (after the pool has stopped)."""
@@ -241,6 +320,8 @@ class ModelService:
             list(self._registry.objects.values()),
             list(self._registry.modules),
             self._pool.queue_depth,
+            list(self._names.models.values()),
+            dict(self._in_flight),
         )
 
     # ------------------------------------------------------------------ helpers

@@ -24,9 +24,10 @@ from google.protobuf.message import DecodeError
 from server import errors
 from server.errors import DeploydError, InvalidArgument
 from server.metrics import Metrics
+from server.model_names import NamedModel
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
-from server.service import ModelService
+from server.service import ModelService, StatusSnapshot
 from server.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
 
     @_reports_errors
     async def LoadPickle(self, request: pb.LoadPickleRequest, context: Context) -> pb.LoadPickleResponse:
-        object_id = await self._service.load_pickle(request.package_id, request.module, request.file)
-        return pb.LoadPickleResponse(object_id=object_id)
+        loaded = await self._service.load_pickle(request.package_id, request.module, request.file, request.name)
+        return pb.LoadPickleResponse(object_id=loaded.object_id, name=loaded.name, version=loaded.version)
 
     @_reports_errors
     async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
@@ -187,7 +188,7 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
         args = [unpack_value(value, buffers, limits) for value in request.args]
         kwargs = {name: unpack_value(value, buffers, limits) for name, value in request.kwargs.items()}
         result, result_buffers = await self._service.invoke(
-            request.object_id, request.method or "__call__", args, kwargs, buffers
+            request.object_id, request.version, request.method or "__call__", args, kwargs, buffers
         )
         response = pb.InvokeResponse()
         pack_value(result, result_buffers, response.result)
@@ -195,7 +196,9 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
 
     @_reports_errors
     async def HasAttr(self, request: pb.HasAttrRequest, context: Context) -> pb.HasAttrResponse:
-        return pb.HasAttrResponse(present=await self._service.has_attr(request.object_id, request.name))
+        return pb.HasAttrResponse(
+            present=await self._service.has_attr(request.object_id, request.version, request.name)
+        )
 
     @_reports_errors
     async def UnloadObject(self, request: pb.UnloadObjectRequest, context: Context) -> pb.UnloadObjectResponse:
@@ -248,7 +251,27 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
             ],
             modules=snapshot.modules,
             queued_calls=snapshot.queued_calls,
+            models=[_model_status(model, snapshot) for model in snapshot.models],
         )
+
+
+def _model_status(model: NamedModel, snapshot: StatusSnapshot) -> pb.ModelStatus:
+    records = {record.object_id: record for record in snapshot.objects}
+    versions = []
+    for version, object_id in model.versions.items():
+        record = records[object_id]
+        versions.append(
+            pb.ModelVersionStatus(
+                version=version,
+                object_id=object_id,
+                state="serving" if version == model.serving else "draining",
+                calls_in_flight=snapshot.calls_in_flight.get(object_id, 0),
+                package_id=record.package_id,
+                module=record.module,
+                file=record.file,
+            )
+        )
+    return pb.ModelStatus(name=model.name, serving_version=model.serving, versions=versions)
 
 
 async def _chunks(first: pb.LoadPackageRequest, rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:

@@ -98,14 +98,17 @@ class DeploydServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadPickle(self, request, context):
-        """Unpickle an object from a package on every worker (all or nothing).
+        """Unpickle an object from a package on every worker (all or nothing). With a
+        name, it becomes that model's next version and serves new calls at once; the
+        version it replaces finishes the calls running on it, then is unloaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Invoke(self, request, context):
-        """Call a method (default "__call__") of a loaded object on a free worker.
+        """Call a method (default "__call__") of a loaded object, or of a model by name,
+        on a free worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,7 +121,8 @@ class DeploydServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnloadObject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Unload an object, or a model name with every version of it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
