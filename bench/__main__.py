@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bandwidth, chaos, churn, hops, memory, overhead, scaling, startup, threshold
+from bench import bandwidth, chaos, churn, hops, memory, names, overhead, scaling, startup, swaps, threshold
 from bench.common import DAEMON_NOTES, RESULTS_DIR, Context, Report, format_table, write_csv
 
 BENCHMARKS: dict[str, Callable[[Context], None]] = {
@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "startup": startup.run,
     "chaos": chaos.run,
     "churn": churn.run,
+    "names": names.run,
+    "swaps": swaps.run,
 }
 
 

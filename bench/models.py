@@ -7,6 +7,8 @@ standard library and torch: its source travels inside the archive.
   threads in one interpreter cannot run it in parallel; separate workers can.
 - Identity: returns its input; `pid()` says which worker process ran the call.
 - LinearStack: big nn.Linear layers, mostly weights, for the memory benchmark.
+- Tagged: an Identity that also answers `tag()` with a label fixed at export, so two
+  builds answer differently (the hot swap benchmarks tell versions apart by it).
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ class Identity(nn.Module):
         return os.getpid()
 
 
+class Tagged(Identity):
+    """An Identity whose tag() says which build it is."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def tag(self) -> str:
+        return self.label
+
+
 class LinearStack(nn.Module):
     """layers x nn.Linear(width, width): 4 * width * (width + 1) * layers bytes of float32 weights."""
 
@@ -63,6 +76,10 @@ class LinearStack(nn.Module):
             self.layers(x)
         return os.getpid()
 
+    def tag(self) -> str:
+        """The label given at export (spec["label"]), "" without one."""
+        return str(getattr(self, "label", ""))
+
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
     kind = spec["kind"]
@@ -70,8 +87,13 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         return PyLoop(int(spec["iterations"]))
     if kind == "identity":
         return Identity()
+    if kind == "tagged":
+        return Tagged(str(spec["label"]))
     if kind == "big":
-        return LinearStack(int(spec["width"]), int(spec["layers"]))
+        model = LinearStack(int(spec["width"]), int(spec["layers"]))
+        if "label" in spec:  # only then, so that the other benchmarks' archives stay as they were
+            model.label = str(spec["label"])
+        return model
     raise ValueError(f"unknown model kind {kind!r}")
 
 
