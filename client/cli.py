@@ -3,11 +3,16 @@
 They are a client of a running daemon, built on the public client (InterpreterManager), so
 they live here; server/cli.py adds them to the one `deployd` parser and calls run().
 
-    deployd status                                   workers, packages, objects, modules, queue
-    deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...]
-    deployd unload (--object ID | --package ID)
-    deployd invoke OBJECT_ID [--method NAME] [--kwarg NAME=ARG ...] [--full] [ARG ...]
+    deployd status                                   workers, models, packages, objects, modules, queue
+    deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...] [--name NAME]
+    deployd unload (TARGET | --model NAME | --object ID | --package ID)
+    deployd invoke TARGET [--version N] [--method NAME] [--kwarg NAME=ARG ...] [--full] [ARG ...]
     deployd health [--service NAME]                  exit 0 only when SERVING
+
+A TARGET is a model name (its serving version, or the one --version pins), an object id
+(`obj-<16 hex>`) or, for unload, a package id (64 hex digits): the form tells which.
+`load --pickle MODULE:FILE --name NAME` serves the object as NAME's next version (the version it
+replaces finishes its running calls, then is unloaded).
 
 Common options: --address (default $DEPLOYD_ADDRESS, else 127.0.0.1:50051), --token (default
 $DEPLOYD_TOKEN; never printed), --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name,
@@ -37,6 +42,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -97,6 +103,15 @@ The result prints as one line of JSON: a tensor as {"tensor": {"dtype", "shape",
 
 _TENSOR_DTYPES = ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# What a TARGET's form says it is (server/model_names.py: no model name starts with "obj-").
+_PACKAGE_ID = re.compile(r"[0-9a-f]{64}")
+_OBJECT_ID_PREFIX = "obj-"
+
+UNLOAD_DETAILS = """
+
+TARGET's form says what it is: 64 hex digits a package id (the package and every object loaded
+from it), obj-<16 hex> an object id, anything else a model name (every version of it).
+--model, --object and --package say it outright."""
 
 
 class UsageError(Exception):
@@ -159,7 +174,7 @@ def add_commands(subparsers: Any) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
-    add("status", _status, "show the daemon's workers, packages, objects, modules and queued calls")
+    add("status", _status, "show the daemon's workers, models, packages, objects, modules and queued calls")
 
     load = add("load", _load, "load a torch.package archive, and optionally unpickle objects from it")
     load.add_argument("package", metavar="PACKAGE", help="a local .pt file (with --server-path: a path on the daemon)")
@@ -171,15 +186,36 @@ def add_commands(subparsers: Any) -> None:
         metavar="MODULE:FILE",
         help="unpickle this object from the package (repeatable); prints its object id",
     )
+    load.add_argument(
+        "--name",
+        metavar="NAME",
+        help="serve the one --pickle object as this model's next version; prints its version",
+    )
 
-    unload = add("unload", _unload, "unload an object, or a package and every object loaded from it")
-    which = unload.add_mutually_exclusive_group(required=True)
+    unload = add(
+        "unload",
+        _unload,
+        "unload a model name with every version, an object, or a package and every object loaded from it",
+        UNLOAD_DETAILS,
+    )
+    unload.add_argument(
+        "target", nargs="?", metavar="TARGET", help="a model name, an object id or a package id (by its form)"
+    )
+    which = unload.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="NAME", help="the model to unload, every version of it")
     which.add_argument("--object", metavar="ID", help="the object to unload")
     which.add_argument("--package", metavar="ID", help="the package to unload, with its objects")
 
-    invoke = add("invoke", _invoke, "call a loaded object and print the result as JSON", INVOKE_DETAILS)
+    invoke = add("invoke", _invoke, "call a model or a loaded object and print the result as JSON", INVOKE_DETAILS)
     invoke.__class__ = _InvokeParser  # add_parser makes every subparser of one class
-    invoke.add_argument("object_id", metavar="OBJECT_ID")
+    invoke.add_argument("target", metavar="TARGET", help="a model name, or an object id (obj-...)")
+    invoke.add_argument(
+        "--version",
+        type=int,
+        default=0,
+        metavar="N",
+        help="call this version of the model while it is loaded (default 0: the serving one)",
+    )
     invoke.add_argument(
         "args", nargs="*", metavar="ARG", help="JSON, or tensor:[...], tensor:DTYPE:[...], ones:/zeros:/rand:SHAPE"
     )
@@ -294,6 +330,25 @@ def _status(options: argparse.Namespace) -> int:
             }
             for worker in status.workers
         ],
+        "models": [
+            {
+                "name": model.name,
+                "serving_version": model.serving_version,
+                "versions": [
+                    {
+                        "version": version.version,
+                        "state": version.state,
+                        "object_id": version.object_id,
+                        "calls_in_flight": version.calls_in_flight,
+                        "package_id": version.package_id,
+                        "module": version.module,
+                        "file": version.file,
+                    }
+                    for version in model.versions
+                ],
+            }
+            for model in status.models
+        ],
         "packages": [
             {"package_id": package.package_id, "size_bytes": package.size_bytes} for package in status.packages
         ],
@@ -335,6 +390,22 @@ def _status_text(report: dict[str, Any]) -> str:
         f"worker {w['index']} cannot be replaced: {w['last_failure']}" for w in report["workers"] if w["last_failure"]
     ]
     lines.append(f"queued calls: {report['queued_calls']}")
+    lines.append(f"models: {len(report['models'])}")
+    for model in report["models"]:
+        lines.append(f"  {model['name']}  serving version {model['serving_version'] or 'none'}")
+        header = ["VERSION", "STATE", "OBJECT", "CALLS", "MODULE:FILE", "PACKAGE"]
+        rows = [
+            [
+                str(v["version"]),
+                v["state"],
+                v["object_id"],
+                str(v["calls_in_flight"]),
+                f"{v['module']}:{v['file']}",
+                v["package_id"],
+            ]
+            for v in model["versions"]
+        ]
+        lines += [f"    {line}" for line in _table(header, rows)]
     lines.append(f"packages: {len(report['packages'])}")
     lines += [f"  {p['package_id']}  {mib(p['size_bytes'])} MiB" for p in report["packages"]]
     lines.append(f"objects: {len(report['objects'])}")
@@ -357,6 +428,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _load(options: argparse.Namespace) -> int:
     pickles = [_module_and_file(spec) for spec in options.pickle]
+    if options.name is not None and len(pickles) != 1:
+        raise UsageError(f"--name serves one object: give exactly one --pickle MODULE:FILE, not {len(pickles)}")
     if not options.server_path:
         try:
             with open(options.package, "rb"):  # the client opens it lazily, inside the request stream
@@ -371,13 +444,15 @@ def _load(options: argparse.Namespace) -> int:
         objects: list[ReplicatedObj] = []
         try:
             for module, file in pickles:
-                objects.append(package.load_pickle(module, file))
+                objects.append(package.load_pickle(module, file, name=options.name))
         except DeployError as error:
             # All or nothing for the objects of this command (their ids are new); the package
-            # stays: it is content-addressed, so others may hold objects from it.
+            # stays: it is content-addressed, so others may hold objects from it. By object id:
+            # a handle with a name would unload every version of it. (With --name there is one
+            # object, so nothing to undo: a failed load leaves the name as it was.)
             for obj in objects:
                 with contextlib.suppress(DeployError):
-                    obj.unload()
+                    ReplicatedObj(manager, obj.object_id).unload()
             error.add_note(f"package {package.id} stays loaded; no object of this command was kept")
             raise
     if options.json:
@@ -385,15 +460,22 @@ def _load(options: argparse.Namespace) -> int:
             {
                 "package_id": package.id,
                 "objects": [
-                    {"module": module, "file": file, "object_id": obj.id}
+                    # name null and version 0: an anonymous object, known by its id only
+                    {
+                        "module": module,
+                        "file": file,
+                        "object_id": obj.object_id,
+                        "name": options.name,
+                        "version": obj.version,
+                    }
                     for (module, file), obj in zip(pickles, objects, strict=True)
                 ],
             }
         )
     else:
         print(package.id)
-        for obj in objects:
-            print(obj.id)
+        for obj in objects:  # named: "obj-... NAME version N"
+            print(f"{obj.object_id} {options.name} version {obj.version}" if options.name else obj.object_id)
     return EXIT_OK
 
 
@@ -405,21 +487,42 @@ def _module_and_file(spec: str) -> tuple[str, str]:
 
 
 def _unload(options: argparse.Namespace) -> int:
+    kind, target = _unload_target(options)
     with _manager(options) as manager:
-        if options.object is not None:
-            ReplicatedObj(manager, options.object).unload()
-            report: dict[str, Any] = {"object_ids": [options.object]}
+        if kind == "model":
+            ReplicatedObj(manager, target).unload()  # UnloadObject takes a name: every version
+            report: dict[str, Any] = {"model": target}
+        elif kind == "object":
+            ReplicatedObj(manager, target).unload()
+            report = {"object_ids": [target]}
         else:
-            object_ids = Package(manager, options.package).unload()
-            report = {"package_id": options.package, "object_ids": object_ids}
+            object_ids = Package(manager, target).unload()
+            report = {"package_id": target, "object_ids": object_ids}
     if options.json:
         _print_json(report)
     else:
+        if "model" in report:
+            print(f"unloaded model {report['model']}")
         if "package_id" in report:
             print(f"unloaded package {report['package_id']}")
-        for object_id in report["object_ids"]:
+        for object_id in report.get("object_ids", ()):
             print(f"unloaded object {object_id}")
     return EXIT_OK
+
+
+def _unload_target(options: argparse.Namespace) -> tuple[str, str]:
+    """("model" | "object" | "package", the target): from the flag given, else from TARGET's form."""
+    flags = [(kind, value) for kind in ("model", "object", "package") if (value := getattr(options, kind)) is not None]
+    if (options.target is None) == (not flags):
+        raise UsageError("unload takes one TARGET, or one of --model NAME, --object ID, --package ID")
+    if flags:
+        return flags[0]
+    target: str = options.target
+    if _PACKAGE_ID.fullmatch(target):
+        return "package", target
+    if target.startswith(_OBJECT_ID_PREFIX):
+        return "object", target
+    return "model", target
 
 
 # ---------------------------------------------------------------- invoke
@@ -433,8 +536,11 @@ def _invoke(options: argparse.Namespace) -> int:
         if not equals or not name.isidentifier():
             raise UsageError(f"--kwarg takes NAME=ARG (e.g. offset=1.5), not {spec!r}")
         kwargs[name] = parse_arg(text)
+    if options.version < 0:
+        raise UsageError(f"--version takes a version number >= 1 (0: the serving one), not {options.version}")
     with _manager(options) as manager:
-        result = ReplicatedObj(manager, options.object_id).call_method(options.method, *args, **kwargs)
+        target = ReplicatedObj(manager, options.target, version=options.version)
+        result = target.call_method(options.method, *args, **kwargs)
     _print_json(to_json(result, full=options.full))
     return EXIT_OK
 

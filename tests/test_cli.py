@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from torch.package import PackageExporter
 
-from client import InterpreterManager, NotFoundError, ReplicatedObj
+from client import InterpreterManager, NotFoundError, ReplicatedObj, cli
+from server.cli import build_parser
 from tests.daemon_process import REPO, DaemonProcess
 
 
@@ -185,6 +186,7 @@ MALFORMED_ARGS = [
     ["9223372036854775808"],  # over int64
     ["1", "--kwarg", "offset"],  # no =
     ["1", "--bogus"],  # not an option of invoke
+    ["1", "--version", "-1"],  # versions count from 1 (0: the serving one)
 ]
 
 
@@ -214,8 +216,15 @@ def test_bad_local_input_for_load_exits_2(daemon: DaemonProcess, tmp_path: Path,
     assert "cannot read package file" in missing.stderr and "missing.pt" in missing.stderr
     bad_pickle = deployd("load", str(package_dir / "models.pt"), "--pickle", "scale.pkl", "--address", daemon.target)
     assert bad_pickle.returncode == 2 and "MODULE:FILE" in bad_pickle.stderr
-    usage = deployd("unload", "--address", daemon.target)  # needs --object or --package
+    usage = deployd("unload", "--address", daemon.target)  # needs a TARGET, --model, --object or --package
     assert usage.returncode == 2
+    both = deployd("unload", "some-model", "--object", "obj-0123456789abcdef", "--address", daemon.target)
+    assert both.returncode == 2 and "one TARGET" in both.stderr, both.stderr
+    two_for_one_name = deployd(
+        "load", str(package_dir / "models.pt"), "--pickle", "models:scale.pkl", "--pickle", "models:echo.pkl",
+        "--name", "cli-two", "--address", daemon.target,
+    )  # fmt: skip
+    assert two_for_one_name.returncode == 2 and "exactly one --pickle" in two_for_one_name.stderr
 
 
 def test_serve_loads_neither_client_nor_torch() -> None:
@@ -225,3 +234,133 @@ def test_serve_loads_neither_client_nor_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr  # the config error, with no client imported
+
+
+def unload_model(target: str, name: str) -> None:
+    with InterpreterManager(target, timeout=60) as manager, contextlib.suppress(NotFoundError):
+        manager.model(name).unload()
+
+
+def test_load_by_name_serves_versions_that_invoke_and_status_show(daemon: DaemonProcess, package_dir: Path) -> None:
+    target, name = daemon.target, "cli-twin"
+    try:
+        first = deployd(
+            "load", str(package_dir / "twin_a.pt"), "--pickle", "twins:twin.pkl", "--name", name, "--json",
+            "--address", target,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        (loaded,) = json.loads(first.stdout)["objects"]
+        assert loaded["object_id"].startswith("obj-")
+        assert (loaded["name"], loaded["version"], loaded["module"], loaded["file"]) == (name, 1, "twins", "twin.pkl")
+        assert invoke_json(target, name) == "a"
+
+        second = deployd(
+            "load", str(package_dir / "twin_b.pt"), "--pickle", "twins:twin.pkl", "--name", name, "--address", target
+        )
+        assert second.returncode == 0, second.stderr
+        package_id, object_id, named, version_word, version = second.stdout.split()
+        assert (named, version_word, version) == (name, "version", "2") and object_id.startswith("obj-")
+
+        assert invoke_json(target, name) == "b", "the name serves its new version at once"
+        assert invoke_json(target, name, "--version", "2") == "b"
+        assert invoke_json(target, "--version", "0", name) == "b"  # 0: the serving one
+        gone = deployd("invoke", name, "--version", "1", "--address", target)
+        assert gone.returncode == 1 and "no version 1" in gone.stderr, gone.stderr
+        pinned_id = deployd("invoke", object_id, "--version", "2", "--address", target)
+        assert pinned_id.returncode == 1 and pinned_id.stderr.startswith("deployd: INVALID_ARGUMENT: ")
+
+        machine = deployd("status", "--json", "--address", target)
+        assert machine.returncode == 0, machine.stderr
+        (model,) = [model for model in json.loads(machine.stdout)["models"] if model["name"] == name]
+        assert model == {
+            "name": name,
+            "serving_version": 2,
+            "versions": [
+                {
+                    "version": 2,
+                    "state": "serving",
+                    "object_id": object_id,
+                    "calls_in_flight": 0,
+                    "package_id": package_id,
+                    "module": "twins",
+                    "file": "twin.pkl",
+                }
+            ],
+        }
+        human = deployd("status", "--address", target)
+        assert human.returncode == 0, human.stderr
+        lines = human.stdout.splitlines()
+        at = lines.index(f"  {name}  serving version 2")
+        assert lines[at + 1].split() == ["VERSION", "STATE", "OBJECT", "CALLS", "MODULE:FILE", "PACKAGE"]
+        assert lines[at + 2].split() == ["2", "serving", object_id, "0", "twins:twin.pkl", package_id]
+
+        unloaded = deployd("unload", name, "--address", target)  # neither a package id nor an object id
+        assert (unloaded.returncode, unloaded.stdout) == (0, f"unloaded model {name}\n"), unloaded.stderr
+        result = deployd("invoke", name, "--address", target)
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"deployd: NOT_FOUND: no model '{name}' is loaded"), result.stderr
+        again = deployd("unload", "--model", name, "--json", "--address", target)
+        assert again.returncode == 1 and again.stderr.startswith("deployd: NOT_FOUND: "), again.stderr
+    finally:
+        unload_model(target, name)
+
+
+def test_unload_by_target_form_object_and_package(daemon: DaemonProcess, tmp_path: Path) -> None:
+    path = tmp_path / "own.pt"
+    with PackageExporter(str(path)) as exporter:  # bytes no other test loads: unloading it hurts none
+        exporter.save_pickle("data", "data.pkl", {"unique": uuid.uuid4().hex})
+    loaded = deployd(
+        "load", str(path), "--pickle", "data:data.pkl", "--pickle", "data:data.pkl", "--json",
+        "--address", daemon.target,
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    report = json.loads(loaded.stdout)
+    first, second = (obj["object_id"] for obj in report["objects"])
+    assert [(obj["name"], obj["version"]) for obj in report["objects"]] == [(None, 0), (None, 0)]
+    try:
+        by_id = deployd("unload", first, "--json", "--address", daemon.target)
+        assert by_id.returncode == 0, by_id.stderr
+        assert json.loads(by_id.stdout) == {"object_ids": [first]}
+        by_package = deployd("unload", report["package_id"], "--address", daemon.target)
+        assert by_package.returncode == 0, by_package.stderr
+        assert by_package.stdout == f"unloaded package {report['package_id']}\nunloaded object {second}\n"
+    finally:
+        unload_objects(daemon.target, [first, second])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["resnet"], ("model", "resnet")),
+        (["obj-0123456789abcdef"], ("object", "obj-0123456789abcdef")),
+        (["ab" * 32], ("package", "ab" * 32)),
+        (["AB" * 32], ("model", "AB" * 32)),  # package ids are lowercase hex
+        (["--model", "ab" * 32], ("model", "ab" * 32)),  # a name that looks like a package id
+        (["--object", "obj-0123456789abcdef"], ("object", "obj-0123456789abcdef")),
+        (["--package", "ab" * 32], ("package", "ab" * 32)),
+    ],
+    ids=["name", "object", "package", "uppercase-hex", "--model", "--object", "--package"],
+)
+def test_unload_target_kind(args: list[str], expected: tuple[str, str]) -> None:
+    assert cli._unload_target(build_parser().parse_args(["unload", *args])) == expected
+
+
+def test_status_text_shows_draining_versions() -> None:
+    version = {"object_id": "obj-1", "calls_in_flight": 3, "package_id": "p" * 64, "module": "m", "file": "f.pkl"}
+    report = {
+        "workers": [],
+        "queued_calls": 0,
+        "models": [
+            {
+                "name": "swap",
+                "serving_version": 0,  # unloaded while it drained: none serves
+                "versions": [{**version, "version": 1, "state": "draining"}],
+            }
+        ],
+        "packages": [],
+        "objects": [],
+        "modules": [],
+    }
+    lines = cli._status_text(report).splitlines()
+    at = lines.index("  swap  serving version none")
+    assert lines[at + 2].split() == ["1", "draining", "obj-1", "3", "m:f.pkl", "p" * 64]
