@@ -118,6 +118,10 @@ class InterpreterManager:
         """Make `import name` work in every worker, including workers started later."""
         self.call(self._stub.RegisterModuleSource, pb.RegisterModuleSourceRequest(name=name, source=src))
 
+    def reload(self) -> pb.ReloadResponse:
+        """Have the daemon re-read its config file's `models:` (as SIGHUP does); says what changed."""
+        return self.call(self._stub.Reload, pb.ReloadRequest())
+
     def status(self) -> pb.StatusResponse:
         """The daemon's workers, packages, objects and registered modules."""
         return self.call(self._stub.Status, pb.StatusRequest())

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from server import logs
-from server.config import ConfigError, load_config
+from server.config import Config, ConfigError, load_config
 
 
 def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
@@ -59,11 +59,15 @@ def _serve(options: argparse.Namespace) -> int:
     ):
         if getattr(options, flag) is not None:
             overrides[key] = getattr(options, flag)
+    config_path = options.config or os.environ.get("DEPLOYD_CONFIG")
     try:
-        config = load_config(options.config or os.environ.get("DEPLOYD_CONFIG"), overrides=overrides)
+        config = load_config(config_path, overrides=overrides)
     except ConfigError as error:
         print(f"deployd: {error}", file=sys.stderr)
         return 2
     from server.daemon import run_daemon  # grpc and the pool only once the config is good
 
-    return run_daemon(config)
+    def reload_config() -> Config:
+        return load_config(config_path, overrides=overrides)
+
+    return run_daemon(config, reload_config if config_path else None)

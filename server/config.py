@@ -17,6 +17,9 @@ from typing import Any, Mapping
 
 import yaml
 
+from server.errors import InvalidArgument
+from server.model_names import check_name
+
 ENV_PREFIX = "DEPLOYD_"
 
 
@@ -114,6 +117,16 @@ class TlsSection:
 
 
 @dataclass(frozen=True)
+class ModelEntry:
+    """One model of the repository (`models:` in the config): served by name from a package."""
+
+    name: str
+    package: str  # a path inside packages.directory
+    module: str
+    file: str
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     pool: PoolSection = field(default_factory=PoolSection)
@@ -123,6 +136,9 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     auth: AuthSection = field(default_factory=AuthSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    # Not sections: the model repository, loaded before the daemon serves (README: Models by name).
+    models: tuple[ModelEntry, ...] = ()
+    models_on_error: str = "stop"  # a model that cannot load: stop (exit 2) or continue without it
 
     @property
     def worker_count(self) -> int:
@@ -135,15 +151,21 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Build the config. overrides are flags, keyed "section.key"."""
-    values: dict[str, dict[str, Any]] = {section.name: {} for section in dataclasses.fields(Config)}
+    values: dict[str, dict[str, Any]] = {section.name: {} for section in _sections()}
+    top: dict[str, Any] = {}
+    environ = os.environ if environ is None else environ
     if path is not None:
-        _merge(values, _read_file(Path(path)), f"{path}")
-    _merge(values, _from_environment(os.environ if environ is None else environ), "environment")
+        data = _read_file(Path(path))
+        top = {key: data.pop(key) for key in _TOP_LEVEL if key in data}
+        _merge(values, data, f"{path}")
+    _merge(values, _from_environment(environ), "environment")
+    if "DEPLOYD_MODELS_ON_ERROR" in environ:
+        top["models_on_error"] = environ["DEPLOYD_MODELS_ON_ERROR"]
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)
         values[section][key] = value
-    sections = {}
-    for section_field in dataclasses.fields(Config):
+    sections: dict[str, Any] = {}
+    for section_field in _sections():
         section_type = _section_type(section_field.name)
         known = {item.name: item for item in dataclasses.fields(section_type)}
         typed = {
@@ -151,13 +173,49 @@ def load_config(
             for key, value in values[section_field.name].items()
         }
         sections[section_field.name] = section_type(**typed)
-    config = Config(**sections)
+    on_error = top.get("models_on_error", "stop")
+    if on_error not in ("stop", "continue"):
+        raise ConfigError(f"bad value for models_on_error: {on_error!r} (stop or continue)")
+    config = Config(**sections, models=_model_entries(top.get("models") or []), models_on_error=on_error)
     _validate(config)
     return config
 
 
+# Top-level keys that are not sections.
+_TOP_LEVEL = ("models", "models_on_error")
+
+
+def _sections() -> list[dataclasses.Field[Any]]:
+    return [item for item in dataclasses.fields(Config) if item.name not in _TOP_LEVEL]
+
+
+def _model_entries(raw: Any) -> tuple[ModelEntry, ...]:
+    """The `models:` list: each entry a mapping of name, package and pickle ("module:file")."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"models must be a list of entries (name, package, pickle), got {raw!r}")
+    entries: list[ModelEntry] = []
+    for position, item in enumerate(raw, 1):
+        where = f"models entry {position}"
+        if not isinstance(item, dict) or set(item) != {"name", "package", "pickle"}:
+            raise ConfigError(f"{where} must have exactly the keys name, package and pickle, got {item!r}")
+        name, package, pickle = (item[key] for key in ("name", "package", "pickle"))
+        if not all(isinstance(value, str) and value for value in (name, package, pickle)):
+            raise ConfigError(f"{where}: name, package and pickle must be non-empty strings")
+        try:
+            check_name(name)
+        except InvalidArgument as error:
+            raise ConfigError(f"{where}: {error}") from None
+        module, colon, file = pickle.partition(":")
+        if not (module and colon and file):
+            raise ConfigError(f"{where} ({name}): pickle must be module:file, got {pickle!r}")
+        if any(entry.name == name for entry in entries):
+            raise ConfigError(f"{where}: the name {name!r} is listed twice")
+        entries.append(ModelEntry(name, package, module, file))
+    return tuple(entries)
+
+
 def _section_type(name: str) -> Any:
-    return {section.name: section.default_factory for section in dataclasses.fields(Config)}[name]  # type: ignore[misc]
+    return {section.name: section.default_factory for section in _sections()}[name]  # type: ignore[misc]
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -187,7 +245,7 @@ def _merge(values: dict[str, dict[str, Any]], source: Mapping[str, Any], origin:
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
-    for section_field in dataclasses.fields(Config):
+    for section_field in _sections():
         for item in dataclasses.fields(_section_type(section_field.name)):
             name = f"{ENV_PREFIX}{section_field.name}_{item.name}".upper()
             if name in environ:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,8 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from server import eventloop, logs
 from server.auth import TokenAuth
-from server.config import Config, TlsSection, split_address, worker_user
-from server.errors import WorkerCrashed
+from server.config import Config, ConfigError, TlsSection, split_address, worker_user
+from server.errors import DeploydError, InvalidArgument, WorkerCrashed
 from server.health import Health
 from server.malloc import tune_malloc
 from server.metrics import Metrics
@@ -30,6 +31,7 @@ from server.packages import PackageStore
 from server.pool import WorkerPool
 from server.proto import deployd_pb2
 from server.registry import Registry
+from server.repository import ModelLoadFailed, ModelRepository, ReloadReport
 from server.service import ModelService
 from server.servicer import DeploydServicer, add_to_server
 from server.shm import remove_stale_segments, set_worker_group
@@ -48,8 +50,11 @@ SERVICE_NAME = deployd_pb2.DESCRIPTOR.services_by_name["Deployd"].full_name
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+        """reload_config: reads the config anew, for a reload of its `models:` (SIGHUP, Reload)."""
         self.config = config
+        self._reload_config = reload_config
+        self._reload_lock = asyncio.Lock()
         self.port = 0
         self._stop_requested = asyncio.Event()
         self._fast_stop = asyncio.Event()
@@ -133,7 +138,15 @@ class Daemon:
         value_limits = ValueLimits(
             limits.max_value_depth, limits.max_tensor_rank, limits.max_tensor_elements, limits.max_container_items
         )
-        servicer = DeploydServicer(self._service, self._metrics, config.server.log_calls, value_limits)
+        self._repository = ModelRepository(self._service, Path(config.packages.directory))
+        servicer = DeploydServicer(
+            self._service,
+            self._metrics,
+            config.server.log_calls,
+            value_limits,
+            repository=self._repository,
+            reload=self.reload_models,
+        )
         add_to_server(servicer, self._server, self._metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, self._server)
         reflection.enable_server_reflection(
@@ -152,14 +165,41 @@ class Daemon:
         task.add_done_callback(self._background.discard)
 
     async def _sync_health(self) -> None:
-        """Health follows the pool and what is loaded; an unloaded object's metrics go too."""
-        objects = set(self._registry.objects)
+        """Health follows the pool and what is loaded, objects by id and models by name; the
+        metrics of what went go too."""
+        names = self._service.served_names()
+        objects = set(self._registry.objects) | names
         for gone in self._known_objects - objects:
             self._metrics.forget_object(gone)
         self._known_objects = objects
         # Before the whole pool is up, and once stopping, the server's health is set by run() alone.
         if self._started and not self._stop_requested.is_set():
-            await self._health.sync(self._pool.serving_count > 0, objects, self._pool.full_capacity)
+            failing = set(self._repository.errors) - names
+            await self._health.sync(self._pool.serving_count > 0, objects, self._pool.full_capacity, failing)
+
+    async def reload_models(self) -> ReloadReport:
+        """Re-read the config file and bring the served models in line with its `models:`."""
+        if self._reload_config is None:
+            raise InvalidArgument("the daemon was started without a config file: there is nothing to reload")
+        async with self._reload_lock:
+            try:
+                config = self._reload_config()
+            except ConfigError as error:
+                raise InvalidArgument(f"the config file cannot be reloaded: {error}") from None
+            report = await self._repository.reload(config.models)
+        await self._sync_health()
+        return report
+
+    def _reload_in_background(self) -> None:
+        async def reload() -> None:
+            try:
+                await self.reload_models()
+            except DeploydError as error:
+                log.error("reload (SIGHUP): %s", error)
+
+        task = asyncio.ensure_future(reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def request_stop(self) -> None:
         if self._stop_requested.is_set():
@@ -171,6 +211,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         await self._health.not_serving()
         try:
             if self.config.metrics.address:
@@ -180,6 +221,9 @@ class Daemon:
             self.port = self._bind(self.config.server.address)
             log.info("starting %d workers", self._pool.size)
             await self._pool.start()
+            if self.config.models:
+                log.info("loading %d models", len(self.config.models))
+                await self._repository.load_all(self.config.models, self.config.models_on_error)
             await self._server.start()
             self._started = True
             await self._sync_health()
@@ -232,7 +276,7 @@ def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
     )
 
 
-def run_daemon(config: Config) -> int:
+def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     logs.use_format(config.server.log_format)
     # Workers inherit the environment, and model code can read it: tokens stay in the config alone.
     for name in ("DEPLOYD_AUTH_ADMIN_TOKENS", "DEPLOYD_AUTH_INVOKE_TOKENS"):
@@ -243,9 +287,12 @@ def run_daemon(config: Config) -> int:
     async def main() -> int:
         # Built inside the loop: grpc.aio binds its server to the running loop.
         try:
-            return await Daemon(config).run()
+            return await Daemon(config, reload_config).run()
         except (StartupError, WorkerCrashed) as error:
             log.error("cannot start: %s", error)
             return 1
+        except ModelLoadFailed as error:
+            log.error("cannot start: %s", error)
+            return 2
 
     return eventloop.run(main(), config.server.event_loop)

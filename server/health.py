@@ -26,8 +26,11 @@ class Health:
         self.capacity_name = f"{service_name}/capacity"
         self._objects: set[str] = set()
 
-    async def sync(self, serving: bool, objects: set[str], full_capacity: bool) -> None:
-        """Set every status from the pool's state and the objects loaded now."""
+    async def sync(
+        self, serving: bool, objects: set[str], full_capacity: bool, failing: frozenset[str] | set[str] = frozenset()
+    ) -> None:
+        """Set every status from the pool's state, the objects and models loaded now, and the
+        models of the repository that could not load (failing: NOT_SERVING)."""
         await self.servicer.set(self.capacity_name, _SERVING if full_capacity else _NOT_SERVING)  # type: ignore[arg-type]
         for gone in self._objects - objects:
             await self.servicer.set(gone, _UNKNOWN)  # type: ignore[arg-type]
@@ -35,6 +38,8 @@ class Health:
         status = _SERVING if serving else _NOT_SERVING
         for name in (*self._server_names, *sorted(objects)):
             await self.servicer.set(name, status)  # type: ignore[arg-type]
+        for name in sorted(failing):
+            await self.servicer.set(name, _NOT_SERVING)  # type: ignore[arg-type]
 
     async def not_serving(self) -> None:
         for name in (*self._server_names, self.capacity_name):

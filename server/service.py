@@ -95,6 +95,7 @@ class ModelService:
         self._names = ModelNames()
         self._in_flight: Counter[str] = Counter()  # object id -> calls running on it
         self._drains: set[asyncio.Task[None]] = set()  # unloads of versions whose last call ended
+        self._release_when_unused: set[str] = set()  # packages to unload with their last object
 
     async def prepare_worker(self, worker: WorkerHandle) -> None:
         """Replay everything loaded into a new worker, before it takes calls (pool holds `changes`)."""
@@ -191,6 +192,7 @@ class ModelService:
     async def _drop_package(self, package_id: str, why: str = "") -> list[str]:
         """Forget a package and its objects everywhere (caller holds `changes`)."""
         record = self._registry.packages.pop(package_id)
+        self._release_when_unused.discard(package_id)
         objects = self._registry.objects_of(package_id)
         await self._drop_objects(objects, why)
         await self._pool.broadcast(protocol.ClosePackage(package_id), [])
@@ -210,8 +212,23 @@ class ModelService:
                 self._evicted[loaded.object_id] = why
         for loaded in objects:
             await self._pool.broadcast(protocol.UnloadObject(loaded.object_id), [])
+        for package_id in {loaded.package_id for loaded in objects} & self._release_when_unused:
+            if package_id in self._registry.packages and not self._registry.objects_of(package_id):
+                self._release_when_unused.discard(package_id)
+                await self._drop_package(package_id)
         if objects:
             await self._on_objects_changed()
+
+    async def release_package_when_unused(self, package_id: str) -> None:
+        """Unload a package now if no object uses it, else once its last object is unloaded
+        (a model version that drains)."""
+        async with self._pool.changes:
+            if package_id not in self._registry.packages:
+                return
+            if self._registry.objects_of(package_id):
+                self._release_when_unused.add(package_id)
+            else:
+                await self._drop_package(package_id)
 
     async def load_resource(self, package_id: str, module: str, resource: str, binary: bool) -> Any:
         self._require_package(package_id)
@@ -235,6 +252,7 @@ class ModelService:
                 f"cannot load pickle {file!r} of module {module!r}",
             )
             self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file)
+            self._release_when_unused.discard(package_id)  # in use again
             version = 0
             if name:
                 version, replaced = self._names.add_version(name, object_id)
@@ -266,6 +284,10 @@ class ModelService:
         object_id = self._resolve(target, version)
         present, _ = await self._counted_call(object_id, protocol.HasAttr(object_id, name), [])
         return bool(present)
+
+    def served_names(self) -> set[str]:
+        """The model names that have a serving version."""
+        return {name for name, model in self._names.models.items() if model.serving}
 
     def resolve(self, target: str, version: int = 0) -> LoadedObject:
         """What a target (an object id or a model name, and a version) refers to now."""

@@ -27,6 +27,7 @@ from server.metrics import Metrics
 from server.model_names import NamedModel
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
+from server.repository import ModelRepository, ReloadReport
 from server.service import ModelService, StatusSnapshot
 from server.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 
@@ -152,11 +153,15 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
         metrics: Metrics,
         log_calls: bool = True,
         value_limits: ValueLimits = DEFAULT_LIMITS,
+        repository: ModelRepository | None = None,
+        reload: Callable[[], Awaitable[ReloadReport]] | None = None,
     ) -> None:
         self._service = service
         self._metrics = metrics
         self._log_calls = log_calls
         self._value_limits = value_limits
+        self._repository = repository
+        self._reload = reload
 
     @_reports_errors
     async def LoadPackage(
@@ -251,7 +256,28 @@ class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
             ],
             modules=snapshot.modules,
             queued_calls=snapshot.queued_calls,
-            models=[_model_status(model, snapshot) for model in snapshot.models],
+            models=[_model_status(model, snapshot) for model in snapshot.models] + self._failed_models(snapshot),
+        )
+
+    def _failed_models(self, snapshot: StatusSnapshot) -> list[pb.ModelStatus]:
+        if self._repository is None:
+            return []
+        loaded = {model.name for model in snapshot.models}
+        return [
+            pb.ModelStatus(name=name, error=why) for name, why in self._repository.errors.items() if name not in loaded
+        ]
+
+    @_reports_errors
+    async def Reload(self, request: pb.ReloadRequest, context: Context) -> pb.ReloadResponse:
+        if self._reload is None:
+            raise InvalidArgument("this daemon cannot reload its models")
+        report = await self._reload()
+        return pb.ReloadResponse(
+            loaded=report.loaded,
+            swapped=report.swapped,
+            unloaded=report.unloaded,
+            unchanged=report.unchanged,
+            failed=[pb.ModelFailure(name=name, error=why) for name, why in report.failed.items()],
         )
 
 

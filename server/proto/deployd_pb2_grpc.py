@@ -84,6 +84,11 @@ class DeploydStub:
                 request_serializer=deployd_dot_v1_dot_deployd__pb2.StatusRequest.SerializeToString,
                 response_deserializer=deployd_dot_v1_dot_deployd__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/deployd.v1.Deployd/Reload',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class DeploydServicer:
@@ -160,6 +165,15 @@ class DeploydServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-read the config file's `models:` (as SIGHUP does): new names load, changed
+        entries hot-swap to a new version, removed names unload, the rest stay. A name
+        that fails stays as it was and is listed in `failed`. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploydServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +226,11 @@ def add_DeploydServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=deployd_dot_v1_dot_deployd__pb2.StatusRequest.FromString,
                     response_serializer=deployd_dot_v1_dot_deployd__pb2.StatusResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.ReloadRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +503,33 @@ class Deployd:
             '/deployd.v1.Deployd/Status',
             deployd_dot_v1_dot_deployd__pb2.StatusRequest.SerializeToString,
             deployd_dot_v1_dot_deployd__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Deployd/Reload',
+            deployd_dot_v1_dot_deployd__pb2.ReloadRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

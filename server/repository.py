@@ -1,0 +1,131 @@
+"""The model repository: the config's `models:`, served by name, loaded at start and on reload.
+
+At start every entry is loaded (package from packages.directory, then its pickle under the
+entry's name) before the daemon serves; one that cannot load stops the start
+(ModelLoadFailed: exit 2) unless models_on_error is "continue", when its error is kept for
+Status and health. A reload compares the new list with what it loaded: new names load,
+changed entries (another package, pickle, or package file) hot-swap to a new version,
+removed names unload, unchanged ones are left alone; one that fails stays as it was. A
+package the repository loaded and no entry uses any more is unloaded once its last
+version has drained.
+
+Imports no grpc: the daemon (SIGHUP) and the servicer (Reload) call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.config import ModelEntry
+from server.errors import DeploydError, NotFound
+from server.service import ModelService
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadFailed(Exception):
+    """A model of the repository could not load at start (and models_on_error is "stop")."""
+
+
+@dataclass
+class ReloadReport:
+    loaded: list[str] = field(default_factory=list)  # names new to the daemon
+    swapped: list[str] = field(default_factory=list)  # names now serving a new version
+    unloaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # name -> why; the name is as it was
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    entry: ModelEntry
+    package_id: str
+    file_stamp: tuple[int, int]  # the package file's (size, mtime_ns) when loaded
+
+
+class ModelRepository:
+    def __init__(self, service: ModelService, package_directory: Path) -> None:
+        self._service = service
+        self._package_directory = package_directory
+        self._loaded: dict[str, _Loaded] = {}
+        self._packages: set[str] = set()  # every package the repository loaded and has not released
+        self.errors: dict[str, str] = {}  # name -> why it could not load (models_on_error: continue)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._loaded)
+
+    async def load_all(self, entries: tuple[ModelEntry, ...], on_error: str) -> None:
+        """Load every entry before the daemon serves."""
+        for entry in entries:
+            try:
+                await self._load(entry)
+            except DeploydError as error:
+                why = f"model {entry.name!r} ({entry.package}, {entry.module}:{entry.file}) cannot load: {error}"
+                if on_error == "stop":
+                    raise ModelLoadFailed(f"{why} (models_on_error: continue would start without it)") from error
+                log.error("%s; serving without it", why)
+                self.errors[entry.name] = str(error)
+
+    async def reload(self, entries: tuple[ModelEntry, ...]) -> ReloadReport:
+        """Bring what is served in line with entries; each name changes alone, all or nothing."""
+        report = ReloadReport()
+        wanted = {entry.name: entry for entry in entries}
+        for name in [name for name in self._loaded if name not in wanted]:
+            try:
+                await self._service.unload_object(name)
+            except NotFound:
+                pass  # already gone (unloaded by hand, or its package was)
+            except DeploydError as error:
+                report.failed[name] = f"cannot unload: {error}"
+                continue
+            del self._loaded[name]
+            report.unloaded.append(name)
+        for name in [name for name in self.errors if name not in wanted]:
+            del self.errors[name]
+        for entry in entries:
+            current = self._loaded.get(entry.name)
+            if current is not None and current.entry == entry and current.file_stamp == self._stamp(entry):
+                report.unchanged.append(entry.name)
+                continue
+            try:
+                await self._load(entry)
+            except DeploydError as error:
+                report.failed[entry.name] = str(error)
+                if current is None:
+                    self.errors[entry.name] = str(error)
+                continue
+            (report.swapped if current is not None else report.loaded).append(entry.name)
+        await self._release_unused_packages()
+        for name, why in report.failed.items():
+            log.error("reload: model %r left as it was: %s", name, why)
+        log.info(
+            "reload: %d loaded, %d swapped, %d unloaded, %d unchanged, %d failed",
+            *(len(names) for names in (report.loaded, report.swapped, report.unloaded, report.unchanged)),
+            len(report.failed),
+        )
+        return report
+
+    async def _load(self, entry: ModelEntry) -> None:
+        stamp = self._stamp(entry)
+        package = await self._service.load_package_path(entry.package)
+        await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name)
+        self._loaded[entry.name] = _Loaded(entry, package.package_id, stamp)
+        self._packages.add(package.package_id)
+        self.errors.pop(entry.name, None)
+
+    def _stamp(self, entry: ModelEntry) -> tuple[int, int]:
+        try:
+            status = os.stat(self._package_directory / entry.package)
+        except OSError:
+            return (-1, -1)
+        return (status.st_size, status.st_mtime_ns)
+
+    async def _release_unused_packages(self) -> None:
+        in_use = {loaded.package_id for loaded in self._loaded.values()}
+        for package_id in self._packages - in_use:
+            await self._service.release_package_when_unused(package_id)
+        self._packages = in_use
