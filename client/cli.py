@@ -225,9 +225,18 @@ def add_commands(subparsers: Any) -> None:
     )
     invoke.add_argument("--full", action="store_true", help=f"print every value of tensors over {MAX_PRINTED_VALUES}")
 
+    add(
+        "reload",
+        _reload,
+        "have the daemon re-read its config file's models: (as SIGHUP does); exit 1 if one failed",
+    )
+
     health = add("health", _health, "check grpc.health.v1 (needs no token); exit 0 only when SERVING")
     health.add_argument(
-        "--service", default="", help='"" (default): the whole server; or deployd.v1.Deployd, or an object id'
+        "--service",
+        default="",
+        help='"" (default): the whole server; or deployd.v1.Deployd, deployd.v1.Deployd/capacity, a model name'
+        " or an object id",
     )
 
 
@@ -640,6 +649,30 @@ def _tensor_json(tensor: torch.Tensor, full: bool) -> dict[str, Any]:
             f"the first {MAX_PRINTED_VALUES} of {tensor.numel()} values, flattened in C order; --full prints all"
         )
     return description
+
+
+# ---------------------------------------------------------------- reload
+
+
+def _reload(options: argparse.Namespace) -> int:
+    with _manager(options) as manager:
+        report = manager.reload()
+    failed = {failure.name: failure.error for failure in report.failed}
+    outcome = {
+        "loaded": list(report.loaded),
+        "swapped": list(report.swapped),
+        "unloaded": list(report.unloaded),
+        "unchanged": list(report.unchanged),
+        "failed": failed,
+    }
+    if options.json:
+        _print_json(outcome)
+    else:
+        for what in ("loaded", "swapped", "unloaded", "unchanged"):
+            print(f"{what}: {', '.join(outcome[what]) or '-'}")  # type: ignore[arg-type]
+        for name, why in failed.items():
+            print(f"failed: {name}: {why}")
+    return EXIT_DAEMON_ERROR if failed else EXIT_OK
 
 
 # ---------------------------------------------------------------- health

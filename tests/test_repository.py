@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from client import InterpreterManager, NotFoundError, PermissionDeniedError
 from tests.conftest import write_config
 from tests.daemon_process import REPO, DaemonProcess, wait_until
+from tests.test_cli import deployd
 from tests.test_operations import check_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -136,6 +137,8 @@ def test_sighup_and_reload_follow_the_config(repository_daemon: Callable[..., Da
         report = manager.reload()
         assert [failure.name for failure in report.failed] == ["twin"] and list(report.unchanged) == ["echo"]
         assert manager.model("twin")() == "b" and model_names(manager)["twin"][0] == 2
+    result = deployd("reload", "--address", daemon.target)
+    assert result.returncode == 1 and "failed: twin:" in result.stdout and "unchanged: echo" in result.stdout
     assert "reload: model 'twin' left as it was" in daemon.log
 
 
