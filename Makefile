@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 serve: install
-	mkdir -p packages
+	$(BIN)/python scripts/export_seed.py packages/seed.pt  # the model config.yaml serves by name
 	$(BIN)/deployd serve --config config.yaml
 
 lint: install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import Config, ConfigError, load_config, worker_user
+from server.config import Config, ConfigError, ModelEntry, load_config, worker_user
 from tests.daemon_process import REPO
 
 
@@ -19,8 +20,20 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_bundled_config_is_the_defaults() -> None:
-    assert load_config(REPO / "config.yaml", environ={}) == Config()
+def test_bundled_config_is_the_defaults_and_the_seed_model() -> None:
+    """Every section at its defaults; the one model `make serve` exports and serves by name."""
+    bundled = load_config(REPO / "config.yaml", environ={})
+    assert bundled.models == (ModelEntry("seed", "seed.pt", "model", "model.pkl"),)
+    assert dataclasses.replace(bundled, models=()) == Config()
+
+
+def test_models_on_error_from_the_environment(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "c.yaml", "models_on_error: stop\n")
+    assert load_config(config_file, environ={"DEPLOYD_MODELS_ON_ERROR": "continue"}).models_on_error == "continue"
+    with pytest.raises(ConfigError, match="models_on_error"):
+        load_config(config_file, environ={"DEPLOYD_MODELS_ON_ERROR": "maybe"})
+    with pytest.raises(ConfigError, match="models must be a list"):
+        load_config(write(tmp_path / "d.yaml", "models: {name: x}\n"), environ={})
 
 
 def test_precedence_flags_over_environment_over_file(tmp_path: Path) -> None:

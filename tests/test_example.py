@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import torch
 from torch.package import PackageImporter
 
 from client import InterpreterManager
+from tests.daemon_process import REPO, DaemonProcess
 
 
 def run_locally(package: Path, module: str, file: str, *args: torch.Tensor) -> torch.Tensor:
@@ -69,3 +73,22 @@ def test_num_workers_and_status(manager: InterpreterManager, package_dir: Path) 
     assert {worker.state for worker in status.workers} <= {"idle", "busy"}
     assert package.id in {entry.package_id for entry in status.packages}
     assert model.id in {entry.object_id for entry in status.objects}
+
+
+def test_make_serve_serves_the_seed_model_by_name(tmp_path: Path) -> None:
+    """What `make serve` does (export the seed, serve the bundled config.yaml), then the README's
+    by-name example as written."""
+    packages = tmp_path / "packages"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "export_seed.py"), str(packages / "seed.pt")], check=True)
+    daemon = DaemonProcess(REPO / "config.yaml", env={"DEPLOYD_PACKAGES_DIRECTORY": str(packages)})
+    daemon.start()
+    try:
+        quick_start = (REPO / "README.md").read_text().split("## Quick start", 1)[1]
+        by_name = re.findall(r"```python\n(.*?)```", quick_start, re.S)[1]
+        assert 'manager.model("seed")' in by_name
+        script = by_name.replace('"127.0.0.1:50051"', repr(daemon.target))
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "tensor(" in result.stdout
+    finally:
+        daemon.assert_clean_stop()
