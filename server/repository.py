@@ -88,7 +88,9 @@ class ModelRepository:
             del self.errors[name]
         for entry in entries:
             current = self._loaded.get(entry.name)
-            if current is not None and current.entry == entry and current.file_stamp == self._stamp(entry):
+            served = entry.name in self._service.served_names()  # (it may have been unloaded by hand)
+            unchanged = current is not None and current.entry == entry and current.file_stamp == self._stamp(entry)
+            if unchanged and served:
                 report.unchanged.append(entry.name)
                 continue
             try:
@@ -98,7 +100,7 @@ class ModelRepository:
                 if current is None:
                     self.errors[entry.name] = str(error)
                 continue
-            (report.swapped if current is not None else report.loaded).append(entry.name)
+            (report.swapped if served else report.loaded).append(entry.name)
         await self._release_unused_packages()
         for name, why in report.failed.items():
             log.error("reload: model %r left as it was: %s", name, why)
@@ -112,7 +114,12 @@ class ModelRepository:
     async def _load(self, entry: ModelEntry) -> None:
         stamp = self._stamp(entry)
         package = await self._service.load_package_path(entry.package)
-        await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name)
+        try:
+            await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name)
+        except DeploydError:
+            if package.package_id not in self._packages:  # loaded for this entry alone: not kept
+                await self._service.release_package_when_unused(package.package_id)
+            raise
         self._loaded[entry.name] = _Loaded(entry, package.package_id, stamp)
         self._packages.add(package.package_id)
         self.errors.pop(entry.name, None)

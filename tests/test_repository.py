@@ -133,10 +133,20 @@ def test_sighup_and_reload_follow_the_config(repository_daemon: Callable[..., Da
         # Reload: nothing changed; then a bad entry fails alone and changes nothing.
         report = manager.reload()
         assert sorted(report.unchanged) == ["echo", "twin"] and not report.failed
-        rewrite_models(config, [{**TWIN_B, "pickle": "twins:no_such.pkl"}, echo])
+        broken_conv = {"name": "conv", "package": "conv.pt", "pickle": "model:no_such.pkl"}
+        rewrite_models(config, [{**TWIN_B, "pickle": "twins:no_such.pkl"}, echo, broken_conv])
         report = manager.reload()
-        assert [failure.name for failure in report.failed] == ["twin"] and list(report.unchanged) == ["echo"]
+        assert sorted(failure.name for failure in report.failed) == ["conv", "twin"]
+        assert list(report.unchanged) == ["echo"]
         assert manager.model("twin")() == "b" and model_names(manager)["twin"][0] == 2
+        assert {p.package_id for p in manager.status().packages} == packages, "the failed load kept its package"
+        # A name unloaded by hand comes back with the next reload.
+        rewrite_models(config, [TWIN_B, echo])
+        manager.model("echo").unload()
+        assert list(manager.reload().loaded) == ["echo"] and manager.model("echo")(1) == 1
+    result = deployd("reload", "--address", daemon.target)
+    assert result.returncode == 0 and "unchanged: twin, echo" in result.stdout, result.stdout
+    rewrite_models(config, [{**TWIN_B, "pickle": "twins:no_such.pkl"}, echo])
     result = deployd("reload", "--address", daemon.target)
     assert result.returncode == 1 and "failed: twin:" in result.stdout and "unchanged: echo" in result.stdout
     assert "reload: model 'twin' left as it was" in daemon.log
