@@ -35,8 +35,8 @@ class Metrics:
         r = self.registry
         self.calls = Counter(
             "deployd_calls",
-            "gRPC calls handled, by method, object and status code",
-            ["method", "object", "code"],
+            "gRPC calls handled, by method, model (a model's name, or an object's id) and status code",
+            ["method", "model", "code"],
             registry=r,
         )
         self.call_duration = Histogram(
@@ -51,8 +51,9 @@ class Metrics:
         )
         self.run = Histogram(
             "deployd_run_seconds",
-            "Time a worker spent on an Invoke, from taking it to its reply reaching the daemon, by object",
-            ["object"],
+            "Time a worker spent on an Invoke, from taking it to its reply reaching the daemon, by model"
+            " (a model's name, or an object's id)",
+            ["model"],
             buckets=_FINE_BUCKETS,
             registry=r,
         )

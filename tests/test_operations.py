@@ -74,11 +74,11 @@ def test_metrics_cover_calls_workers_loads_and_memory(metrics_daemon: DaemonProc
         with pytest.raises(UnavailableError):
             scale.call_method("exit_now", 1)
         text = scrape(metrics_daemon)
-        assert sample(text, "deployd_calls_total", method="Invoke", object=scale.id, code="OK") == 3
-        assert sample(text, "deployd_calls_total", method="Invoke", object=scale.id, code="UNAVAILABLE") == 1
-        assert sample(text, "deployd_calls_total", method="LoadPickle", object="", code="OK") == 1
+        assert sample(text, "deployd_calls_total", method="Invoke", model=scale.id, code="OK") == 3
+        assert sample(text, "deployd_calls_total", method="Invoke", model=scale.id, code="UNAVAILABLE") == 1
+        assert sample(text, "deployd_calls_total", method="LoadPickle", model="", code="OK") == 1
         assert sample(text, "deployd_call_duration_seconds_count", method="LoadPickle") == 1
-        assert sample(text, "deployd_run_seconds_count", object=scale.id) == 3
+        assert sample(text, "deployd_run_seconds_count", model=scale.id) == 3
         assert sample(text, "deployd_queue_wait_seconds_count") >= 4
         for phase in ("to_worker", "in_worker", "to_daemon"):
             assert sample(text, "deployd_worker_call_seconds_count", phase=phase) >= 3
@@ -97,7 +97,7 @@ def test_metrics_cover_calls_workers_loads_and_memory(metrics_daemon: DaemonProc
             assert sample(text, "deployd_worker_memory_bytes", worker="0", kind=kind) > 0
         # An unloaded object's series go with it.
         scale.unload()
-        assert f'object="{scale.id}"' not in scrape(metrics_daemon)
+        assert f'model="{scale.id}"' not in scrape(metrics_daemon)
 
 
 def test_health_per_object_follows_loads(daemon: DaemonProcess, package_dir: Path) -> None:
@@ -178,7 +178,7 @@ def test_tokens_and_roles(token_daemon: DaemonProcess, package_dir: Path) -> Non
     # Health stays open for probes; refusals are counted; tokens never reach the log.
     assert check_health(target, "") == health_pb2.HealthCheckResponse.SERVING
     text = scrape(token_daemon)
-    assert sample(text, "deployd_calls_total", method="Status", object="", code="UNAUTHENTICATED") >= 3
+    assert sample(text, "deployd_calls_total", method="Status", model="", code="UNAUTHENTICATED") >= 3
     assert ADMIN_TOKEN not in token_daemon.log and INVOKE_TOKEN not in token_daemon.log
 
 
@@ -266,8 +266,8 @@ def test_request_that_does_not_parse(metrics_daemon: DaemonProcess, payload: byt
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "LoadPackageRequest" in raised.value.details()
     text = scrape(metrics_daemon)
-    assert sample(text, "deployd_calls_total", method="Invoke", object="", code="INVALID_ARGUMENT") == 1
-    assert sample(text, "deployd_calls_total", method="LoadPackage", object="", code="INVALID_ARGUMENT") == 1
+    assert sample(text, "deployd_calls_total", method="Invoke", model="", code="INVALID_ARGUMENT") == 1
+    assert sample(text, "deployd_calls_total", method="LoadPackage", model="", code="INVALID_ARGUMENT") == 1
     assert sample(text, "deployd_message_bytes_total", direction="received") >= len(payload)
     assert any("method=Invoke" in line and "status=INVALID_ARGUMENT" in line for line in metrics_daemon.lines)
     with InterpreterManager(metrics_daemon.target, timeout=60) as manager:

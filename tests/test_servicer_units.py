@@ -58,7 +58,7 @@ def test_the_wrapper_never_serializes_a_message_to_count_it() -> None:
     servicer = Servicer()
     response = asyncio.run(servicer.Invoke(Tripwire(), Context()))
     assert isinstance(response, Tripwire)
-    assert sample(servicer._metrics, "deployd_calls_total", method="Invoke", object="obj-tripwire", code="OK") == 1
+    assert sample(servicer._metrics, "deployd_calls_total", method="Invoke", model="obj-tripwire", code="OK") == 1
 
 
 def test_bytes_are_counted_from_what_grpc_holds() -> None:
