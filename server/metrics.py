@@ -125,9 +125,11 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_bytes(self, received: int, sent: int) -> None:
-        self._received.inc(received)
-        self._sent.inc(sent)
+    def observe_received(self, size: int) -> None:
+        self._received.inc(size)
+
+    def observe_sent(self, size: int) -> None:
+        self._sent.inc(size)
 
     def observe_run(self, object_id: str, seconds: float) -> None:
         child = self._runs.get(object_id)

@@ -335,7 +335,7 @@ _DECODE_REASONS = {
 
 def _parse_or_mark(parse: Callable[[bytes], Any], message_type: str, metrics: Metrics) -> Callable[[bytes], Any]:
     def parse_request(data: bytes) -> Any:
-        metrics.observe_bytes(len(data), 0)
+        metrics.observe_received(len(data))
         try:
             return parse(data)
         except DecodeError as error:
@@ -348,7 +348,7 @@ def _parse_or_mark(parse: Callable[[bytes], Any], message_type: str, metrics: Me
 def _serialize_counted(serialize: Callable[[Any], bytes], metrics: Metrics) -> Callable[[Any], bytes]:
     def serialize_response(message: Any) -> bytes:
         data = serialize(message)
-        metrics.observe_bytes(0, len(data))
+        metrics.observe_sent(len(data))
         return data
 
     return serialize_response
