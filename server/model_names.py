@@ -83,10 +83,6 @@ class ModelNames:
         self._name_of[object_id] = (name, version)
         return version, replaced
 
-    def name_of(self, object_id: str) -> tuple[str, int] | None:
-        """(name, version) of an object that is a model version; None for an anonymous object."""
-        return self._name_of.get(object_id)
-
     def is_draining(self, object_id: str) -> bool:
         named = self._name_of.get(object_id)
         return named is not None and self.models[named[0]].serving != named[1]

@@ -264,11 +264,10 @@ class ModelService:
     async def unload_object(self, target: str) -> None:
         """Unload an object, or a model name and every version of it."""
         async with self._pool.changes:
-            if target in self._registry.objects:
+            if is_object_id(target):
+                self._require_object(target)
                 object_ids = [target]
-            elif is_object_id(target):
-                raise ObjectNotFound(target, self._evicted.get(target, ""))
-            else:
+            else:  # a name: every version, draining ones too (NotFound if it has none)
                 object_ids = self._names.objects_of(target) or [self._names.resolve(target)]
             await self._drop_objects([self._registry.objects[object_id] for object_id in object_ids])
 
@@ -288,12 +287,6 @@ class ModelService:
     def served_names(self) -> set[str]:
         """The model names that have a serving version."""
         return {name for name, model in self._names.models.items() if model.serving}
-
-    def resolve(self, target: str, version: int = 0) -> LoadedObject:
-        """What a target (an object id or a model name, and a version) refers to now."""
-        object_id = self._resolve(target, version)
-        named = self._names.name_of(object_id)
-        return LoadedObject(object_id, *named) if named else LoadedObject(object_id, "", 0)
 
     def _resolve(self, target: str, version: int) -> str:
         if is_object_id(target):
