@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from server.procinfo import alive, descendants_of
+from server.pool.procinfo import alive, descendants_of
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"

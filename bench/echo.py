@@ -25,7 +25,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from bench.common import REPO, BenchError, python_command, stop_process
-from server import eventloop
+from server.app import eventloop
 
 SERVICE = "benchecho.Echo"
 METHOD = f"/{SERVICE}/Echo"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.common import Context, Daemon, Row, build_packages, run_in_child, workers_text
-from server.procinfo import MemoryUsage, descendants_of, memory_usage
+from server.pool.procinfo import MemoryUsage, descendants_of, memory_usage
 
 MB = 1e6
 

@@ -30,7 +30,7 @@ from bench.common import (
 SHARED = "shared-memory"
 INLINE = "inline"
 THRESHOLDS = {SHARED: 1, INLINE: 1 << 40}
-DEFAULT_THRESHOLD = 65536  # server.config.WorkerSection.shm_threshold_bytes
+DEFAULT_THRESHOLD = 65536  # server.app.config.WorkerSection.shm_threshold_bytes
 
 
 @dataclass(frozen=True)

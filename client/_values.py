@@ -8,21 +8,10 @@ from typing import Any
 import torch
 
 from client._proto import deployd_pb2 as pb
+from deployd_wire.dtypes import DTYPES
+from deployd_wire.tensors import TORCH_DTYPES, tensor_bytes
 
-_DTYPES: dict[torch.dtype, int] = {
-    torch.float16: pb.DTYPE_FLOAT16,
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.float64: pb.DTYPE_FLOAT64,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-    torch.int8: pb.DTYPE_INT8,
-    torch.int16: pb.DTYPE_INT16,
-    torch.int32: pb.DTYPE_INT32,
-    torch.int64: pb.DTYPE_INT64,
-    torch.uint8: pb.DTYPE_UINT8,
-    torch.bool: pb.DTYPE_BOOL,
-    torch.complex64: pb.DTYPE_COMPLEX64,
-    torch.complex128: pb.DTYPE_COMPLEX128,
-}
+_DTYPES: dict[torch.dtype, int] = {TORCH_DTYPES[dtype.name]: pb.DType.Value(dtype.proto_enum) for dtype in DTYPES}
 _TORCH_DTYPES = {wire: dtype for dtype, wire in _DTYPES.items()}
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Results at least this large wrap the received bytes; smaller ones are copied (tiny bytes
@@ -82,21 +71,7 @@ def _tensor_to_wire(tensor: torch.Tensor, out: pb.Tensor) -> None:
         raise TypeError(f"tensors of dtype {tensor.dtype} cannot be sent to deployd")
     out.dtype = wire_dtype  # type: ignore[assignment]
     out.shape.extend(tensor.shape)
-    try:
-        # The common case in one step: a dense CPU tensor numpy can see (not bfloat16, no
-        # conj or neg bit, no grad); tobytes() copies in C order whatever the strides.
-        out.data = tensor.numpy().tobytes()
-        return
-    except (TypeError, RuntimeError):
-        pass
-    dense = tensor.detach()
-    if dense.layout != torch.strided:
-        dense = dense.to_dense()
-    # Any layout (transposed, sliced, conjugated views) goes as dense C-order bytes.
-    flat = dense.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    if flat.stride(0) != 1:  # one element counts as contiguous whatever its stride; view() needs 1
-        flat = flat.clone(memory_format=torch.contiguous_format)
-    out.data = flat.view(torch.uint8).numpy().tobytes()
+    out.data = bytes(tensor_bytes(tensor))  # one copy: a view of a dense tensor, copied into the message
 
 
 def from_wire(value: pb.Value) -> Any:

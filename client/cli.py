@@ -1,7 +1,7 @@
 """The operator commands of `deployd`: status, load, unload, invoke, health.
 
 They are a client of a running daemon, built on the public client (InterpreterManager), so
-they live here; server/cli.py adds them to the one `deployd` parser and calls run().
+they live here; server/app/cli.py adds them to the one `deployd` parser and calls run().
 
     deployd status                                   workers, models, packages, objects, modules, queue
     deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...] [--name NAME]
@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from client import TLS, DeployError, InterpreterManager, Package, ReplicatedObj
+from deployd_wire.dtypes import DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -101,9 +102,10 @@ The result prints as one line of JSON: a tensor as {"tensor": {"dtype", "shape",
 (over 1000 values: the first 1000, flattened, unless --full), tuples as lists, bytes as
 {"bytes_base64": ...}."""
 
-_TENSOR_DTYPES = ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool")
+# complex dtypes have no literal form in ARG
+_TENSOR_DTYPES = tuple(dtype.name for dtype in DTYPES if not dtype.name.startswith("complex"))
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# What a TARGET's form says it is (server/model_names.py: no model name starts with "obj-").
+# What a TARGET's form says it is (server/models/names.py: no model name starts with "obj-").
 _PACKAGE_ID = re.compile(r"[0-9a-f]{64}")
 _OBJECT_ID_PREFIX = "obj-"
 

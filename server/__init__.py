@@ -1,6 +1,13 @@
 """deployd: a gRPC daemon that serves torch.package models from a pool of worker processes.
 
-Layers, imports pointing one way:
-    daemon (composition, signals) -> servicer (gRPC <-> domain) -> service (what is loaded)
-        -> pool (supervises workers, routes calls) -> worker_handle -> protocol <- worker/
+Rooms, imports pointing down only (tests/test_layers.py keeps them so):
+    app/     daemon (composition root, signals, shutdown order), config, CLI, event loop
+    api/     one module per protocol (deployd_v1, ...): protobuf in, domain calls out; auth,
+             health, metrics. With app/, the only place grpc is imported.
+    models/  the domain service (what is loaded, by id and by name), the model repository,
+             packages, shared weights, the registry replayed into new workers
+    pool/    supervises worker processes and routes calls to them
+    ipc/     the daemon <-> worker protocol (messages, framing) and shared memory
+    worker/  what runs inside a worker process: the only place model code and torch run
+Beside them: errors (the domain errors), logs, malloc, and proto/ (generated from protos/).
 """

@@ -1,4 +1,4 @@
-"""The daemon's domain errors. The servicer maps each to one gRPC status (server.servicer).
+"""The daemon's domain errors. The servicer maps each to one gRPC status (server.api.deployd_v1).
 
 DeploydError
 ├── NotFound            PackageNotFound, ObjectNotFound, and a missing method
@@ -13,7 +13,7 @@ DeploydError
 
 from __future__ import annotations
 
-from server import protocol
+from server.ipc import protocol
 
 
 class DeploydError(Exception):

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from server.procinfo import alive, descendants_of
+from server.pool.procinfo import alive, descendants_of
 
 REPO = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")

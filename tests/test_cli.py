@@ -17,7 +17,7 @@ import pytest
 from torch.package import PackageExporter
 
 from client import InterpreterManager, NotFoundError, ReplicatedObj, cli
-from server.cli import build_parser
+from server.app.cli import build_parser
 from tests.daemon_process import REPO, DaemonProcess
 
 
@@ -229,7 +229,7 @@ def test_bad_local_input_for_load_exits_2(daemon: DaemonProcess, tmp_path: Path,
 
 def test_serve_loads_neither_client_nor_torch() -> None:
     code = (
-        "import sys; from server.cli import main; code = main(['serve', '--config', '/nonexistent/deployd.yaml']);"
+        "import sys; from server.app.cli import main; code = main(['serve', '--config', '/nonexistent/deployd.yaml']);"
         " sys.exit(10 + code if 'client' in sys.modules or 'torch' in sys.modules else code)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

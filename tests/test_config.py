@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import Config, ConfigError, ModelEntry, load_config, worker_user
+from server.app.config import Config, ConfigError, load_config, worker_user
+from server.models.entry import ModelEntry
 from tests.daemon_process import REPO
 
 

@@ -30,7 +30,7 @@ import pytest
 
 from client import InterpreterManager, NotFoundError
 from client._proto import deployd_pb2 as pb
-from server.procinfo import descendants_of
+from server.pool.procinfo import descendants_of
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until
 
@@ -550,7 +550,7 @@ def test_a_damaged_weight_record_is_a_bad_zip_and_leaves_no_segment(tmp_path: Pa
     import torch
     from torch.package import PackageExporter
 
-    from server.weights import stage_weights
+    from server.models.weights import stage_weights
 
     path = tmp_path / "weights.pt"
     with PackageExporter(str(path)) as exporter:

@@ -19,9 +19,9 @@ import torch
 from torch.package import PackageExporter
 
 from client import InterpreterManager, InvalidArgumentError, Package, RemoteError, ResourceExhaustedError
-from server.config import Config
+from server.app.config import Config
 from server.errors import TooLarge
-from server.packages import PackageStore
+from server.models.packages import PackageStore
 from tests.conftest import HERE, write_config
 from tests.daemon_process import DaemonProcess, shm_segments
 

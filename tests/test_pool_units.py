@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from server import pool as pool_module
-from server import protocol
 from server.errors import WorkerCrashed
-from server.pool import WorkerPool
+from server.ipc import protocol
+from server.pool import worker_pool as pool_module
+from server.pool.worker_pool import WorkerPool
 from server.worker.entry import WorkerSettings
 
 
@@ -64,7 +64,7 @@ def test_a_replacement_that_fails_in_any_way_is_retried(
             raise failures[len(attempts) - 1]
 
     monkeypatch.setattr(pool, "spawn_worker", spawn_worker)
-    with caplog.at_level(logging.ERROR, logger="server.pool"):
+    with caplog.at_level(logging.ERROR, logger="server.pool.worker_pool"):
         asyncio.run(asyncio.wait_for(pool.restart_worker(0), 10))
     assert len(attempts) == len(failures) + 1, "the slot was given up on"
     # Status showed the lost capacity, and why the replacement failed, while it did.

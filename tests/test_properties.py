@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 from client._proto import deployd_pb2 as client_pb
 from client._values import from_wire, to_wire
-from server import protocol
+from server.api.values import pack_value, unpack_value
 from server.errors import InvalidValue
+from server.ipc import protocol
 from server.proto import deployd_pb2 as server_pb
-from server.values import pack_value, unpack_value
 from server.worker.values import MAX_DEPTH, pack, unpack
 from tests.test_values import DTYPES  # every dtype the wire carries
 

@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from server import protocol
+from server.ipc import protocol
 from server.worker.values import pack, unpack
 
 

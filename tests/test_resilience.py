@@ -30,7 +30,7 @@ from client import (
     Retry,
     UnavailableError,
 )
-from server.procinfo import alive, descendants_of
+from server.pool.procinfo import alive, descendants_of
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until
 from tests.test_lifecycle import wait_for_replacement, worker_pids
@@ -192,7 +192,7 @@ def test_poison_call_carries_a_negative_retry_pushback(
 # lies in a shared-memory segment the daemon never lent.
 FORGED_REPLY = """
 import marshal, os, struct
-from server import protocol
+from server.ipc import protocol
 
 def forge():
     for name in os.listdir("/proc/self/fd"):

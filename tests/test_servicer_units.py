@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.metrics import Metrics
+from server.api.deployd_v1 import MalformedRequest, _parse_or_mark, _reports_errors, _serialize_counted
+from server.api.metrics import Metrics
 from server.proto import deployd_pb2 as pb
-from server.servicer import MalformedRequest, _parse_or_mark, _reports_errors, _serialize_counted
 
 
 class Tripwire:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server import shm, weights
-from server.shm import Arena, Segment, SharedMemoryFull
+from server.ipc import shm
+from server.ipc.shm import Arena, Segment, SharedMemoryFull
+from server.models import weights
 from server.worker.shared import SharedWeightsReader, map_private
 
 

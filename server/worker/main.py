@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from server.protocol import (
+from server.ipc.protocol import (
     Ready,
     encode_frame,
     encode_header,

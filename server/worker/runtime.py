@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch.package import PackageImporter  # type: ignore[attr-defined]
 
-from server import protocol
-from server.protocol import Failure, Reply, Request, Result
+from server.ipc import protocol
+from server.ipc.protocol import Failure, Reply, Request, Result
 from server.worker.shared import SharedWeightsReader
 from server.worker.values import pack, unpack
 

@@ -1,9 +1,9 @@
 """Shared memory in a worker: tensor arenas and package weights, both owned by the daemon.
 
-ArenaMappings maps the daemon's arenas (server.shm.Arena) by name: request tensors are
+ArenaMappings maps the daemon's arenas (server.ipc.shm.Arena) by name: request tensors are
 wrapped where they lie, reply tensors are copied in once. SharedWeightsReader stands
 in for a PackageImporter's zip reader: asked for a storage record, it returns a tensor
-over a copy-on-write mapping of the package's weight segment (server.weights) instead
+over a copy-on-write mapping of the package's weight segment (server.models.weights) instead
 of reading the archive. A worker never creates or unlinks a segment.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from server.protocol import align
+from server.ipc.protocol import align
 
 SHM_DIRECTORY = "/dev/shm"
 

@@ -1,4 +1,4 @@
-"""Packed values (see server.protocol) <-> Python objects and torch tensors, in a worker."""
+"""Packed values (see server.ipc.protocol) <-> Python objects and torch tensors, in a worker."""
 
 from __future__ import annotations
 
@@ -6,22 +6,8 @@ from typing import Any
 
 import torch
 
-# The dtypes the wire carries, by the names used in packed values and in the proto's DType.
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+from deployd_wire.tensors import DTYPE_NAMES, TORCH_DTYPES, tensor_bytes, tensor_from_buffer
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Nesting a result may have: protobuf parses at most 100 nested messages, and a level of dict
 # takes 3 (Value, DictValue, DictEntry), so 33 levels is what a client can still read.
@@ -39,15 +25,8 @@ def unpack(packed: Any, buffers: list[Any]) -> Any:
         if packed[0] == "tuple":
             return tuple(unpack(item, buffers) for item in packed[1])
         _, dtype_name, shape, index = packed
-        return tensor_from_buffer(buffers[index], DTYPES[dtype_name], shape)
+        return tensor_from_buffer(buffers[index], TORCH_DTYPES[dtype_name], shape)
     return packed
-
-
-def tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    if len(buffer) == 0:  # frombuffer refuses empty buffers
-        return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(buffer, dtype=dtype)
-    return flat if len(shape) == 1 else flat.reshape(shape)
 
 
 def pack(value: Any, buffers: list[Any], depth: int = 0) -> Any:
@@ -93,25 +72,8 @@ def _dict_key(key: Any) -> Any:
 
 
 def pack_tensor(tensor: torch.Tensor, buffers: list[Any]) -> tuple[str, str, list[int], int]:
-    dtype_name = _DTYPE_NAMES.get(tensor.dtype)
+    dtype_name = DTYPE_NAMES.get(tensor.dtype)
     if dtype_name is None:
         raise TypeError(f"tensors of dtype {tensor.dtype} cannot be sent over the wire")
     buffers.append(tensor_bytes(tensor))
     return ("tensor", dtype_name, list(tensor.shape), len(buffers) - 1)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's elements as little-endian C-order bytes (a view when already dense)."""
-    try:
-        # The common case in one step: a dense CPU tensor numpy can see (not bfloat16, no
-        # conj or neg bit, no grad); the cast fails for anything not C-contiguous.
-        return memoryview(tensor.numpy()).cast("B")  # type: ignore[arg-type]
-    except (TypeError, RuntimeError):
-        pass
-    dense = tensor.detach()
-    if dense.layout != torch.strided:
-        dense = dense.to_dense()
-    flat = dense.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    if flat.stride(0) != 1:  # one element counts as contiguous whatever its stride; view() needs 1
-        flat = flat.clone(memory_format=torch.contiguous_format)
-    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from server.metrics import Metrics
+from server.api.metrics import Metrics
 
 ADMIN = "admin"
 INVOKE = "invoke"

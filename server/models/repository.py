@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import ModelEntry
 from server.errors import DeploydError, NotFound
-from server.service import ModelService
+from server.models.entry import ModelEntry
+from server.models.service import ModelService
 
 log = logging.getLogger(__name__)
 

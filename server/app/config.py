@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import yaml
 
 from server.errors import InvalidArgument
-from server.model_names import check_name
+from server.models.entry import ModelEntry
+from server.models.names import check_name
 
 ENV_PREFIX = "DEPLOYD_"
 
@@ -114,16 +115,6 @@ class TlsSection:
     cert_file: str = ""  # PEM certificate chain; with key_file, the daemon serves TLS only
     key_file: str = ""
     client_ca_file: str = ""  # set: mutual TLS, clients must present a certificate signed by it
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One model of the repository (`models:` in the config): served by name from a package."""
-
-    name: str
-    package: str  # a path inside packages.directory
-    module: str
-    file: str
 
 
 @dataclass(frozen=True)

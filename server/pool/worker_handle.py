@@ -17,9 +17,9 @@ import time
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple
 
-from server import protocol
 from server.errors import WorkerCrashed, error_from_failure
-from server.shm import Arena
+from server.ipc import protocol
+from server.ipc.shm import Arena
 from server.worker.entry import WorkerSettings, run_worker
 
 log = logging.getLogger(__name__)

@@ -22,14 +22,14 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server import errors
+from server.api.metrics import Metrics
+from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 from server.errors import DeploydError, InvalidArgument
-from server.metrics import Metrics
-from server.model_names import NamedModel
+from server.models.names import NamedModel
+from server.models.repository import ModelRepository, ReloadReport
+from server.models.service import ModelService, StatusSnapshot
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
-from server.repository import ModelRepository, ReloadReport
-from server.service import ModelService, StatusSnapshot
-from server.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 
 log = logging.getLogger(__name__)
 

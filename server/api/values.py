@@ -1,4 +1,4 @@
-"""Wire values (deployd.v1.Value) <-> packed values (server.protocol), in the daemon.
+"""Wire values (deployd.v1.Value) <-> packed values (server.ipc.protocol), in the daemon.
 
 The daemon never builds tensors: it checks that a tensor's bytes match its dtype and
 shape, and hands the bytes on as a buffer. A value past one of the configured limits
@@ -11,23 +11,13 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+from deployd_wire.dtypes import DTYPES
 from server.errors import InvalidValue
 from server.proto import deployd_pb2 as pb
 
 # DType enum value -> (name used in packed values, bytes per element)
 _DTYPES: dict[int, tuple[str, int]] = {
-    pb.DTYPE_FLOAT16: ("float16", 2),
-    pb.DTYPE_FLOAT32: ("float32", 4),
-    pb.DTYPE_FLOAT64: ("float64", 8),
-    pb.DTYPE_BFLOAT16: ("bfloat16", 2),
-    pb.DTYPE_INT8: ("int8", 1),
-    pb.DTYPE_INT16: ("int16", 2),
-    pb.DTYPE_INT32: ("int32", 4),
-    pb.DTYPE_INT64: ("int64", 8),
-    pb.DTYPE_UINT8: ("uint8", 1),
-    pb.DTYPE_BOOL: ("bool", 1),
-    pb.DTYPE_COMPLEX64: ("complex64", 8),
-    pb.DTYPE_COMPLEX128: ("complex128", 16),
+    pb.DType.Value(dtype.proto_enum): (dtype.name, dtype.itemsize) for dtype in DTYPES
 }
 _DTYPE_BY_NAME = {name: dtype for dtype, (name, _) in _DTYPES.items()}
 _INT64_MAX = 2**63 - 1

@@ -44,7 +44,7 @@ class RegisterModule(NamedTuple):
 class OpenPackage(NamedTuple):
     package_id: str
     path: str
-    # The package's tensor storages in a shared segment (server.weights); "" for none.
+    # The package's tensor storages in a shared segment (server.models.weights); "" for none.
     weights_segment: str
     weights_size: int
     weights_index: dict[str, tuple[int, int]]  # record name -> (offset, bytes)

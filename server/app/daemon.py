@@ -20,24 +20,25 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import eventloop, logs
-from server.auth import TokenAuth
-from server.config import Config, ConfigError, TlsSection, split_address, worker_user
+from server import logs
+from server.api.auth import TokenAuth
+from server.api.deployd_v1 import DeploydServicer, add_to_server
+from server.api.health import Health
+from server.api.metrics import Metrics
+from server.api.values import ValueLimits
+from server.app import eventloop
+from server.app.config import Config, ConfigError, TlsSection, split_address, worker_user
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
-from server.health import Health
+from server.ipc.shm import remove_stale_segments, set_worker_group
 from server.malloc import tune_malloc
-from server.metrics import Metrics
-from server.packages import PackageStore
-from server.pool import WorkerPool
+from server.models.packages import PackageStore
+from server.models.registry import Registry
+from server.models.repository import ModelLoadFailed, ModelRepository, ReloadReport
+from server.models.service import ModelService
+from server.pool.worker_handle import WorkerHandle
+from server.pool.worker_pool import WorkerPool
 from server.proto import deployd_pb2
-from server.registry import Registry
-from server.repository import ModelLoadFailed, ModelRepository, ReloadReport
-from server.service import ModelService
-from server.servicer import DeploydServicer, add_to_server
-from server.shm import remove_stale_segments, set_worker_group
-from server.values import ValueLimits
 from server.worker.entry import WorkerSettings
-from server.worker_handle import WorkerHandle
 
 log = logging.getLogger("deployd")
 
@@ -215,7 +216,7 @@ class Daemon:
         await self._health.not_serving()
         try:
             if self.config.metrics.address:
-                metrics_port = self._metrics.serve(self.config.metrics.address)
+                metrics_port = self._metrics.serve(*split_address(self.config.metrics.address))
                 log.info("metrics on http://%s:%d/metrics", split_address(self.config.metrics.address)[0], metrics_port)
             remove_stale_segments()
             self.port = self._bind(self.config.server.address)

@@ -15,8 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server import logs
-from server.config import split_address
-from server.procinfo import MemoryUsage
+from server.pool.procinfo import MemoryUsage
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +148,8 @@ class Metrics:
         for phase, seconds in zip(self._phases, timing, strict=True):
             phase.observe(seconds)
 
-    def serve(self, address: str) -> int:
-        """Serve /metrics on address (port 0: any free port); returns the bound port."""
-        host, port = split_address(address)
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (port 0: any free port); returns the bound port."""
         self._http, _ = start_http_server(port, addr=host, registry=self.registry)
         bound: int = self._http.server_port
         return bound

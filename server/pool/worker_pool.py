@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from server import protocol
 from server.errors import DeploydError, Overloaded, PoolClosed, WorkerCrashed
-from server.procinfo import MemoryUsage, anonymous_resident_bytes, memory_usage
+from server.ipc import protocol
+from server.pool.procinfo import MemoryUsage, anonymous_resident_bytes, memory_usage
+from server.pool.worker_handle import CallTiming, WorkerHandle, interpret_reply
 from server.worker.entry import WorkerSettings
-from server.worker_handle import CallTiming, WorkerHandle, interpret_reply
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-from server.protocol import align
+from server.ipc.protocol import align
 
 log = logging.getLogger(__name__)
 

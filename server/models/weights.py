@@ -16,8 +16,8 @@ import zipfile
 import zlib
 from typing import Any, NamedTuple
 
-from server.protocol import align
-from server.shm import Segment, SharedMemoryFull
+from server.ipc.protocol import align
+from server.ipc.shm import Segment, SharedMemoryFull
 
 log = logging.getLogger(__name__)
 

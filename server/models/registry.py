@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from server import protocol
-from server.weights import SharedWeights
+from server.ipc import protocol
+from server.models.weights import SharedWeights
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     name ──> versions {1: obj-a (draining), 2: obj-b (serving)}
 
-A version is a loaded object (server.registry) that also answers to the name. Loading a
+A version is a loaded object (server.models.registry) that also answers to the name. Loading a
 name again adds a version and makes it the serving one at once; the version it replaces
 drains: calls already running on it finish there, and it is unloaded when the last one
 ends (ModelService does that, it knows the calls in flight). A caller may pin a version

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from server import logs
-from server.config import Config, ConfigError, load_config
+from server.app.config import Config, ConfigError, load_config
 
 
 def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def _serve(options: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"deployd: {error}", file=sys.stderr)
         return 2
-    from server.daemon import run_daemon  # grpc and the pool only once the config is good
+    from server.app.daemon import run_daemon  # grpc and the pool only once the config is good
 
     def reload_config() -> Config:
         return load_config(config_path, overrides=overrides)

@@ -7,7 +7,7 @@ copied in, and later changes to that file do not change what is loaded.
 Before an archive is kept, its zip headers are read (nothing is inflated) and an archive
 that would inflate past limits.max_package_unpacked_bytes, or to more than
 limits.max_package_compression_ratio times its own size (a zip bomb), is refused. The
-headers are what counts: both readers of an archive, zipfile here (server.weights) and
+headers are what counts: both readers of an archive, zipfile here (server.models.weights) and
 torch's in the worker, stop inflating an entry at the size its header gives.
 """
 

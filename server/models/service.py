@@ -4,7 +4,7 @@ Everything that changes what the workers hold runs under `pool.changes` and is a
 nothing: if any worker fails, the workers that succeeded are told to undo it and the
 registry is left as it was. Imports no grpc.
 
-Models served by name (server.model_names) are objects too: loading a name again adds a
+Models served by name (server.models.names) are objects too: loading a name again adds a
 version that serves new calls at once, and the version it replaced is unloaded when the
 last call running on it ends (`_in_flight` counts them), so a swap fails no call.
 
@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, NamedTuple
 
-from server import protocol
 from server.errors import (
     DeploydError,
     InvalidArgument,
@@ -34,13 +33,14 @@ from server.errors import (
     TooLarge,
     WorkerCrashed,
 )
+from server.ipc import protocol
 from server.malloc import release_free_memory
-from server.model_names import ModelNames, NamedModel, check_name, is_object_id
-from server.packages import PackageStore, StoredPackage
-from server.pool import WorkerPool, WorkerStatus
-from server.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
-from server.weights import SharedWeights, stage_weights
-from server.worker_handle import WorkerHandle
+from server.models.names import ModelNames, NamedModel, check_name, is_object_id
+from server.models.packages import PackageStore, StoredPackage
+from server.models.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
+from server.models.weights import SharedWeights, stage_weights
+from server.pool.worker_handle import WorkerHandle
+from server.pool.worker_pool import WorkerPool, WorkerStatus
 
 log = logging.getLogger(__name__)
 

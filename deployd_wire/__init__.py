@@ -1,0 +1,10 @@
+"""deployd's wire format, in one place: the daemon, its workers and the client all import it.
+
+- `deployd_wire.dtypes`: the tensor dtypes deployd carries, with their names on every wire
+  (packed values, deployd.v1's DType enum, KServe v2's datatype strings). No torch: the daemon
+  checks tensors without building them.
+- `deployd_wire.tensors`: torch tensors <-> their bytes (little-endian, C order), for the
+  workers and the client.
+
+A new dtype is one line in dtypes.DTYPES (and its enum value in protos/deployd/v1/deployd.proto).
+"""
