@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build (see constraints.txt): nothing may pull a CUDA build.
 	$(BIN)/pip install --quiet -c constraints.txt torch
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# tritonclient (tests/test_kserve_v2.py, bench v2) pins an older protobuf than ours but works
+	# with it: installed without its pins; its other dependencies are in the dev extras.
+	$(BIN)/pip install --quiet --no-deps 'tritonclient[grpc]==2.73.0'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,9 +1,10 @@
 """Regenerate the gRPC stubs from protos/ (never edit the generated files).
 
-The same stubs are written into two places, `server/proto/` and `client/_proto/`,
+deployd.v1's stubs are written into two places, `server/proto/` and `client/_proto/`,
 so that the client package stands alone and the daemon never imports the client
-(which imports torch). `--check` regenerates into a temporary directory and fails
-if the checked-in files differ: CI runs it.
+(which imports torch). KServe v2's (protos/inference/, vendored) go to the daemon only:
+its clients are tritonclient and the like. `--check` regenerates into a temporary
+directory and fails if the checked-in files differ: CI runs it.
 """
 
 from __future__ import annotations
@@ -19,33 +20,47 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PROTO_FILE = "deployd/v1/deployd.proto"
-TARGETS = [ROOT / "server" / "proto", ROOT / "client" / "_proto"]
-GENERATED = ["deployd_pb2.py", "deployd_pb2.pyi", "deployd_pb2_grpc.py"]
-INIT_TEXT = '"""Generated from protos/deployd/v1/deployd.proto by scripts/generate_protos.py."""\n'
+SERVER, CLIENT = ROOT / "server" / "proto", ROOT / "client" / "_proto"
+# proto file (under protos/) -> where its stubs go
+PROTOS = {"deployd/v1/deployd.proto": [SERVER, CLIENT], "inference/grpc_predict_v2.proto": [SERVER]}
+TARGETS = [SERVER, CLIENT]
+INIT_TEXT = '"""Generated from protos/ by scripts/generate_protos.py: never edit these files."""\n'
 
 
-def generate(out_dir: Path) -> None:
-    """Run protoc into out_dir, flattening the package path and making imports relative."""
-    with tempfile.TemporaryDirectory() as raw:
-        args = [
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"--python_out={raw}",
-            f"--pyi_out={raw}",
-            f"--grpc_python_out={raw}",
-            PROTO_FILE,
-        ]
-        if protoc.main(args) != 0:
-            raise SystemExit("protoc failed")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in GENERATED:
-            text = (Path(raw) / "deployd" / "v1" / name).read_text()
-            # protoc writes absolute imports ("from deployd.v1 import ..."); the stubs live
-            # inside our packages, so point them at their siblings instead.
-            text = re.sub(r"^from deployd\.v1 import", "from . import", text, flags=re.M)
-            (out_dir / name).write_text(text)
-        (out_dir / "__init__.py").write_text(INIT_TEXT)
+def _generated(proto: str) -> list[str]:
+    stem = Path(proto).stem
+    return [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"]
+
+
+def _expected(target: Path) -> list[str]:
+    return [name for proto, targets in PROTOS.items() if target in targets for name in _generated(proto)]
+
+
+def generate(out_dir: Path, target: Path) -> None:
+    """Run protoc for target's protos into out_dir, flattening package paths, imports made relative."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for proto, targets in PROTOS.items():
+        if target not in targets:
+            continue
+        with tempfile.TemporaryDirectory() as raw:
+            args = [
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                f"--python_out={raw}",
+                f"--pyi_out={raw}",
+                f"--grpc_python_out={raw}",
+                proto,
+            ]
+            if protoc.main(args) != 0:
+                raise SystemExit(f"protoc failed on {proto}")
+            package = str(Path(proto).parent).replace("/", ".")
+            for name in _generated(proto):
+                text = (Path(raw) / Path(proto).parent / name).read_text()
+                # protoc writes absolute imports ("from deployd.v1 import ..."); the stubs live
+                # inside our packages, so point them at their siblings instead.
+                text = re.sub(rf"^from {re.escape(package)} import", "from . import", text, flags=re.M)
+                (out_dir / name).write_text(text)
+    (out_dir / "__init__.py").write_text(INIT_TEXT)
 
 
 def main() -> int:
@@ -54,16 +69,17 @@ def main() -> int:
     options = parser.parse_args()
     if not options.check:
         for target in TARGETS:
-            generate(target)
+            generate(target, target)
         return 0
-    with tempfile.TemporaryDirectory() as fresh:
-        generate(Path(fresh))
-        stale = [
-            str(target / name)
-            for target in TARGETS
-            for name in [*GENERATED, "__init__.py"]
-            if not (target / name).exists() or not filecmp.cmp(Path(fresh) / name, target / name, shallow=False)
-        ]
+    stale = []
+    for target in TARGETS:
+        with tempfile.TemporaryDirectory() as fresh:
+            generate(Path(fresh), target)
+            stale += [
+                str(target / name)
+                for name in [*_expected(target), "__init__.py"]
+                if not (target / name).exists() or not filecmp.cmp(Path(fresh) / name, target / name, shallow=False)
+            ]
     if stale:
         print("stale generated stubs (run: python scripts/generate_protos.py):", *stale, sep="\n  ")
         return 1

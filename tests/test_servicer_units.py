@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.api.deployd_v1 import MalformedRequest, _parse_or_mark, _reports_errors, _serialize_counted
+from server.api.calls import MalformedRequest, _parse_or_mark, _serialize_counted
+from server.api.deployd_v1 import _reports_errors
 from server.api.metrics import Metrics
 from server.proto import deployd_pb2 as pb
 

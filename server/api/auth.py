@@ -1,7 +1,8 @@
-"""Bearer-token access control for the Deployd service (auth.admin_tokens, auth.invoke_tokens).
+"""Bearer-token access control for the served protocols (auth.admin_tokens, auth.invoke_tokens).
 
     admin   everything, including what runs code in the workers (loads, module sources)
-    invoke  calls and reads: Invoke, HasAttr, LoadText, LoadBinary, Status
+    invoke  calls and reads: each protocol names its own (deployd.v1: Invoke, HasAttr,
+            LoadText, LoadBinary, Status; KServe v2: all but loading and unloading models)
 
 No token or an unknown one: UNAUTHENTICATED; a known token whose role may not call the
 method: PERMISSION_DENIED. Health and reflection stay open, for orchestrators' probes.
@@ -21,14 +22,19 @@ from server.api.metrics import Metrics
 
 ADMIN = "admin"
 INVOKE = "invoke"
-# What an invoke token may call; anything else in the service needs admin.
-INVOKE_METHODS = frozenset({"Invoke", "HasAttr", "LoadText", "LoadBinary", "Status"})
 _STREAMING_REQUESTS = frozenset({"LoadPackage"})
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, service: str, admin_tokens: tuple[str, ...], invoke_tokens: tuple[str, ...], metrics: Metrics):
-        self._prefix = f"/{service}/"
+    def __init__(
+        self,
+        invoke_methods: dict[str, frozenset[str]],
+        admin_tokens: tuple[str, ...],
+        invoke_tokens: tuple[str, ...],
+        metrics: Metrics,
+    ):
+        """invoke_methods: service name -> what an invoke token may call; the rest needs admin."""
+        self._invoke_methods = invoke_methods
         self._tokens = [(token.encode(), ADMIN) for token in admin_tokens]
         self._tokens += [(token.encode(), INVOKE) for token in invoke_tokens]
         self._metrics = metrics
@@ -45,9 +51,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
     ) -> Any:
-        if not details.method.startswith(self._prefix):
+        service, _, method = details.method.lstrip("/").partition("/")
+        invoke_methods = self._invoke_methods.get(service)
+        if invoke_methods is None:
             return await continuation(details)  # health, reflection
-        method = details.method[len(self._prefix) :]
         authorization = ""
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
@@ -55,7 +62,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         role = self.role_of(authorization)
         if role is None:
             return self._refusal(method, grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
-        if role != ADMIN and method not in INVOKE_METHODS:
+        if role != ADMIN and method not in invoke_methods:
             return self._refusal(method, grpc.StatusCode.PERMISSION_DENIED, f"{method} needs an admin token")
         return await continuation(details)
 

@@ -1,152 +1,39 @@
-"""The gRPC servicer: protobuf in, domain calls, protobuf out; domain errors become statuses.
+"""The deployd.v1 servicer: protobuf in, domain calls, protobuf out.
 
-This is the only module that knows both grpc and the service. STATUS_FOR_ERROR is the
-one table from domain error to gRPC status code.
-
-`add_to_server` registers the generated method table with two changes: a request that
-does not parse reaches its handler as a MalformedRequest (so it fails INVALID_ARGUMENT,
-counted and logged like any call, instead of grpc's bare UNKNOWN), and message bytes are
-counted from the serialized bytes grpc already holds (never by serializing again).
+Domain errors become statuses, calls are counted and logged, and requests that do not parse
+are answered INVALID_ARGUMENT by what every protocol shares (server.api.calls).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import logging
-import secrets
-import time
-from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-import grpc
-from google.protobuf.message import DecodeError
-
-from server import errors
+from server.api.calls import Context, MalformedRequest, Servicer, call_handlers, register_service
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
-from server.errors import DeploydError, InvalidArgument
+from server.errors import InvalidArgument
 from server.models.names import NamedModel
 from server.models.repository import ModelRepository, ReloadReport
 from server.models.service import ModelService, StatusSnapshot
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
-
-# grpc ships no type hints: a servicer context is typed as what it is to mypy, Any.
-Context: TypeAlias = Any
-
-ERROR_DETAIL_KEY = "deployd-error-detail-bin"
-# gRPC's retry protocol: a negative pushback tells any gRPC client not to retry the call.
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-
-# Most specific first: the first matching class decides.
-STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.PathNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.WorkerCrashed, grpc.StatusCode.UNAVAILABLE),
-    (errors.PoolClosed, grpc.StatusCode.UNAVAILABLE),
-    (errors.ModelError, grpc.StatusCode.UNKNOWN),
-]
-
-
-def status_for(error: DeploydError) -> grpc.StatusCode:
-    for error_type, code in STATUS_FOR_ERROR:
-        if isinstance(error, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
-
-REQUEST_ID_KEY = "x-request-id"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Deployd"].full_name
+# What an invoke token may call; anything else in the service needs admin (server.api.auth).
+INVOKE_METHODS = frozenset({"Invoke", "HasAttr", "LoadText", "LoadBinary", "Status"})
 _LOADS = {"LoadPackage": "package", "LoadPickle": "pickle"}
-# Calls labelled with their object in metrics (others are few; their series would outlive the object).
-_PER_OBJECT = frozenset({"Invoke", "HasAttr"})
-calls_log = logging.getLogger("deployd.calls")
 
 
-def _reports_errors(handler: Handler) -> Handler:
-    """Turn a domain error raised by a handler into its status, with remote details attached;
-    count the call (status, duration, bytes) and log one line for it."""
-    method = handler.__name__
-    load_kind = _LOADS.get(method)
-
-    @functools.wraps(handler)
-    async def wrapper(self: DeploydServicer, request: Any, context: Context) -> Any:
-        started = time.perf_counter()
-        metrics = self._metrics
-        metrics.calls_in_flight.inc()
-        object_id = getattr(request, "object_id", "")
-        metric_object = object_id if method in _PER_OBJECT else ""
-
-        def finish(code: grpc.StatusCode) -> None:
-            # Before the answer leaves, so a caller that has its answer finds it counted.
-            seconds = time.perf_counter() - started
-            metrics.calls_in_flight.dec()
-            metrics.observe_call(method, metric_object, code.name, seconds)
-            if load_kind is not None and code == grpc.StatusCode.OK:
-                metrics.load_duration.labels(load_kind).observe(seconds)
-            if self._log_calls:
-                # Once the answer has left: the line costs the caller no latency.
-                context.add_done_callback(lambda _: _log_call(context, method, object_id, code, seconds))
-
-        try:
-            if isinstance(request, MalformedRequest):
-                raise InvalidArgument(request.describe())
-            response = await handler(self, request, context)
-        except DeploydError as error:
-            code = status_for(error)
-            context.set_trailing_metadata(_error_metadata(error))
-            finish(code)
-            await context.abort(code, str(error))
-        except asyncio.CancelledError:
-            finish(grpc.StatusCode.CANCELLED)
-            raise
-        except Exception as error:
-            log.exception("internal error in %s", method)
-            finish(grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
-        finish(grpc.StatusCode.OK)
-        return response
-
-    return wrapper  # type: ignore[return-value]
+def _object_of(request: Any) -> str:
+    return str(getattr(request, "object_id", ""))
 
 
-def _log_call(context: Context, method: str, object_id: str, code: grpc.StatusCode, seconds: float) -> None:
-    """One line per call: ids, names, status and time only, never values or tokens."""
-    request_id = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY:
-            request_id = str(value)[:64]
-    fields = {
-        "request_id": request_id or secrets.token_hex(6),
-        "method": method,
-        "object": object_id,
-        "status": code.name,
-        "duration_ms": round(seconds * 1000, 3),
-    }
-    calls_log.info("call", extra={"fields": fields})
+# Invoke and HasAttr carry their object (or model name) as a metrics label; others are few.
+_reports_errors = call_handlers(_object_of, per_model=frozenset({"Invoke", "HasAttr"}), loads=_LOADS)
 
 
-def _error_metadata(error: DeploydError) -> tuple[tuple[str, bytes | str], ...]:
-    """Trailing metadata that carries what a status code and message cannot."""
-    killed_worker = isinstance(error, errors.WorkerCrashed) and error.caused_by_call
-    if not (error.remote_type or error.remote_traceback or killed_worker):
-        return ()
-    detail = pb.ErrorDetail(
-        remote_type=error.remote_type, remote_traceback=error.remote_traceback, call_killed_worker=killed_worker
-    )
-    metadata: tuple[tuple[str, bytes | str], ...] = ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
-    if killed_worker:
-        metadata += ((RETRY_PUSHBACK_KEY, "-1"),)
-    return metadata
-
-
-class DeploydServicer(pb_grpc.DeploydServicer):  # type: ignore[misc]
+class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
     def __init__(
         self,
         service: ModelService,
@@ -310,73 +197,7 @@ async def _chunks(first: pb.LoadPackageRequest, rest: AsyncIterator[Any]) -> Asy
         yield request.chunk
 
 
-# ---------------------------------------------------------------------------- registration
-
-
-class MalformedRequest(NamedTuple):
-    """What a handler gets instead of a request whose bytes do not parse."""
-
-    message_type: str  # the protobuf type the bytes should have been
-    reason: str  # protobuf's own words
-
-    def describe(self) -> str:
-        for phrase, meaning in _DECODE_REASONS.items():
-            if phrase in self.reason:
-                return f"the request is not a valid {self.message_type}: {meaning}"
-        return f"the request is not a valid {self.message_type}: {self.reason or 'its bytes are not protobuf'}"
-
-
-# What protobuf's (upb's) decode errors mean, in terms a caller can act on.
-_DECODE_REASONS = {
-    "bad UTF-8": "a string field holds bytes that are not valid UTF-8 (send binary data as bytes)",
-    "MaxDepth": "it nests messages deeper than protobuf's limit of 100 levels",
-}
-
-
-def _parse_or_mark(parse: Callable[[bytes], Any], message_type: str, metrics: Metrics) -> Callable[[bytes], Any]:
-    def parse_request(data: bytes) -> Any:
-        metrics.observe_received(len(data))
-        try:
-            return parse(data)
-        except DecodeError as error:
-            reason = str(error).partition(": ")[2] if ": " in str(error) else str(error)
-            return MalformedRequest(message_type, reason)
-
-    return parse_request
-
-
-def _serialize_counted(serialize: Callable[[Any], bytes], metrics: Metrics) -> Callable[[Any], bytes]:
-    def serialize_response(message: Any) -> bytes:
-        data = serialize(message)
-        metrics.observe_sent(len(data))
-        return data
-
-    return serialize_response
-
-
-class _HandlerTable:
-    """Stands in for a server to take the generated add_*_to_server's method table."""
-
-    handlers: dict[str, Any]
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.handlers = handlers
-
-
 def add_to_server(servicer: DeploydServicer, server: Any, metrics: Metrics) -> None:
     """Register the Deployd service: the generated table, with tolerant parsing and byte counts."""
-    table = _HandlerTable()
-    pb_grpc.add_DeploydServicer_to_server(servicer, table)
     service = pb.DESCRIPTOR.services_by_name["Deployd"]
-    handlers = {}
-    for name, handler in table.handlers.items():
-        message_type = service.methods_by_name[name].input_type.full_name
-        handlers[name] = handler._replace(
-            request_deserializer=_parse_or_mark(handler.request_deserializer, message_type, metrics),
-            response_serializer=_serialize_counted(handler.response_serializer, metrics),
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    register_service(server, servicer, pb_grpc.add_DeploydServicer_to_server, service, metrics)

@@ -17,9 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from server.errors import InvalidArgument
-from server.models.entry import ModelEntry
-from server.models.names import check_name
+from server.models.entry import EntryError, ModelEntry, parse_entries
 
 ENV_PREFIX = "DEPLOYD_"
 
@@ -167,7 +165,11 @@ def load_config(
     on_error = top.get("models_on_error", "stop")
     if on_error not in ("stop", "continue"):
         raise ConfigError(f"bad value for models_on_error: {on_error!r} (stop or continue)")
-    config = Config(**sections, models=_model_entries(top.get("models") or []), models_on_error=on_error)
+    try:
+        models = parse_entries(top.get("models") or [])
+    except EntryError as error:
+        raise ConfigError(str(error)) from None
+    config = Config(**sections, models=models, models_on_error=on_error)
     _validate(config)
     return config
 
@@ -178,31 +180,6 @@ _TOP_LEVEL = ("models", "models_on_error")
 
 def _sections() -> list[dataclasses.Field[Any]]:
     return [item for item in dataclasses.fields(Config) if item.name not in _TOP_LEVEL]
-
-
-def _model_entries(raw: Any) -> tuple[ModelEntry, ...]:
-    """The `models:` list: each entry a mapping of name, package and pickle ("module:file")."""
-    if not isinstance(raw, list):
-        raise ConfigError(f"models must be a list of entries (name, package, pickle), got {raw!r}")
-    entries: list[ModelEntry] = []
-    for position, item in enumerate(raw, 1):
-        where = f"models entry {position}"
-        if not isinstance(item, dict) or set(item) != {"name", "package", "pickle"}:
-            raise ConfigError(f"{where} must have exactly the keys name, package and pickle, got {item!r}")
-        name, package, pickle = (item[key] for key in ("name", "package", "pickle"))
-        if not all(isinstance(value, str) and value for value in (name, package, pickle)):
-            raise ConfigError(f"{where}: name, package and pickle must be non-empty strings")
-        try:
-            check_name(name)
-        except InvalidArgument as error:
-            raise ConfigError(f"{where}: {error}") from None
-        module, colon, file = pickle.partition(":")
-        if not (module and colon and file):
-            raise ConfigError(f"{where} ({name}): pickle must be module:file, got {pickle!r}")
-        if any(entry.name == name for entry in entries):
-            raise ConfigError(f"{where}: the name {name!r} is listed twice")
-        entries.append(ModelEntry(name, package, module, file))
-    return tuple(entries)
 
 
 def _section_type(name: str) -> Any:

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import logs
+from server.api import deployd_v1, kserve_v2
 from server.api.auth import TokenAuth
-from server.api.deployd_v1 import DeploydServicer, add_to_server
 from server.api.health import Health
 from server.api.metrics import Metrics
 from server.api.values import ValueLimits
@@ -37,7 +37,6 @@ from server.models.repository import ModelLoadFailed, ModelRepository, ReloadRep
 from server.models.service import ModelService
 from server.pool.worker_handle import WorkerHandle
 from server.pool.worker_pool import WorkerPool
-from server.proto import deployd_pb2
 from server.worker.entry import WorkerSettings
 
 log = logging.getLogger("deployd")
@@ -47,7 +46,7 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why."""
 
 
-SERVICE_NAME = deployd_pb2.DESCRIPTOR.services_by_name["Deployd"].full_name
+SERVICE_NAME = deployd_v1.SERVICE_NAME
 
 
 class Daemon:
@@ -125,7 +124,12 @@ class Daemon:
         interceptors = []
         if config.auth.admin_tokens or config.auth.invoke_tokens:
             interceptors.append(
-                TokenAuth(SERVICE_NAME, config.auth.admin_tokens, config.auth.invoke_tokens, self._metrics)
+                TokenAuth(
+                    {SERVICE_NAME: deployd_v1.INVOKE_METHODS, kserve_v2.SERVICE_NAME: kserve_v2.INVOKE_METHODS},
+                    config.auth.admin_tokens,
+                    config.auth.invoke_tokens,
+                    self._metrics,
+                )
             )
         self._server = grpc.aio.server(
             interceptors=interceptors,
@@ -140,7 +144,7 @@ class Daemon:
             limits.max_value_depth, limits.max_tensor_rank, limits.max_tensor_elements, limits.max_container_items
         )
         self._repository = ModelRepository(self._service, Path(config.packages.directory))
-        servicer = DeploydServicer(
+        servicer = deployd_v1.DeploydServicer(
             self._service,
             self._metrics,
             config.server.log_calls,
@@ -148,12 +152,26 @@ class Daemon:
             repository=self._repository,
             reload=self.reload_models,
         )
-        add_to_server(servicer, self._server, self._metrics)
+        deployd_v1.add_to_server(servicer, self._server, self._metrics)
+        # KServe v2 beside it, on the same port, over the same service and repository.
+        v2_servicer = kserve_v2.KServeV2Servicer(
+            self._service, self._repository, self._metrics, self._is_ready, config.server.log_calls, value_limits
+        )
+        kserve_v2.add_to_server(v2_servicer, self._server, self._metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, self._server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                SERVICE_NAME,
+                kserve_v2.SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self._server,
         )
+
+    def _is_ready(self) -> bool:
+        """Ready for calls: serving (started, not stopping) with at least one worker that can serve."""
+        return self._started and not self._stop_requested.is_set() and self._pool.serving_count > 0
 
     async def _prepare_worker(self, worker: WorkerHandle) -> None:
         # The pool is built before the service that replays into its workers; this closes the loop.

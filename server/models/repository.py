@@ -53,13 +53,63 @@ class ModelRepository:
         self._loaded: dict[str, _Loaded] = {}
         self._packages: set[str] = set()  # every package the repository loaded and has not released
         self.errors: dict[str, str] = {}  # name -> why it could not load (models_on_error: continue)
+        self._entries: dict[str, ModelEntry] = {}  # the config's models:, as last loaded or reloaded
+        # Loaded by name through KServe v2's RepositoryModelLoad with an entry of their own: served
+        # like a name loaded at run time (a reload leaves them alone; a restart forgets them).
+        self._runtime: dict[str, ModelEntry] = {}
 
     @property
     def names(self) -> list[str]:
         return list(self._loaded)
 
+    def entry(self, name: str) -> ModelEntry | None:
+        """The entry a name was loaded from (its declared inputs and outputs), if any."""
+        return self._runtime.get(name) or self._entries.get(name)
+
+    @property
+    def entries(self) -> list[ModelEntry]:
+        """The config's entries, then those loaded at run time."""
+        return [*self._entries.values(), *(e for name, e in self._runtime.items() if name not in self._entries)]
+
+    async def load_by_name(self, name: str, entry: ModelEntry | None = None) -> None:
+        """Load (or reload) one model by name: the config's entry for it, or the entry given.
+
+        An unchanged config entry that is served stays as it is; a changed one (or a given
+        entry) loads a new version, served once loaded. NotFound when neither entry exists.
+        """
+        if entry is None:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise NotFound(
+                    f"no model {name!r} in the model repository (the config's models:);"
+                    " give its package and pickle to load it by that name"
+                )
+            current = self._loaded.get(name)
+            unchanged = current is not None and current.entry == entry and current.file_stamp == self._stamp(entry)
+            if unchanged and name in self._service.served_names():
+                return
+            await self._load(entry)
+            self._runtime.pop(name, None)
+            await self._release_unused_packages()
+            return
+        loaded_before = {package.package_id for package in self._service.status().packages}
+        package = await self._service.load_package_path(entry.package)
+        try:
+            await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name)
+        finally:
+            if package.package_id not in loaded_before:
+                # Loaded for this model alone: it goes once the model's last version has.
+                await self._service.release_package_when_unused(package.package_id)
+        self._runtime[name] = entry
+
+    async def unload_by_name(self, name: str) -> None:
+        """Unload every version of a name; a config entry stays unloaded until loaded or reloaded."""
+        await self._service.unload_object(name)
+        self._runtime.pop(name, None)
+
     async def load_all(self, entries: tuple[ModelEntry, ...], on_error: str) -> None:
         """Load every entry before the daemon serves."""
+        self._entries = {entry.name: entry for entry in entries}
         for entry in entries:
             try:
                 await self._load(entry)
@@ -74,6 +124,7 @@ class ModelRepository:
         """Bring what is served in line with entries; each name changes alone, all or nothing."""
         report = ReloadReport()
         wanted = {entry.name: entry for entry in entries}
+        self._entries = dict(wanted)
         for name in [name for name in self._loaded if name not in wanted]:
             try:
                 await self._service.unload_object(name)

@@ -28,6 +28,7 @@ from server.errors import (
     DeploydError,
     InvalidArgument,
     InvalidPackage,
+    NotFound,
     ObjectNotFound,
     PackageNotFound,
     TooLarge,
@@ -283,6 +284,13 @@ class ModelService:
         object_id = self._resolve(target, version)
         present, _ = await self._counted_call(object_id, protocol.HasAttr(object_id, name), [])
         return bool(present)
+
+    def named_model(self, name: str) -> NamedModel:
+        """A model by name, with its versions; NotFound if no version of it is loaded."""
+        model = self._names.models.get(name)
+        if model is None:
+            raise NotFound(f"no model {name!r} is loaded")
+        return model
 
     def served_names(self) -> set[str]:
         """The model names that have a serving version."""

@@ -1,1 +1,1 @@
-"""Generated from protos/deployd/v1/deployd.proto by scripts/generate_protos.py."""
+"""Generated from protos/ by scripts/generate_protos.py: never edit these files."""

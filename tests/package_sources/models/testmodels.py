@@ -128,3 +128,22 @@ class DiesInNewWorkers:
 
     def __call__(self, x):
         return x
+
+
+class EchoMany:
+    """Positional arguments back as a tuple (one: itself), keyword arguments as a dict, nothing
+    as None: the shapes of result a KServe v2 answer maps to outputs (tests/test_kserve_v2.py)."""
+
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            return kwargs
+        if not args:
+            return None
+        return args[0] if len(args) == 1 else args
+
+
+class Complexify:
+    """A complex tensor: a result KServe v2 has no datatype for."""
+
+    def __call__(self, x):
+        return torch.complex(x, x)

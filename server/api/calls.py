@@ -1,0 +1,240 @@
+"""What every protocol's servicer shares: domain errors become statuses, each call is counted
+and logged, and a generated service is registered with tolerant parsing and byte counts.
+
+STATUS_FOR_ERROR is the one table from domain error to gRPC status code, for deployd.v1
+and KServe v2 alike.
+
+`register_service` takes the generated add_*_to_server's method table with two changes: a
+request that does not parse reaches its handler as a MalformedRequest (so it fails
+INVALID_ARGUMENT, counted and logged like any call, instead of grpc's bare UNKNOWN), and
+message bytes are counted from the serialized bytes grpc already holds (never by
+serializing again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple, TypeAlias, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from server import errors
+from server.api.metrics import Metrics
+from server.errors import DeploydError, InvalidArgument
+from server.proto import deployd_pb2 as pb
+
+log = logging.getLogger(__name__)
+calls_log = logging.getLogger("deployd.calls")
+
+# grpc ships no type hints: a servicer context is typed as what it is to mypy, Any.
+Context: TypeAlias = Any
+
+ERROR_DETAIL_KEY = "deployd-error-detail-bin"
+# gRPC's retry protocol: a negative pushback tells any gRPC client not to retry the call.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+REQUEST_ID_KEY = "x-request-id"
+
+# Most specific first: the first matching class decides.
+STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.PathNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.WorkerCrashed, grpc.StatusCode.UNAVAILABLE),
+    (errors.PoolClosed, grpc.StatusCode.UNAVAILABLE),
+    (errors.ModelError, grpc.StatusCode.UNKNOWN),
+]
+
+
+def status_for(error: DeploydError) -> grpc.StatusCode:
+    for error_type, code in STATUS_FOR_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class Servicer:
+    """What a servicer holds for its calls to be counted and logged."""
+
+    _metrics: Metrics
+    _log_calls: bool
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def call_handlers(
+    model_of: Callable[[Any], str],
+    per_model: frozenset[str] = frozenset(),
+    loads: Mapping[str, str] | None = None,
+) -> Callable[[Handler], Handler]:
+    """A decorator for one protocol's handlers: a domain error raised by a handler becomes its
+    status, with remote details attached; each call is counted (status, duration, bytes) and
+    logged in one line.
+
+    model_of: what the request addresses (an object id or a model name), for the log line;
+    per_model: the methods whose metrics carry it as a label (others are few, and their series
+    would outlive the model); loads: method -> kind, for the load duration histogram.
+    """
+    load_kinds = dict(loads or {})
+
+    def decorate(handler: Handler) -> Handler:
+        method = handler.__name__
+        load_kind = load_kinds.get(method)
+        labelled = method in per_model
+
+        @functools.wraps(handler)
+        async def wrapper(self: Servicer, request: Any, context: Context) -> Any:
+            started = time.perf_counter()
+            metrics = self._metrics
+            metrics.calls_in_flight.inc()
+            target = "" if isinstance(request, MalformedRequest) else model_of(request)
+
+            def finish(code: grpc.StatusCode) -> None:
+                # Before the answer leaves, so a caller that has its answer finds it counted.
+                seconds = time.perf_counter() - started
+                metrics.calls_in_flight.dec()
+                metrics.observe_call(method, target if labelled else "", code.name, seconds)
+                if load_kind is not None and code == grpc.StatusCode.OK:
+                    metrics.load_duration.labels(load_kind).observe(seconds)
+                if self._log_calls:
+                    # Once the answer has left: the line costs the caller no latency.
+                    context.add_done_callback(lambda _: _log_call(context, method, target, code, seconds))
+
+            try:
+                if isinstance(request, MalformedRequest):
+                    raise InvalidArgument(request.describe())
+                response = await handler(self, request, context)
+            except DeploydError as error:
+                code = status_for(error)
+                context.set_trailing_metadata(_error_metadata(error))
+                finish(code)
+                await context.abort(code, str(error))
+            except asyncio.CancelledError:
+                finish(grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as error:
+                log.exception("internal error in %s", method)
+                finish(grpc.StatusCode.INTERNAL)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            finish(grpc.StatusCode.OK)
+            return response
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _log_call(context: Context, method: str, target: str, code: grpc.StatusCode, seconds: float) -> None:
+    """One line per call: ids, names, status and time only, never values or tokens."""
+    request_id = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            request_id = str(value)[:64]
+    fields = {
+        "request_id": request_id or secrets.token_hex(6),
+        "method": method,
+        "object": target,
+        "status": code.name,
+        "duration_ms": round(seconds * 1000, 3),
+    }
+    calls_log.info("call", extra={"fields": fields})
+
+
+def _error_metadata(error: DeploydError) -> tuple[tuple[str, bytes | str], ...]:
+    """Trailing metadata that carries what a status code and message cannot."""
+    killed_worker = isinstance(error, errors.WorkerCrashed) and error.caused_by_call
+    if not (error.remote_type or error.remote_traceback or killed_worker):
+        return ()
+    detail = pb.ErrorDetail(
+        remote_type=error.remote_type, remote_traceback=error.remote_traceback, call_killed_worker=killed_worker
+    )
+    metadata: tuple[tuple[str, bytes | str], ...] = ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
+    if killed_worker:
+        metadata += ((RETRY_PUSHBACK_KEY, "-1"),)
+    return metadata
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+class MalformedRequest(NamedTuple):
+    """What a handler gets instead of a request whose bytes do not parse."""
+
+    message_type: str  # the protobuf type the bytes should have been
+    reason: str  # protobuf's own words
+
+    def describe(self) -> str:
+        for phrase, meaning in _DECODE_REASONS.items():
+            if phrase in self.reason:
+                return f"the request is not a valid {self.message_type}: {meaning}"
+        return f"the request is not a valid {self.message_type}: {self.reason or 'its bytes are not protobuf'}"
+
+
+# What protobuf's (upb's) decode errors mean, in terms a caller can act on.
+_DECODE_REASONS = {
+    "bad UTF-8": "a string field holds bytes that are not valid UTF-8 (send binary data as bytes)",
+    "MaxDepth": "it nests messages deeper than protobuf's limit of 100 levels",
+}
+
+
+def _parse_or_mark(parse: Callable[[bytes], Any], message_type: str, metrics: Metrics) -> Callable[[bytes], Any]:
+    def parse_request(data: bytes) -> Any:
+        metrics.observe_received(len(data))
+        try:
+            return parse(data)
+        except DecodeError as error:
+            reason = str(error).partition(": ")[2] if ": " in str(error) else str(error)
+            return MalformedRequest(message_type, reason)
+
+    return parse_request
+
+
+def _serialize_counted(serialize: Callable[[Any], bytes], metrics: Metrics) -> Callable[[Any], bytes]:
+    def serialize_response(message: Any) -> bytes:
+        data = serialize(message)
+        metrics.observe_sent(len(data))
+        return data
+
+    return serialize_response
+
+
+class _HandlerTable:
+    """Stands in for a server to take the generated add_*_to_server's method table."""
+
+    handlers: dict[str, Any]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+
+
+def register_service(
+    server: Any,
+    servicer: Any,
+    add_generated: Callable[[Any, Any], None],
+    service: Any,
+    metrics: Metrics,
+) -> None:
+    """Register a service (its descriptor) from its generated add_*_to_server, with tolerant
+    parsing and byte counts."""
+    table = _HandlerTable()
+    add_generated(servicer, table)
+    handlers = {}
+    for name, handler in table.handlers.items():
+        message_type = service.methods_by_name[name].input_type.full_name
+        handlers[name] = handler._replace(
+            request_deserializer=_parse_or_mark(handler.request_deserializer, message_type, metrics),
+            response_serializer=_serialize_counted(handler.response_serializer, metrics),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
