@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.app.config import Config, ConfigError, load_config, worker_user
-from server.models.entry import ModelEntry
+from server.models.entry import ModelEntry, TensorSpec
 from tests.daemon_process import REPO
 
 
@@ -184,3 +184,34 @@ def test_worker_user_needs_root_unless_it_is_the_daemons_own(monkeypatch: pytest
     monkeypatch.setattr(os, "geteuid", lambda: 12345)
     with pytest.raises(ConfigError, match="only a daemon started as root"):
         load_config(environ={"DEPLOYD_WORKER_USER": other})
+
+
+def test_model_entries_declare_their_tensors(tmp_path: Path) -> None:
+    text = """models:
+  - name: classifier
+    package: c.pt
+    pickle: model:model.pkl
+    inputs: [{name: image, datatype: FP32, shape: [-1, 3, 224, 224]}]
+    outputs: [{name: logits, datatype: FP32, shape: [-1, 1000]}, {name: label, datatype: BYTES, shape: [-1]}]
+"""
+    (entry,) = load_config(write(tmp_path / "c.yaml", text), environ={}).models
+    assert entry.inputs == (TensorSpec("image", "FP32", (-1, 3, 224, 224)),)
+    assert [spec.name for spec in entry.outputs] == ["logits", "label"]
+
+
+@pytest.mark.parametrize(
+    ("declaration", "message"),
+    [
+        ("inputs: [{name: x, datatype: UINT16, shape: [1]}]", "datatype must be one of"),
+        ("inputs: [{name: x, datatype: FP32, shape: [-2]}]", "shape must be a list of sizes"),
+        ("inputs: [{name: 2x, datatype: FP32, shape: [1]}]", "must be a Python identifier"),
+        ("inputs: [{name: x, datatype: FP32}]", "exactly the keys name, datatype and shape"),
+        ("outputs: {name: y}", "must be a list of tensors"),
+        ("inputs: [{name: x, datatype: FP32, shape: []}, {name: x, datatype: FP32, shape: []}]", "listed twice"),
+        ("signature: []", "may have inputs, outputs"),
+    ],
+)
+def test_bad_tensor_declarations(tmp_path: Path, declaration: str, message: str) -> None:
+    text = f"models:\n  - name: m\n    package: m.pt\n    pickle: a:b\n    {declaration}\n"
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path / "c.yaml", text), environ={})
