@@ -379,9 +379,13 @@ def test_auth_applies_to_v2(package_dir: Path, tmp_path: Path) -> None:
         assert nobody.is_model_ready("seed", headers=caller)
         x = np.ones((1, 1, 10, 10), np.float32)
         assert nobody.infer("seed", [_input("input0", x, "FP32")], headers=caller).as_numpy("output0") is not None
-        with pytest.raises(InferenceServerException) as denied:
-            nobody.unload_model("seed", headers=caller)
-        assert _status(denied) == "StatusCode.PERMISSION_DENIED"
+        for admin_only in (nobody.unload_model, nobody.load_model):
+            with pytest.raises(InferenceServerException) as denied:
+                admin_only("seed", headers=caller)
+            assert _status(denied) == "StatusCode.PERMISSION_DENIED"
+        with pytest.raises(InferenceServerException) as index_denied:
+            nobody.get_model_repository_index(headers=caller)
+        assert _status(index_denied) == "StatusCode.PERMISSION_DENIED"
         nobody.unload_model("seed", headers={"authorization": "Bearer root-token"})
         assert not nobody.is_model_ready("seed", headers=caller)
         nobody.close()

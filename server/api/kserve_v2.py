@@ -37,10 +37,8 @@ from server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 PLATFORM = "pytorch_torch_package"
-# What an invoke token may call; the rest (loading and unloading models) needs admin.
-INVOKE_METHODS = frozenset(
-    {"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer", "RepositoryIndex"}
-)
+# What an invoke token may call; the model repository extension (index, load, unload) needs admin.
+INVOKE_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer"})
 _MAX_REMEMBERED = 1024  # models whose last call's signature is kept for ModelMetadata
 
 
