@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bandwidth, chaos, churn, hops, memory, names, overhead, scaling, startup, swaps, threshold
+from bench import bandwidth, chaos, churn, hops, memory, names, overhead, scaling, startup, swaps, threshold, v2load
 from bench.common import DAEMON_NOTES, RESULTS_DIR, Context, Report, format_table, write_csv
 
 BENCHMARKS: dict[str, Callable[[Context], None]] = {
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "churn": churn.run,
     "names": names.run,
     "swaps": swaps.run,
+    "v2": v2load.run,
 }
 
 
