@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from server.api.calls import MalformedRequest, _parse_or_mark, _serialize_counted
 from server.api.deployd_v1 import _reports_errors
 from server.api.metrics import Metrics
+from server.errors import NotFound
 from server.proto import deployd_pb2 as pb
 
 
@@ -75,3 +78,32 @@ def test_bytes_are_counted_from_what_grpc_holds() -> None:
     assert isinstance(malformed, MalformedRequest)
     assert "not valid UTF-8" in malformed.describe()
     assert sample(metrics, "deployd_message_bytes_total", direction="received") == len(raw) + 4
+
+
+class Refuser(Servicer):
+    @_reports_errors
+    async def Invoke(self, request: Any, context: Any) -> Any:
+        raise NotFound(f"no model {request.object_id!r} is loaded")
+
+
+class AbortingContext(Context):
+    async def abort(self, code: Any, details: str) -> None:
+        self.aborted = (code, details)
+        raise RuntimeError("aborted")
+
+
+def test_unknown_names_make_no_metric_series_and_long_ones_are_cut() -> None:
+    """Every caller's typo would otherwise be a series for good; a name past grpc's metadata
+    limit would turn the error into the client's RESOURCE_EXHAUSTED."""
+    servicer = Refuser()
+    for name in ("typo-1", "typo-2", "é" * 20_000):
+        context = AbortingContext()
+        request = pb.InvokeRequest(object_id=name)
+        with pytest.raises(RuntimeError, match="aborted"):
+            asyncio.run(servicer.Invoke(request, context))
+        code, details = context.aborted
+        assert code.name == "NOT_FOUND" and len(details.encode()) <= 2000
+    assert details.endswith("(cut: 40021 bytes)")  # "no model '" + 40000 + "' is loaded"
+    assert sample(servicer._metrics, "deployd_calls_total", method="Invoke", model="", code="NOT_FOUND") == 3
+    exported = servicer._metrics.registry.collect()
+    assert not any("typo" in str(metric.samples) for metric in exported)

@@ -39,6 +39,12 @@ ERROR_DETAIL_KEY = "deployd-error-detail-bin"
 # gRPC's retry protocol: a negative pushback tells any gRPC client not to retry the call.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 REQUEST_ID_KEY = "x-request-id"
+# A status message quotes what the caller sent (names, versions). It travels percent-encoded
+# (3 bytes for each byte of UTF-8 outside printable ASCII) in metadata that grpc clients take
+# up to 8 KiB of: past that the caller gets RESOURCE_EXHAUSTED instead of the error. So it is
+# cut to this many bytes of UTF-8 (at most 6000 encoded).
+MAX_MESSAGE_BYTES = 2000
+MAX_LOGGED_TARGET = 200  # bytes of the object or model a log line names
 
 # Most specific first: the first matching class decides.
 STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
@@ -95,13 +101,15 @@ def call_handlers(
             started = time.perf_counter()
             metrics = self._metrics
             metrics.calls_in_flight.inc()
-            target = "" if isinstance(request, MalformedRequest) else model_of(request)
+            target = "" if isinstance(request, MalformedRequest) else _cut(model_of(request), MAX_LOGGED_TARGET)
 
             def finish(code: grpc.StatusCode) -> None:
                 # Before the answer leaves, so a caller that has its answer finds it counted.
                 seconds = time.perf_counter() - started
                 metrics.calls_in_flight.dec()
-                metrics.observe_call(method, target if labelled else "", code.name, seconds)
+                # Not a name that is not loaded: every caller's typo would be a series for good.
+                label = target if labelled and code != grpc.StatusCode.NOT_FOUND else ""
+                metrics.observe_call(method, label, code.name, seconds)
                 if load_kind is not None and code == grpc.StatusCode.OK:
                     metrics.load_duration.labels(load_kind).observe(seconds)
                 if self._log_calls:
@@ -116,7 +124,7 @@ def call_handlers(
                 code = status_for(error)
                 context.set_trailing_metadata(_error_metadata(error))
                 finish(code)
-                await context.abort(code, str(error))
+                await context.abort(code, _cut(str(error), MAX_MESSAGE_BYTES))
             except asyncio.CancelledError:
                 finish(grpc.StatusCode.CANCELLED)
                 raise
@@ -130,6 +138,14 @@ def call_handlers(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _cut(text: str, limit: int) -> str:
+    """text in at most limit bytes of UTF-8: cut short, saying so, if longer."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return f"{data[: limit - 40].decode(errors='ignore')}... (cut: {len(data)} bytes)"
 
 
 def _log_call(context: Context, method: str, target: str, code: grpc.StatusCode, seconds: float) -> None:

@@ -129,6 +129,12 @@ def _checked_shape(
     if math.prod(max(size, 1) for size in shape) * itemsize > 2**63 - 1:
         raise InvalidArgument(f"{_input(name)}: shape {shape} is too large: its sizes overflow int64")
     elements = math.prod(shape)
+    if datatype == BYTES and math.prod(shape[:-1]) > limits.max_container_items:
+        # Nested lists, one per row of every dimension but the last: bounded like their elements.
+        raise InvalidArgument(
+            f"{_input(name)}: BYTES of shape {shape} makes {math.prod(shape[:-1])} lists, over the limit of"
+            f" {limits.max_container_items} (limits.max_container_items)"
+        )
     limit = limits.max_tensor_elements if datatype != BYTES else limits.max_container_items
     if elements > limit:
         key = "max_tensor_elements" if datatype != BYTES else "max_container_items"
@@ -201,9 +207,15 @@ def _from_typed(
 def _bytes_value(items: list[bytes], shape: list[int]) -> Any:
     if len(items) == 1:
         return items[0]
-    for size in reversed(shape[1:]):  # nest from the innermost dimension out
-        items = [items[start : start + size] for start in range(0, len(items), size)]  # type: ignore[misc]
-    return items
+    return _nested(items, shape)
+
+
+def _nested(items: list[Any], shape: list[int]) -> list[Any]:
+    """Flat items as nested lists of the given shape (a size 0 makes empty lists)."""
+    if len(shape) <= 1:
+        return items
+    size = math.prod(shape[1:])
+    return [_nested(items[row * size : (row + 1) * size], shape[1:]) for row in range(shape[0])]
 
 
 # ---------------------------------------------------------------------------- outputs

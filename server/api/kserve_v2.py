@@ -198,7 +198,9 @@ def _version(text: str) -> int:
     """A v2 version string: empty (the serving version, 0) or a positive number."""
     if not text:
         return 0
-    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+    # Versions count up from 1: more than 18 digits is no version (and int() of thousands of
+    # digits is refused by Python itself).
+    if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) == 0:
         raise InvalidArgument(f"model version {text[:64]!r} is not a positive number (empty: the serving version)")
     return int(text)
 
