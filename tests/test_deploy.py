@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -177,6 +178,10 @@ def test_dockerfile_choices() -> None:
     for sources in (copy[:-1] for copy in copies):
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: no such file in the build context"
+    # Every package pyproject.toml installs is in the image (a new one is easy to forget).
+    included = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {source for copy in copies for source in copy[:-1]}
+    assert {pattern.rstrip("*") for pattern in included} <= copied
 
 
 def test_dockerignore_keeps_the_context_small_and_secret_free() -> None:
