@@ -5,6 +5,7 @@ with InterpreterManager("127.0.0.1:50051") as manager:
     output = model(torch.ones(1, 1, 10, 10))
 """
 
+from client._batching import Batching
 from client._errors import (
     DeadlineExceededError,
     DeployError,
@@ -22,6 +23,7 @@ from client._tls import TLS
 
 __all__ = [
     "TLS",
+    "Batching",
     "DeadlineExceededError",
     "DeployError",
     "InterpreterManager",

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import grpc
 
+from client._batching import Batching
 from client._errors import InvalidArgumentError, translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
@@ -151,13 +152,20 @@ class Package:
     def __repr__(self) -> str:
         return f"<Package {self.id[:12]}>"
 
-    def load_pickle(self, module: str, file: str, *, name: str | None = None) -> ReplicatedObj:
+    def load_pickle(
+        self, module: str, file: str, *, name: str | None = None, batching: Batching | None = None
+    ) -> ReplicatedObj:
         """Unpickle an object on every worker and return a handle to its replicas.
 
         With a name, the object is served as that model's next version (hot swap: new calls go
         to it at once, calls running on the old version finish there), and the handle follows
-        the name; its `.version` says which version this load made."""
+        the name; its `.version` says which version this load made. With batching (and a
+        name), concurrent calls to it are joined into one model call along dim 0."""
         request = pb.LoadPickleRequest(package_id=self.id, module=module, file=file, name=name or "")
+        if batching is not None:
+            request.batching.max_batch_size = batching.max_batch_size
+            request.batching.max_queue_delay_ms = batching.max_queue_delay_ms
+            request.batching.preferred_batch_sizes.extend(batching.preferred_batch_sizes)
         response = self.manager.call(self.manager._stub.LoadPickle, request)
         handle = ReplicatedObj(self.manager, response.name or response.object_id)
         handle.object_id, handle.version = response.object_id, response.version

@@ -38,6 +38,8 @@ def build_models(out: Path) -> None:
         exporter.save_pickle("models", "echo.pkl", testmodels.Echo())
         exporter.save_pickle("models", "scale.pkl", testmodels.Scale(2.0))
         exporter.save_pickle("models", "dies_in_new_workers.pkl", testmodels.DiesInNewWorkers())
+        exporter.save_pickle("models", "batch_probe.pkl", testmodels.BatchProbe())
+        exporter.save_pickle("models", "bad_split.pkl", testmodels.BadSplit())
         exporter.save_pickle("models", "many.pkl", testmodels.EchoMany())
         exporter.save_pickle("models", "complex.pkl", testmodels.Complexify())
         exporter.save_text("models", "notes.txt", "weights: scale 2.0 ✓")

@@ -18,9 +18,10 @@ from tests.daemon_process import REPO
 # What each room of server/ may import from server/ (see server/__init__.py).
 _BASE = {"errors", "logs", "malloc", "proto"}
 _ALLOWED: dict[str, set[str]] = {
-    "app": {"app", "api", "models", "pool", "ipc", "worker", "base"},
-    "api": {"api", "models", "pool", "ipc", "base"},
-    "models": {"models", "pool", "ipc", "base"},
+    "app": {"app", "api", "models", "batching", "pool", "ipc", "worker", "base"},
+    "api": {"api", "models", "batching", "pool", "ipc", "base"},
+    "models": {"models", "batching", "pool", "ipc", "base"},
+    "batching": {"batching", "pool", "ipc", "base"},
     "pool": {"pool", "ipc", "worker", "base"},
     "ipc": {"ipc"},
     "worker": {"worker", "ipc"},

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.ipc import shm
+from server.ipc.protocol import Gathered, place_buffers
 from server.ipc.shm import Arena, Segment, SharedMemoryFull
 from server.models import weights
 from server.worker.shared import SharedWeightsReader, map_private
@@ -23,12 +24,27 @@ def test_arena_places_large_buffers_and_reads_them_back() -> None:
     try:
         data = memoryview(bytes(range(100)))
         assert arena.reserve(arena.wanted([data, b"small"]))
-        assert arena.place(memoryview(b"small")) is None  # below the threshold: inline
-        ref = arena.place(data)
+        assert arena.place([memoryview(b"small")]) is None  # below the threshold: inline
+        ref = arena.place([data])
         assert ref is not None and ref[1] % 64 == 0
         assert arena.read(ref) == bytes(range(100))
         with pytest.raises(ValueError, match="outside the arena"):
             arena.read(("deployd-elsewhere-0", 0, 10))
+    finally:
+        arena.retire()
+
+
+def test_a_gathered_buffer_is_laid_end_to_end_in_place() -> None:
+    """A batch's tensor: its callers' parts copied straight into the arena, one after another."""
+    arena = Arena(threshold=16)
+    try:
+        parts = [bytes(range(10)), b"", bytes(range(10, 40))]
+        gathered = Gathered(parts)
+        assert arena.wanted([gathered]) == 64
+        assert arena.reserve(arena.wanted([gathered]))
+        refs, inline = place_buffers([gathered, Gathered([b"ab", b"cd"])], arena)
+        assert isinstance(refs[0], tuple) and arena.read(refs[0]) == bytes(range(40))
+        assert refs[1] == 4 and b"".join(inline) == b"abcd"  # small: inline, the parts in order
     finally:
         arena.retire()
 
@@ -52,7 +68,7 @@ def test_full_dev_shm_falls_back_to_inline(monkeypatch: pytest.MonkeyPatch) -> N
         Segment(1 << 20)
     arena = Arena(threshold=1)
     assert not arena.reserve(1 << 20)
-    assert arena.place(memoryview(b"x" * 100)) is None
+    assert arena.place([memoryview(b"x" * 100)]) is None
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"deployd-{os.getpid()}-")]
 
 

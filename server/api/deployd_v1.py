@@ -12,6 +12,7 @@ from typing import Any
 from server.api.calls import Context, MalformedRequest, Servicer, call_handlers, register_service
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
+from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
 from server.models.names import NamedModel
 from server.models.repository import ModelRepository, ReloadReport
@@ -70,7 +71,15 @@ class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
 
     @_reports_errors
     async def LoadPickle(self, request: pb.LoadPickleRequest, context: Context) -> pb.LoadPickleResponse:
-        loaded = await self._service.load_pickle(request.package_id, request.module, request.file, request.name)
+        batching = None
+        if request.HasField("batching"):
+            wire = request.batching
+            batching = BatchPolicy(
+                wire.max_batch_size, wire.max_queue_delay_ms, tuple(wire.preferred_batch_sizes)
+            ).checked()
+        loaded = await self._service.load_pickle(
+            request.package_id, request.module, request.file, request.name, batching
+        )
         return pb.LoadPickleResponse(object_id=loaded.object_id, name=loaded.name, version=loaded.version)
 
     @_reports_errors

@@ -6,6 +6,7 @@ Names follow deployd_<noun>_<unit>. Observed where calls enter and leave the dae
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -56,6 +57,21 @@ class Metrics:
             buckets=_FINE_BUCKETS,
             registry=r,
         )
+        self.batch_size = Histogram(
+            "deployd_batch_size",
+            "Rows (dim 0) of each batch a model with batching on ran, by model",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+        self.batch_queue_delay = Histogram(
+            "deployd_batch_queue_delay_seconds",
+            "Time a call waited in its model's batcher before its batch was sent, by model",
+            ["model"],
+            buckets=_FINE_BUCKETS,
+            registry=r,
+        )
+        self._batched: set[str] = set()  # models with batch series
         self.worker_call = Histogram(
             "deployd_worker_call_seconds",
             "Where a call to a worker spends its time: to_worker (the daemon writes -> the worker has read),"
@@ -136,8 +152,21 @@ class Metrics:
             child = self._runs[object_id] = self.run.labels(object_id)
         child.observe(seconds)
 
+    def observe_batch(self, model: str, rows: int) -> None:
+        self._batched.add(model)
+        self.batch_size.labels(model).observe(rows)
+
+    def observe_batch_wait(self, model: str, seconds: float) -> None:
+        self._batched.add(model)
+        self.batch_queue_delay.labels(model).observe(seconds)
+
     def forget_object(self, object_id: str) -> None:
         """Drop an unloaded object's series, so that loads and unloads do not grow /metrics forever."""
+        if object_id in self._batched:
+            self._batched.discard(object_id)
+            for histogram in (self.batch_size, self.batch_queue_delay):
+                with contextlib.suppress(KeyError):
+                    histogram.remove(object_id)
         for key in [key for key in self._children if key[1] == object_id]:
             del self._children[key]
             self.calls.remove(*key)

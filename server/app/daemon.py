@@ -28,6 +28,7 @@ from server.api.metrics import Metrics
 from server.api.values import ValueLimits
 from server.app import eventloop
 from server.app.config import Config, ConfigError, TlsSection, split_address, worker_user
+from server.batching.batcher import BatchObserver
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
 from server.ipc.shm import remove_stale_segments, set_worker_group
 from server.malloc import tune_malloc
@@ -111,6 +112,7 @@ class Daemon:
             replay_step_timeout=config.pool.start_timeout_seconds,
             max_packages=limits.max_packages,
             max_objects=limits.max_objects,
+            batch_observer=BatchObserver(self._metrics.observe_batch, self._metrics.observe_batch_wait),
         )
         self._metrics.watch(
             queue_depth=lambda: self._pool.queue_depth,

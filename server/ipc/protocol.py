@@ -139,9 +139,27 @@ def align(offset: int) -> int:
 
 
 class Placement(Protocol):
-    """Decides whether a buffer goes into shared memory (and copies it there) or inline."""
+    """Decides whether a buffer goes into shared memory (and copies it there) or inline.
 
-    def place(self, view: memoryview) -> SharedRef | None: ...
+    A buffer comes as its parts, to be laid end to end (one part, but for a Gathered one).
+    """
+
+    def place(self, parts: list[memoryview]) -> SharedRef | None: ...
+
+
+class Gathered(NamedTuple):
+    """One buffer made of parts laid end to end: a batch's tensor, its callers' rows one after
+    another. Each part is written straight into its place (the shared-memory inbox, or the
+    socket), never joined into one bytes object first."""
+
+    parts: list[Any]  # bytes-like
+
+
+def buffer_parts(buffer: Any) -> list[memoryview]:
+    """A buffer's bytes, as the views to lay end to end."""
+    if type(buffer) is Gathered:
+        return [memoryview(part).cast("B") for part in buffer.parts]
+    return [memoryview(buffer).cast("B")]
 
 
 class Frame(NamedTuple):
@@ -183,11 +201,12 @@ def place_buffers(buffers: list[Buffer], placement: Placement | None) -> tuple[l
     refs: list[int | SharedRef] = []
     inline: list[memoryview] = []
     for buffer in buffers:
-        view = memoryview(buffer).cast("B")
-        ref = placement.place(view) if placement is not None and view.nbytes else None
+        parts = buffer_parts(buffer)
+        size = sum(part.nbytes for part in parts)
+        ref = placement.place(parts) if placement is not None and size else None
         if ref is None:
-            refs.append(view.nbytes)
-            inline.append(view)
+            refs.append(size)  # the reader reads this many bytes: the parts, one after another
+            inline.extend(parts)
         else:
             refs.append(ref)
     return refs, inline

@@ -18,7 +18,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-from server.ipc.protocol import align
+from server.ipc.protocol import align, buffer_parts
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Arena:
 
     def wanted(self, buffers: list[Any]) -> int:
         """Bytes the buffers large enough to travel here need, alignment included."""
-        sizes = (memoryview(buffer).nbytes for buffer in buffers)
+        sizes = (sum(part.nbytes for part in buffer_parts(buffer)) for buffer in buffers)
         return sum(align(size) for size in sizes if size >= self.threshold)
 
     def reserve(self, size: int) -> bool:
@@ -112,16 +112,20 @@ class Arena:
             return False
         return True
 
-    def place(self, view: memoryview) -> tuple[str, int, int] | None:
-        """Copy a buffer into the arena, if it is large enough to be worth it and fits."""
-        size = view.nbytes
+    def place(self, parts: list[memoryview]) -> tuple[str, int, int] | None:
+        """Copy a buffer (its parts, end to end) into the arena, if it is large enough to be
+        worth it and fits."""
+        size = sum(part.nbytes for part in parts)
         if size < self.threshold or self.segment is None:
             return None
         start = align(self._offset)
         if start + size > self.segment.size:
             return None
-        self.segment.buffer[start : start + size] = view
-        self._offset = start + size
+        offset = start
+        for part in parts:
+            self.segment.buffer[offset : offset + part.nbytes] = part
+            offset += part.nbytes
+        self._offset = offset
         return (self.segment.name, start, size)
 
     def read(self, ref: tuple[str, int, int]) -> bytes:

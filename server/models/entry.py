@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from deployd_wire.dtypes import DTYPES
+from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
 from server.models.names import check_name
 
@@ -31,6 +32,7 @@ class ModelEntry:
     # Declared: KServe v2 inputs are matched to keyword arguments by name; outputs name the results.
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    batching: BatchPolicy | None = None  # dynamic batching (server.batching); None: off
 
 
 class EntryError(ValueError):
@@ -47,7 +49,8 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         where = f"models entry {position}"
         if not isinstance(item, dict) or not {"name", "package", "pickle"} <= set(item) <= _ENTRY_KEYS:
             raise EntryError(
-                f"{where} must have the keys name, package and pickle (and may have inputs, outputs), got {item!r}"
+                f"{where} must have the keys name, package and pickle (and may have inputs, outputs, batching),"
+                f" got {item!r}"
             )
         name, package, pickle = (item[key] for key in ("name", "package", "pickle"))
         if not all(isinstance(value, str) and value for value in (name, package, pickle)):
@@ -63,11 +66,33 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
             raise EntryError(f"{where}: the name {name!r} is listed twice")
         inputs = _tensor_specs(item.get("inputs", []), f"{where} ({name}) inputs")
         outputs = _tensor_specs(item.get("outputs", []), f"{where} ({name}) outputs")
-        entries.append(ModelEntry(name, package, module, file, inputs, outputs))
+        batching = _batch_policy(item["batching"], f"{where} ({name}) batching") if "batching" in item else None
+        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching))
     return tuple(entries)
 
 
-_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs"}
+_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching"}
+_BATCHING_KEYS = {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes"}
+
+
+def _batch_policy(raw: Any, where: str) -> BatchPolicy:
+    if not isinstance(raw, dict) or "max_batch_size" not in raw or not set(raw) <= _BATCHING_KEYS:
+        raise EntryError(
+            f"{where} must be a mapping with max_batch_size (and may have max_queue_delay_ms,"
+            f" preferred_batch_sizes), got {raw!r}"
+        )
+    size, delay = raw["max_batch_size"], raw.get("max_queue_delay_ms", 2.0)
+    preferred = raw.get("preferred_batch_sizes", [])
+    if type(size) is not int or type(delay) not in (int, float) or not isinstance(preferred, list):
+        raise EntryError(f"{where}: max_batch_size an integer, max_queue_delay_ms a number, preferred a list")
+    if not all(type(item) is int for item in preferred):
+        raise EntryError(f"{where}: preferred_batch_sizes must be integers, got {preferred!r}")
+    try:
+        return BatchPolicy(size, float(delay), tuple(preferred)).checked()
+    except InvalidArgument as error:
+        raise EntryError(f"{where}: {error}") from None
+
+
 # KServe v2 datatypes a declaration may name (deployd_wire's table, and BYTES).
 _DATATYPES = (*(dtype.kserve for dtype in DTYPES if dtype.kserve), "BYTES")
 

@@ -24,6 +24,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, NamedTuple
 
+from server.batching.batcher import Batcher, BatchObserver, BatchPolicy
+from server.batching.batcher import Pool as BatchPool
 from server.errors import (
     DeploydError,
     InvalidArgument,
@@ -66,6 +68,9 @@ class LoadedObject(NamedTuple):
     version: int  # its version of that name; 0 for an anonymous object
 
 
+_NO_BATCH_OBSERVER = BatchObserver(lambda model, rows: None, lambda model, seconds: None)
+
+
 async def _nothing() -> None:
     pass
 
@@ -80,6 +85,7 @@ class ModelService:
         replay_step_timeout: float = 60.0,
         max_packages: int = 0,
         max_objects: int = 0,
+        batch_observer: BatchObserver = _NO_BATCH_OBSERVER,
     ) -> None:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
         replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
@@ -97,6 +103,8 @@ class ModelService:
         self._in_flight: Counter[str] = Counter()  # object id -> calls running on it
         self._drains: set[asyncio.Task[None]] = set()  # unloads of versions whose last call ended
         self._release_when_unused: set[str] = set()  # packages to unload with their last object
+        self._batchers: dict[str, Batcher] = {}  # object id -> its batcher (models with batching on)
+        self._batch_observer = batch_observer
 
     async def prepare_worker(self, worker: WorkerHandle) -> None:
         """Replay everything loaded into a new worker, before it takes calls (pool holds `changes`)."""
@@ -209,6 +217,9 @@ class ModelService:
         for loaded in objects:
             del self._registry.objects[loaded.object_id]
             self._names.forget_object(loaded.object_id)
+            batcher = self._batchers.pop(loaded.object_id, None)
+            if batcher is not None:
+                batcher.close()
             if why:
                 self._evicted[loaded.object_id] = why
         for loaded in objects:
@@ -238,10 +249,17 @@ class ModelService:
 
     # ------------------------------------------------------------------ objects
 
-    async def load_pickle(self, package_id: str, module: str, file: str, name: str = "") -> LoadedObject:
-        """Unpickle an object on every worker; with a name, serve it as that model's next version."""
+    async def load_pickle(
+        self, package_id: str, module: str, file: str, name: str = "", batching: BatchPolicy | None = None
+    ) -> LoadedObject:
+        """Unpickle an object on every worker; with a name, serve it as that model's next version
+        (with batching, its calls batched: server.batching)."""
         if name:
             check_name(name)
+        if batching is not None:
+            if not name:
+                raise InvalidArgument("batching is for a model with a name: give the object one")
+            batching.checked()
         object_id = f"obj-{secrets.token_hex(8)}"
         async with self._pool.changes:
             self._require_package(package_id)
@@ -253,6 +271,8 @@ class ModelService:
                 f"cannot load pickle {file!r} of module {module!r}",
             )
             self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file)
+            if batching is not None:
+                self._batchers[object_id] = Batcher(object_id, name, batching, self._batch_pool(), self._batch_observer)
             self._release_when_unused.discard(package_id)  # in use again
             version = 0
             if name:
@@ -278,6 +298,9 @@ class ModelService:
         """Call a method of an object or a model (its serving version, or the one pinned) on a
         free worker: packed values in, a packed value out."""
         object_id = self._resolve(target, version)
+        batcher = self._batchers.get(object_id)
+        if batcher is not None:
+            return await self._counted(object_id, batcher.call(method, args, kwargs, buffers))
         return await self._counted_call(object_id, protocol.Invoke(object_id, method, args, kwargs), buffers)
 
     async def has_attr(self, target: str, version: int, name: str) -> bool:
@@ -307,11 +330,14 @@ class ModelService:
     async def _counted_call(
         self, object_id: str, request: protocol.Request, buffers: list[Any]
     ) -> tuple[Any, list[Any]]:
+        return await self._counted(object_id, self._pool.call(request, buffers))
+
+    async def _counted(self, object_id: str, call: Awaitable[tuple[Any, list[Any]]]) -> tuple[Any, list[Any]]:
         # Counted from before the first await: a swap that retires this version meanwhile
         # sees the call and leaves the version loaded until it ends.
         self._in_flight[object_id] += 1
         try:
-            return await self._pool.call(request, buffers)
+            return await call
         finally:
             self._in_flight[object_id] -= 1
             if not self._in_flight[object_id]:
@@ -328,8 +354,14 @@ class ModelService:
             if record is not None and self._names.is_draining(object_id) and not self._in_flight[object_id]:
                 await self._drop_objects([record])
 
+    def _batch_pool(self) -> BatchPool:
+        pool = self._pool
+        return BatchPool(pool.call, pool.idle_count, pool.max_queued_calls, pool.release_listeners)
+
     def close(self) -> None:
-        """Unlink every package's shared weights (after the pool has stopped)."""
+        """Stop the batchers; unlink every package's shared weights (after the pool has stopped)."""
+        for batcher in self._batchers.values():
+            batcher.close()
         for record in self._registry.packages.values():
             if record.weights is not None:
                 record.weights.segment.unlink()

@@ -113,6 +113,9 @@ class WorkerPool:
         self._last_failure: dict[int, str] = {}  # slot -> why its last replacement failed
         self._closing = False
         self._memory_cache: dict[int, tuple[float, MemoryUsage]] = {}
+        # Called whenever a worker is free for calls (a call ended, or a worker began serving):
+        # batchers waiting for one (server.batching).
+        self.release_listeners: set[Callable[[], None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,6 +169,8 @@ class WorkerPool:
             raise
         log.info("worker %d ready (pid %d)", index, worker.pid)
         self._on_serving_changed(len(self._serving))
+        for listener in list(self.release_listeners):
+            listener()
         return worker
 
     def on_worker_exit(self, worker: WorkerHandle) -> None:
@@ -217,8 +222,11 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ routing
 
-    async def call(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
-        """Run a request on one free worker, waiting in line for one if all are busy."""
+    async def call(
+        self, message: protocol.Request, buffers: list[Any], on_start: Callable[[], None] | None = None
+    ) -> tuple[Any, list[Any]]:
+        """Run a request on one free worker, waiting in line for one if all are busy; on_start
+        is called once it has its worker."""
         if self._idle.empty() and self._waiting >= self._max_queued_calls:
             raise Overloaded(
                 f"all workers are busy and {self._waiting} calls already wait for one"
@@ -232,6 +240,8 @@ class WorkerPool:
             self._waiting -= 1
         running_since = time.perf_counter()
         self._on_queue_wait(running_since - queued_at)
+        if on_start is not None:
+            on_start()
         try:
             reply = worker.send(message, buffers)
         except BaseException:
@@ -278,6 +288,12 @@ class WorkerPool:
         if worker in self._serving:
             worker.state = "idle"
             self._idle.put_nowait(worker)
+            for listener in list(self.release_listeners):
+                listener()
+
+    def idle_count(self) -> int:
+        """Serving workers that no call holds."""
+        return sum(1 for worker in self._serving if worker.state == "idle")
 
     async def broadcast(self, message: protocol.Request, buffers: list[Any]) -> list[tuple[WorkerHandle, Any]]:
         """Send a request to every serving worker; returns (worker, result or exception) pairs.
@@ -322,6 +338,10 @@ class WorkerPool:
     def memory(self) -> list[tuple[int, MemoryUsage]]:
         """Each live worker's slot and memory (read at most once a second per worker)."""
         return [(index, self._memory(worker.pid)) for index, worker in sorted(self._workers.items()) if worker.alive]
+
+    @property
+    def max_queued_calls(self) -> int:
+        return self._max_queued_calls
 
     @property
     def queue_depth(self) -> int:

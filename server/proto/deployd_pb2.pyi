@@ -114,16 +114,28 @@ class LoadPackageResponse(_message.Message):
     def __init__(self, package_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadPickleRequest(_message.Message):
-    __slots__ = ("package_id", "module", "file", "name")
+    __slots__ = ("package_id", "module", "file", "name", "batching")
     PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     package_id: str
     module: str
     file: str
     name: str
-    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    batching: Batching
+    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., name: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+
+class Batching(_message.Message):
+    __slots__ = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    max_queue_delay_ms: float
+    preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoadPickleResponse(_message.Message):
     __slots__ = ("object_id", "name", "version")

@@ -62,7 +62,10 @@ class ReplyPlacement:
         self._offset = 0
         self.bytes_wanted = 0  # what the reply's large buffers needed in all
 
-    def place(self, view: memoryview) -> tuple[str, int, int] | None:
+    def place(self, parts: list[memoryview]) -> tuple[str, int, int] | None:
+        if len(parts) != 1:  # a worker's replies are never gathered
+            return None
+        (view,) = parts
         size = view.nbytes
         if size < self._threshold:
             return None

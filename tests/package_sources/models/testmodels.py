@@ -147,3 +147,26 @@ class Complexify:
 
     def __call__(self, x):
         return torch.complex(x, x)
+
+
+class BatchProbe:
+    """For batching tests: x * scale, and for each row the rows of the batch it ran in (so a
+    caller sees how large its batch was). A row of -999 kills the worker; the short sleep per
+    call lets concurrent callers pile up behind a busy worker."""
+
+    def __call__(self, x, scale=2.0, as_dict=False):
+        if bool((x == -999).any()):
+            os._exit(3)
+        time.sleep(0.01)
+        rows = torch.full((x.shape[0],), x.shape[0], dtype=torch.int64)
+        if as_dict:
+            return {"y": x * scale, "rows": rows}
+        return x * scale, rows
+
+
+class BadSplit:
+    """A result without the batch on dim 0: one row whatever the batch."""
+
+    def __call__(self, x):
+        time.sleep(0.01)
+        return x.sum(0, keepdim=True)
