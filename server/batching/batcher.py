@@ -222,7 +222,8 @@ class Batcher:
                 return
             try:
                 result, buffers = running.result()
-                pieces = [(result, buffers)] if len(batch) == 1 else split(result, buffers, [w.rows for w in batch])
+                # Checked alone too: a result that does not split fails whatever the load.
+                pieces = split(result, buffers, [w.rows for w in batch])
             except Exception as error:
                 for waiting in batch:
                     if not waiting.answer.done():
