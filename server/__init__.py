@@ -6,6 +6,7 @@ Rooms, imports pointing down only (tests/test_layers.py keeps them so):
              health, metrics. With app/, the only place grpc is imported.
     models/  the domain service (what is loaded, by id and by name), the model repository,
              packages, shared weights, the registry replayed into new workers
+    batching/  joins a model's concurrent calls into one and splits the result back
     pool/    supervises worker processes and routes calls to them
     ipc/     the daemon <-> worker protocol (messages, framing) and shared memory
     worker/  what runs inside a worker process: the only place model code and torch run

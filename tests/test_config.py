@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.app.config import Config, ConfigError, load_config, worker_user
+from server.batching.batcher import BatchPolicy
 from server.models.entry import ModelEntry, TensorSpec
 from tests.daemon_process import REPO
 
@@ -215,3 +216,19 @@ def test_bad_tensor_declarations(tmp_path: Path, declaration: str, message: str)
     text = f"models:\n  - name: m\n    package: m.pt\n    pickle: a:b\n    {declaration}\n"
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path / "c.yaml", text), environ={})
+
+
+def test_model_entries_configure_batching(tmp_path: Path) -> None:
+    batching = "{max_batch_size: 8, preferred_batch_sizes: [4]}"
+    text = f"models:\n  - {{name: m, package: m.pt, pickle: a:b, batching: {batching}}}\n"
+    (entry,) = load_config(write(tmp_path / "c.yaml", text), environ={}).models
+    assert entry.batching == BatchPolicy(8, 2.0, (4,))
+    for batching, message in (
+        ("{max_queue_delay_ms: 2}", "with max_batch_size"),
+        ("{max_batch_size: 0}", "max_batch_size must be 1 to"),
+        ("{max_batch_size: 4, preferred_batch_sizes: [8]}", "not 1 to max_batch_size"),
+        ("{max_batch_size: 4, max_queue_delay_ms: fast}", "a number"),
+    ):
+        text = f"models:\n  - {{name: m, package: m.pt, pickle: a:b, batching: {batching}}}\n"
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path / "c.yaml", text), environ={})
