@@ -115,7 +115,7 @@ class Daemon:
             batch_observer=BatchObserver(self._metrics.observe_batch, self._metrics.observe_batch_wait),
         )
         self._metrics.watch(
-            queue_depth=lambda: self._pool.queue_depth,
+            queue_depth=lambda: self._service.queued_calls,
             workers_busy=lambda: self._pool.busy_count,
             packages=lambda: len(self._registry.packages),
             objects=lambda: len(self._registry.objects),

@@ -134,6 +134,11 @@ class Batcher:
                 waiting.answer.cancel()  # sent: its batch runs on for the others
             raise
 
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for their batch to go."""
+        return len(self._pending)
+
     def close(self) -> None:
         """Stop dispatching (the model is unloaded, or the daemon stops)."""
         self._pool.release_listeners.discard(self._wakeup.set)

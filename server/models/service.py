@@ -354,6 +354,11 @@ class ModelService:
             if record is not None and self._names.is_draining(object_id) and not self._in_flight[object_id]:
                 await self._drop_objects([record])
 
+    @property
+    def queued_calls(self) -> int:
+        """Calls waiting: for a free worker, or in a batcher for their batch to go."""
+        return self._pool.queue_depth + sum(batcher.waiting for batcher in self._batchers.values())
+
     def _batch_pool(self) -> BatchPool:
         pool = self._pool
         return BatchPool(pool.call, pool.idle_count, pool.max_queued_calls, pool.release_listeners)
@@ -374,7 +379,7 @@ class ModelService:
             list(self._registry.packages.values()),
             list(self._registry.objects.values()),
             list(self._registry.modules),
-            self._pool.queue_depth,
+            self.queued_calls,
             list(self._names.models.values()),
             dict(self._in_flight),
         )
