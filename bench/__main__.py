@@ -20,7 +20,21 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bandwidth, chaos, churn, hops, memory, names, overhead, scaling, startup, swaps, threshold, v2load
+from bench import (
+    bandwidth,
+    batching,
+    chaos,
+    churn,
+    hops,
+    memory,
+    names,
+    overhead,
+    scaling,
+    startup,
+    swaps,
+    threshold,
+    v2load,
+)
 from bench.common import DAEMON_NOTES, RESULTS_DIR, Context, Report, format_table, write_csv
 
 BENCHMARKS: dict[str, Callable[[Context], None]] = {
@@ -36,6 +50,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "names": names.run,
     "swaps": swaps.run,
     "v2": v2load.run,
+    "batching": batching.run,
 }
 
 
