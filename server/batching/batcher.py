@@ -9,7 +9,8 @@ call together with every alike call behind it, up to `max_batch_size` rows:
 - while every worker is busy, never: calls gather (they would wait for a worker anyway),
   so the busier the pool, the larger the batches;
 - when a worker is free and no batch of this model is running (no load): at once, with
-  whatever is waiting; a lone caller is never delayed;
+  whatever is waiting; a lone caller is never delayed (and goes straight to the pool from its
+  own task, without the dispatch loop);
 - when a worker is free and batches of this model are running (load): once the oldest call
   has waited `max_queue_delay_ms` for company, or sooner if the batch fills.
 
@@ -104,7 +105,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._unstarted = 0  # batches sent to the pool that have no worker yet
-        self._batches: set[asyncio.Task[None]] = set()  # running (sent, not yet answered)
+        self._batches: set[asyncio.Task[None]] = set()  # batch tasks (sent, not yet answered)
+        self._running = 0  # batches and lone calls sent and not yet answered: the model's load
         pool.release_listeners.add(self._wakeup.set)
 
     async def call(
@@ -120,6 +122,8 @@ class Batcher:
                 f"{len(self._pending)} calls already wait to be batched"
                 f" (pool.max_queued_calls={self._pool.max_queued_calls}); try again later"
             )
+        if not self._pending and not self._running and self._pool.idle_count() > self._unstarted:
+            return await self._alone(method, args, kwargs, buffers, rows)
         waiting = _Waiting(method, batch_key(method, args, kwargs), rows, args, kwargs, buffers, time.perf_counter())
         self._pending.append(waiting)
         self._wakeup.set()
@@ -133,6 +137,34 @@ class Batcher:
             elif not waiting.answer.done():
                 waiting.answer.cancel()  # sent: its batch runs on for the others
             raise
+
+    async def _alone(
+        self, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any], rows: int
+    ) -> tuple[Any, list[Any]]:
+        """No load: a worker is free and nothing waits or runs. The call goes at once, from the
+        caller's own task (no dispatch loop, no batch task), as a batch of one."""
+        self._observer.waited(self._label, 0.0)
+        self._observer.batch(self._label, rows)
+        self._running += 1
+        self._unstarted += 1
+        started = False
+
+        def on_start() -> None:
+            nonlocal started
+            started = True
+            self._unstarted -= 1
+
+        try:
+            result, reply = await self._pool.call(
+                protocol.Invoke(self._object_id, method, args, kwargs), buffers, on_start=on_start
+            )
+        finally:
+            self._running -= 1
+            if not started:
+                self._unstarted -= 1
+            self._wakeup.set()  # calls that came meanwhile may go now
+        # Checked alone too: a result that does not split fails whatever the load.
+        return split(result, reply, [rows])[0]
 
     @property
     def waiting(self) -> int:
@@ -156,7 +188,7 @@ class Batcher:
             worker_free = self._pool.idle_count() > self._unstarted
             waited = time.perf_counter() - oldest.arrived
             delay = self._policy.max_queue_delay_ms / 1000
-            if full or (worker_free and (not self._batches or waited >= delay)):
+            if full or (worker_free and (not self._running or waited >= delay)):
                 for waiting in taken:
                     self._pending.remove(waiting)
                 self._send(taken)
@@ -197,6 +229,7 @@ class Batcher:
             self._observer.waited(self._label, now - waiting.arrived)
         self._observer.batch(self._label, sum(waiting.rows for waiting in batch))
         self._unstarted += 1
+        self._running += 1
         task = asyncio.create_task(self._run_batch(batch, batch[0].method))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
@@ -238,10 +271,11 @@ class Batcher:
                 if not waiting.answer.done():
                     waiting.answer.set_result(piece)
         finally:
+            self._running -= 1
             caller_gone.cancel()
             if not started:
                 self._unstarted -= 1
-                self._wakeup.set()
+            self._wakeup.set()  # less load, or a worker not taken after all: look again
 
 
 async def _all_cancelled(answers: list[asyncio.Future[Any]]) -> None:
