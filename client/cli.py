@@ -4,7 +4,7 @@ They are a client of a running daemon, built on the public client (InterpreterMa
 they live here; server/app/cli.py adds them to the one `deployd` parser and calls run().
 
     deployd status                                   workers, models, packages, objects, modules, queue
-    deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...] [--name NAME]
+    deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...] [--name NAME [--batching ROWS[:DELAY_MS]]]
     deployd unload (TARGET | --model NAME | --object ID | --package ID)
     deployd invoke TARGET [--version N] [--method NAME] [--kwarg NAME=ARG ...] [--full] [ARG ...]
     deployd health [--service NAME]                  exit 0 only when SERVING
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from client import TLS, DeployError, InterpreterManager, Package, ReplicatedObj
+from client import TLS, Batching, DeployError, InterpreterManager, Package, ReplicatedObj
 from deployd_wire.dtypes import DTYPES
 
 if TYPE_CHECKING:
@@ -192,6 +192,12 @@ def add_commands(subparsers: Any) -> None:
         "--name",
         metavar="NAME",
         help="serve the one --pickle object as this model's next version; prints its version",
+    )
+    load.add_argument(
+        "--batching",
+        metavar="ROWS[:DELAY_MS]",
+        help="with --name: batch its concurrent calls, up to ROWS rows a batch, the first waiting"
+        " up to DELAY_MS (default 2) for company",
     )
 
     unload = add(
@@ -437,10 +443,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 # ---------------------------------------------------------------- load, unload
 
 
+def _batching(spec: str) -> Batching:
+    rows, _, delay = spec.partition(":")
+    try:
+        return Batching(int(rows), float(delay) if delay else 2.0)
+    except ValueError:
+        raise UsageError(f"--batching takes ROWS[:DELAY_MS] (e.g. 32:2), not {spec!r}") from None
+
+
 def _load(options: argparse.Namespace) -> int:
     pickles = [_module_and_file(spec) for spec in options.pickle]
     if options.name is not None and len(pickles) != 1:
         raise UsageError(f"--name serves one object: give exactly one --pickle MODULE:FILE, not {len(pickles)}")
+    batching = _batching(options.batching) if options.batching is not None else None
+    if batching is not None and options.name is None:
+        raise UsageError("--batching is for a model with a name: give --name too")
     if not options.server_path:
         try:
             with open(options.package, "rb"):  # the client opens it lazily, inside the request stream
@@ -455,7 +472,7 @@ def _load(options: argparse.Namespace) -> int:
         objects: list[ReplicatedObj] = []
         try:
             for module, file in pickles:
-                objects.append(package.load_pickle(module, file, name=options.name))
+                objects.append(package.load_pickle(module, file, name=options.name, batching=batching))
         except DeployError as error:
             # All or nothing for the objects of this command (their ids are new); the package
             # stays: it is content-addressed, so others may hold objects from it. By object id:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from torch.package import PackageExporter
 
 from client import InterpreterManager, NotFoundError, ReplicatedObj, cli
@@ -225,6 +226,30 @@ def test_bad_local_input_for_load_exits_2(daemon: DaemonProcess, tmp_path: Path,
         "--name", "cli-two", "--address", daemon.target,
     )  # fmt: skip
     assert two_for_one_name.returncode == 2 and "exactly one --pickle" in two_for_one_name.stderr
+    unnamed = deployd(
+        "load", str(package_dir / "models.pt"), "--pickle", "models:batch_probe.pkl", "--batching", "8",
+        "--address", daemon.target,
+    )  # fmt: skip
+    assert unnamed.returncode == 2 and "--batching is for a model with a name" in unnamed.stderr
+    bad_batching = deployd(
+        "load", str(package_dir / "models.pt"), "--pickle", "models:batch_probe.pkl", "--name", "cli-batched",
+        "--batching", "lots", "--address", daemon.target,
+    )  # fmt: skip
+    assert bad_batching.returncode == 2 and "ROWS[:DELAY_MS]" in bad_batching.stderr
+
+
+def test_load_with_batching(daemon: DaemonProcess, package_dir: Path) -> None:
+    try:
+        loaded = deployd(
+            "load", str(package_dir / "models.pt"), "--pickle", "models:batch_probe.pkl", "--name", "cli-batched",
+            "--batching", "8:1.5", "--address", daemon.target,
+        )  # fmt: skip
+        assert loaded.returncode == 0, loaded.stderr
+        with InterpreterManager(daemon.target, timeout=60) as manager:
+            y, rows = manager.model("cli-batched")(torch.ones(2, 3))
+        assert torch.equal(y, torch.full((2, 3), 2.0)) and rows.tolist() == [2, 2]
+    finally:
+        unload_model(daemon.target, "cli-batched")
 
 
 def test_serve_loads_neither_client_nor_torch() -> None:
