@@ -351,18 +351,7 @@ def _status(options: argparse.Namespace) -> int:
             {
                 "name": model.name,
                 "serving_version": model.serving_version,
-                "versions": [
-                    {
-                        "version": version.version,
-                        "state": version.state,
-                        "object_id": version.object_id,
-                        "calls_in_flight": version.calls_in_flight,
-                        "package_id": version.package_id,
-                        "module": version.module,
-                        "file": version.file,
-                    }
-                    for version in model.versions
-                ],
+                "versions": [_version_report(version) for version in model.versions],
             }
             for model in status.models
         ],
@@ -381,6 +370,25 @@ def _status(options: argparse.Namespace) -> int:
     else:
         print(_status_text(report))
     return EXIT_OK
+
+
+def _version_report(version: Any) -> dict[str, Any]:
+    report = {
+        "version": version.version,
+        "state": version.state,
+        "object_id": version.object_id,
+        "calls_in_flight": version.calls_in_flight,
+        "package_id": version.package_id,
+        "module": version.module,
+        "file": version.file,
+    }
+    if version.HasField("batching"):  # only for versions that batch: the key is absent otherwise
+        report["batching"] = {
+            "max_batch_size": version.batching.max_batch_size,
+            "max_queue_delay_ms": version.batching.max_queue_delay_ms,
+            "preferred_batch_sizes": list(version.batching.preferred_batch_sizes),
+        }
+    return report
 
 
 def _status_text(report: dict[str, Any]) -> str:
@@ -423,6 +431,15 @@ def _status_text(report: dict[str, Any]) -> str:
             for v in model["versions"]
         ]
         lines += [f"    {line}" for line in _table(header, rows)]
+        for v in model["versions"]:
+            if "batching" in v:
+                batching = v["batching"]
+                preferred = ", ".join(map(str, batching["preferred_batch_sizes"]))
+                lines.append(
+                    f"    version {v['version']} batches calls: up to {batching['max_batch_size']} rows,"
+                    f" first call waits up to {batching['max_queue_delay_ms']:g} ms"
+                    + (f", preferred {preferred}" if preferred else "")
+                )
     lines.append(f"packages: {len(report['packages'])}")
     lines += [f"  {p['package_id']}  {mib(p['size_bytes'])} MiB" for p in report["packages"]]
     lines.append(f"objects: {len(report['objects'])}")

@@ -248,6 +248,15 @@ def test_load_with_batching(daemon: DaemonProcess, package_dir: Path) -> None:
         with InterpreterManager(daemon.target, timeout=60) as manager:
             y, rows = manager.model("cli-batched")(torch.ones(2, 3))
         assert torch.equal(y, torch.full((2, 3), 2.0)) and rows.tolist() == [2, 2]
+        status = deployd("status", "--json", "--address", daemon.target)
+        (model,) = [model for model in json.loads(status.stdout)["models"] if model["name"] == "cli-batched"]
+        assert model["versions"][0]["batching"] == {
+            "max_batch_size": 8,
+            "max_queue_delay_ms": 1.5,
+            "preferred_batch_sizes": [],
+        }
+        text = deployd("status", "--address", daemon.target).stdout
+        assert "version 1 batches calls: up to 8 rows, first call waits up to 1.5 ms" in text, text
     finally:
         unload_model(daemon.target, "cli-batched")
 

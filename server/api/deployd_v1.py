@@ -182,6 +182,14 @@ def _model_status(model: NamedModel, snapshot: StatusSnapshot) -> pb.ModelStatus
     versions = []
     for version, object_id in model.versions.items():
         record = records[object_id]
+        policy = snapshot.batching.get(object_id)
+        batching = None
+        if policy is not None:
+            batching = pb.Batching(
+                max_batch_size=policy.max_batch_size,
+                max_queue_delay_ms=policy.max_queue_delay_ms,
+                preferred_batch_sizes=policy.preferred_batch_sizes,
+            )
         versions.append(
             pb.ModelVersionStatus(
                 version=version,
@@ -191,6 +199,7 @@ def _model_status(model: NamedModel, snapshot: StatusSnapshot) -> pb.ModelStatus
                 package_id=record.package_id,
                 module=record.module,
                 file=record.file,
+                batching=batching,
             )
         )
     return pb.ModelStatus(name=model.name, serving_version=model.serving, versions=versions)

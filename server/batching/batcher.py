@@ -167,6 +167,10 @@ class Batcher:
         return split(result, reply, [rows])[0]
 
     @property
+    def policy(self) -> BatchPolicy:
+        return self._policy
+
+    @property
     def waiting(self) -> int:
         """Calls waiting for their batch to go."""
         return len(self._pending)

@@ -60,6 +60,7 @@ class StatusSnapshot(NamedTuple):
     queued_calls: int
     models: list[NamedModel]
     calls_in_flight: dict[str, int]  # object id -> calls running on it
+    batching: dict[str, BatchPolicy]  # object id -> its batching, for those with batching on
 
 
 class LoadedObject(NamedTuple):
@@ -382,6 +383,7 @@ class ModelService:
             self.queued_calls,
             list(self._names.models.values()),
             dict(self._in_flight),
+            {object_id: batcher.policy for object_id, batcher in self._batchers.items()},
         )
 
     # ------------------------------------------------------------------ helpers

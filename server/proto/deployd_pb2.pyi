@@ -305,7 +305,7 @@ class ModelFailure(_message.Message):
     def __init__(self, name: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ModelVersionStatus(_message.Message):
-    __slots__ = ("version", "object_id", "state", "calls_in_flight", "package_id", "module", "file")
+    __slots__ = ("version", "object_id", "state", "calls_in_flight", "package_id", "module", "file", "batching")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +313,7 @@ class ModelVersionStatus(_message.Message):
     PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     version: int
     object_id: str
     state: str
@@ -320,7 +321,8 @@ class ModelVersionStatus(_message.Message):
     package_id: str
     module: str
     file: str
-    def __init__(self, version: _Optional[int] = ..., object_id: _Optional[str] = ..., state: _Optional[str] = ..., calls_in_flight: _Optional[int] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
+    batching: Batching
+    def __init__(self, version: _Optional[int] = ..., object_id: _Optional[str] = ..., state: _Optional[str] = ..., calls_in_flight: _Optional[int] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("index", "pid", "state", "calls_served", "restarts", "rss_bytes", "pss_bytes", "shared_bytes", "private_bytes", "last_failure")
