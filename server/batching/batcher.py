@@ -146,23 +146,14 @@ class Batcher:
         self._observer.waited(self._label, 0.0)
         self._observer.batch(self._label, rows)
         self._running += 1
-        self._unstarted += 1
-        started = False
-
-        def on_start() -> None:
-            nonlocal started
-            started = True
-            self._unstarted -= 1
-
+        start = self._Start(self)
         try:
             result, reply = await self._pool.call(
-                protocol.Invoke(self._object_id, method, args, kwargs), buffers, on_start=on_start
+                protocol.Invoke(self._object_id, method, args, kwargs), buffers, on_start=start
             )
         finally:
             self._running -= 1
-            if not started:
-                self._unstarted -= 1
-            self._wakeup.set()  # calls that came meanwhile may go now
+            start.end()
         # Checked alone too: a result that does not split fails whatever the load.
         return split(result, reply, [rows])[0]
 
@@ -232,21 +223,30 @@ class Batcher:
         for waiting in batch:
             self._observer.waited(self._label, now - waiting.arrived)
         self._observer.batch(self._label, sum(waiting.rows for waiting in batch))
-        self._unstarted += 1
         self._running += 1
-        task = asyncio.create_task(self._run_batch(batch, batch[0].method))
+        task = asyncio.create_task(self._run_batch(batch, batch[0].method, self._Start(self)))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
-    async def _run_batch(self, batch: list[_Waiting], method: str) -> None:
-        started = False
+    class _Start:
+        """One call sent to the pool: counted in `_unstarted` until it has its worker (or ends)."""
 
-        def on_start() -> None:
-            nonlocal started
-            started = True
-            self._unstarted -= 1
-            self._wakeup.set()  # a worker was taken: the loop may now wait for company
+        def __init__(self, batcher: Batcher) -> None:
+            self._batcher = batcher
+            self._pending = True
+            batcher._unstarted += 1
 
+        def __call__(self) -> None:  # the pool's on_start: a worker was taken
+            if self._pending:
+                self._pending = False
+                self._batcher._unstarted -= 1
+                self._batcher._wakeup.set()
+
+        def end(self) -> None:
+            self()  # never got a worker: no longer about to take one
+            self._batcher._wakeup.set()  # less load now: the loop may look again
+
+    async def _run_batch(self, batch: list[_Waiting], method: str, on_start: Batcher._Start) -> None:
         caller_gone = asyncio.ensure_future(_all_cancelled([waiting.answer for waiting in batch]))
         try:
             if len(batch) == 1:
@@ -277,9 +277,7 @@ class Batcher:
         finally:
             self._running -= 1
             caller_gone.cancel()
-            if not started:
-                self._unstarted -= 1
-            self._wakeup.set()  # less load, or a worker not taken after all: look again
+            on_start.end()
 
 
 async def _all_cancelled(answers: list[asyncio.Future[Any]]) -> None:

@@ -84,9 +84,7 @@ class ModelRepository:
                     f"no model {name!r} in the model repository (the config's models:);"
                     " give its package and pickle to load it by that name"
                 )
-            current = self._loaded.get(name)
-            unchanged = current is not None and current.entry == entry and current.file_stamp == self._stamp(entry)
-            if unchanged and name in self._service.served_names():
+            if self._serves_as_loaded(entry):
                 return
             await self._load(entry)
             self._runtime.pop(name, None)
@@ -140,8 +138,7 @@ class ModelRepository:
         for entry in entries:
             current = self._loaded.get(entry.name)
             served = entry.name in self._service.served_names()  # (it may have been unloaded by hand)
-            unchanged = current is not None and current.entry == entry and current.file_stamp == self._stamp(entry)
-            if unchanged and served:
+            if self._serves_as_loaded(entry):
                 report.unchanged.append(entry.name)
                 continue
             try:
@@ -174,6 +171,12 @@ class ModelRepository:
         self._loaded[entry.name] = _Loaded(entry, package.package_id, stamp)
         self._packages.add(package.package_id)
         self.errors.pop(entry.name, None)
+
+    def _serves_as_loaded(self, entry: ModelEntry) -> bool:
+        """The name is served from exactly this entry, its package file unchanged on disk."""
+        current = self._loaded.get(entry.name)
+        unchanged = current is not None and current.entry == entry and current.file_stamp == self._stamp(entry)
+        return unchanged and entry.name in self._service.served_names()
 
     def _stamp(self, entry: ModelEntry) -> tuple[int, int]:
         try:
