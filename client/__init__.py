@@ -9,6 +9,7 @@ from client._batching import Batching
 from client._errors import (
     DeadlineExceededError,
     DeployError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -26,6 +27,7 @@ __all__ = [
     "Batching",
     "DeadlineExceededError",
     "DeployError",
+    "FailedPreconditionError",
     "InterpreterManager",
     "InvalidArgumentError",
     "NotFoundError",

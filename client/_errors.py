@@ -8,6 +8,8 @@
     │                           .call_killed_worker: the call itself ended its worker
     ├── ResourceExhaustedError  RESOURCE_EXHAUSTED: too many calls already wait, or a package too large
     ├── DeadlineExceededError   DEADLINE_EXCEEDED: the call's timeout passed
+    ├── FailedPreconditionError FAILED_PRECONDITION: not possible in this state, e.g. a change
+    │                           sent through a target of several replicas (client._replicas)
     ├── UnauthenticatedError    UNAUTHENTICATED: no token, or one the daemon does not know
     ├── PermissionDeniedError   PERMISSION_DENIED (also): the token's role may not do this
     └── RemoteError             UNKNOWN: model code raised; .remote_type, .remote_traceback
@@ -64,6 +66,10 @@ class DeadlineExceededError(DeployError):
     pass
 
 
+class FailedPreconditionError(DeployError):
+    pass
+
+
 class ResourceExhaustedError(DeployError):
     pass
 
@@ -89,6 +95,7 @@ _ERROR_FOR_CODE: dict[grpc.StatusCode, type[DeployError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.UNKNOWN: RemoteError,
 }

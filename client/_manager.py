@@ -1,4 +1,7 @@
-"""InterpreterManager, Package and ReplicatedObj: torch::deploy's C++ API, over gRPC."""
+"""InterpreterManager, Package and ReplicatedObj: torch::deploy's C++ API, over gRPC.
+
+The blocking client. client.aio is the same API for asyncio; both build their requests and
+read their answers through client._requests, and differ only in how a call waits."""
 
 from __future__ import annotations
 
@@ -9,21 +12,27 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import grpc
 
+from client import _requests as requests
 from client._batching import Batching
-from client._errors import InvalidArgumentError, translate_rpc_error
+from client._errors import translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
+from client._replicas import refuse_change, replicas_now
 from client._retry import Retry
 from client._tls import TLS
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = requests.DEFAULT_MAX_MESSAGE_BYTES
+DEFAULT_CHUNK_BYTES = requests.DEFAULT_CHUNK_BYTES
 
 Response = TypeVar("Response")
 
 
 class InterpreterManager:
-    """A connection to a deployd daemon (C++: torch::deploy::InterpreterManager).
+    """A connection to a deployd daemon (C++: torch::deploy::InterpreterManager), or to several
+    replicas of one: an `ipv4:a:p,b:p` list or a `dns:///name:port` target spreads calls over
+    all of them (load_balancing: the gRPC policy, round_robin unless told otherwise); changes
+    (load_package, register_module_source, reload, unload) through such a target are refused,
+    see client._replicas.
 
     timeout: default deadline in seconds for every call (None: no deadline).
     retry: default Retry policy for calls that failed with UNAVAILABLE (None: no retries).
@@ -40,6 +49,7 @@ class InterpreterManager:
         retry: Retry | None = None,
         token: str | None = None,
         tls: TLS | None = None,
+        load_balancing: str = "round_robin",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
@@ -47,13 +57,8 @@ class InterpreterManager:
         self.timeout = timeout
         self.retry = retry
         self._chunk_bytes = chunk_bytes
-        token = token if token is not None else os.environ.get("DEPLOYD_TOKEN") or None
-        # Sent as call metadata, so that it works over plaintext on loopback as well as over TLS.
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        self._metadata = requests.auth_metadata(token)
+        options = requests.channel_options(max_message_bytes, load_balancing)
         if tls is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -75,23 +80,21 @@ class InterpreterManager:
     ) -> Response:
         """Run one RPC, turning a grpc.RpcError into a DeployError; retried as the policy says
         (a stream of requests is never retried: it cannot be sent twice)."""
-        timeout = timeout if timeout is not None else self.timeout
-        retry = retry if retry is not None else self.retry
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 1
+        attempts = requests.Attempts(
+            timeout if timeout is not None else self.timeout,
+            retry if retry is not None else self.retry,
+            resendable=not isinstance(request, Iterator),
+        )
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return rpc(request, timeout=remaining, metadata=self._metadata)
+                return rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 error = translate_rpc_error(rpc_error)
-            if retry is None or isinstance(request, Iterator) or not retry.should_retry(error, attempt):
-                raise error
-            pause = retry.backoff(attempt)
-            if deadline is not None and time.monotonic() + pause >= deadline:
-                raise error
-            time.sleep(pause)
-            attempt += 1
+            time.sleep(attempts.pause_after(error))
+
+    def refuse_if_replicated(self, what: str) -> None:
+        """Raise FailedPreconditionError when this manager's target reaches several daemons."""
+        refuse_change(self.target, what, replicas_now(self.target))
 
     # ------------------------------------------------------------------ C++ API
 
@@ -99,15 +102,17 @@ class InterpreterManager:
         self, path_or_bytes: str | os.PathLike[str] | bytes | None = None, *, server_path: str | None = None
     ) -> Package:
         """Load a torch.package archive: a local file, its bytes, or a path on the daemon's host."""
-        if (path_or_bytes is None) == (server_path is None):
-            raise TypeError("load_package takes a path or bytes, or server_path=, not both")
+        requests.check_package_source(path_or_bytes, server_path)
+        self.refuse_if_replicated("load_package")
         if server_path is not None:
-            requests: Iterator[pb.LoadPackageRequest] = iter([pb.LoadPackageRequest(server_path=server_path)])
+            stream: Iterator[pb.LoadPackageRequest] = iter([pb.LoadPackageRequest(server_path=server_path)])
         elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-            requests = self._chunks_of_bytes(bytes(path_or_bytes))
+            stream = requests.chunks_of_bytes(bytes(path_or_bytes), self._chunk_bytes)
         else:
-            requests = self._chunks_of_file(Path(path_or_bytes))  # type: ignore[arg-type]
-        response = self.call(self._stub.LoadPackage, requests)
+            path = Path(path_or_bytes)  # type: ignore[arg-type]
+            path.stat()  # a missing file raises here, before any RPC
+            stream = requests.chunks_of_file(path, self._chunk_bytes)
+        response = self.call(self._stub.LoadPackage, stream)
         return Package(self, response.package_id)
 
     def model(self, name: str, version: int = 0) -> ReplicatedObj:
@@ -117,29 +122,22 @@ class InterpreterManager:
 
     def register_module_source(self, name: str, src: str) -> None:
         """Make `import name` work in every worker, including workers started later."""
+        self.refuse_if_replicated("register_module_source")
         self.call(self._stub.RegisterModuleSource, pb.RegisterModuleSourceRequest(name=name, source=src))
 
     def reload(self) -> pb.ReloadResponse:
         """Have the daemon re-read its config file's `models:` (as SIGHUP does); says what changed."""
+        self.refuse_if_replicated("reload")
         return self.call(self._stub.Reload, pb.ReloadRequest())
 
     def status(self) -> pb.StatusResponse:
-        """The daemon's workers, packages, objects and registered modules."""
+        """The daemon's workers, packages, objects and registered modules (through a target of
+        several replicas: whichever replica the balancer picked)."""
         return self.call(self._stub.Status, pb.StatusRequest())
 
     @property
     def num_workers(self) -> int:
         return len(self.status().workers)
-
-    def _chunks_of_bytes(self, data: bytes) -> Iterator[pb.LoadPackageRequest]:
-        for start in range(0, max(len(data), 1), self._chunk_bytes):
-            yield pb.LoadPackageRequest(chunk=data[start : start + self._chunk_bytes])
-
-    def _chunks_of_file(self, path: Path) -> Iterator[pb.LoadPackageRequest]:
-        with open(path, "rb") as source:  # opened here, so a missing file raises before any RPC
-            yield from (
-                pb.LoadPackageRequest(chunk=chunk) for chunk in iter(lambda: source.read(self._chunk_bytes), b"")
-            )
 
 
 class Package:
@@ -161,26 +159,23 @@ class Package:
         to it at once, calls running on the old version finish there), and the handle follows
         the name; its `.version` says which version this load made. With batching (and a
         name), concurrent calls to it are joined into one model call along dim 0."""
-        request = pb.LoadPickleRequest(package_id=self.id, module=module, file=file, name=name or "")
-        if batching is not None:
-            request.batching.max_batch_size = batching.max_batch_size
-            request.batching.max_queue_delay_ms = batching.max_queue_delay_ms
-            request.batching.preferred_batch_sizes.extend(batching.preferred_batch_sizes)
+        request = requests.load_pickle_request(self.id, module, file, name, batching)
         response = self.manager.call(self.manager._stub.LoadPickle, request)
         handle = ReplicatedObj(self.manager, response.name or response.object_id)
         handle.object_id, handle.version = response.object_id, response.version
         return handle
 
     def load_text(self, module: str, resource: str) -> str:
-        request = pb.LoadResourceRequest(package_id=self.id, module=module, resource=resource)
+        request = requests.resource_request(self.id, module, resource)
         return self.manager.call(self.manager._stub.LoadText, request).text
 
     def load_binary(self, module: str, resource: str) -> bytes:
-        request = pb.LoadResourceRequest(package_id=self.id, module=module, resource=resource)
+        request = requests.resource_request(self.id, module, resource)
         return self.manager.call(self.manager._stub.LoadBinary, request).data
 
     def unload(self) -> list[str]:
         """Unload the package and every object loaded from it; returns those objects' ids."""
+        self.manager.refuse_if_replicated("unload")
         response = self.manager.call(self.manager._stub.UnloadPackage, pb.UnloadPackageRequest(package_id=self.id))
         return list(response.object_ids)
 
@@ -224,24 +219,14 @@ class ReplicatedObj:
         return self.call_method("__call__", *args, **kwargs)
 
     def call_method(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        # Values need torch; imported on the first call, so that `deployd health` and other
-        # commands that send no tensors start in a tenth of a second instead of a second.
-        from client._values import from_wire, to_wire
-
-        request = pb.InvokeRequest(object_id=self.id, method=name, version=self.pinned_version)
-        try:
-            for arg in args:
-                to_wire(arg, request.args.add())
-            for key, value in kwargs.items():
-                to_wire(value, request.kwargs[key])
-        except (TypeError, ValueError) as error:
-            raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        request = requests.invoke_request(self.id, self.pinned_version, name, args, kwargs)
         response = self.manager.call(self.manager._stub.Invoke, request, self._timeout, self._retry)
-        return from_wire(response.result)
+        return requests.invoke_result(response)
 
     def hasattr(self, name: str) -> bool:
         request = pb.HasAttrRequest(object_id=self.id, name=name, version=self.pinned_version)
         return self.manager.call(self.manager._stub.HasAttr, request, self._timeout, self._retry).present
 
     def unload(self) -> None:
+        self.manager.refuse_if_replicated("unload")
         self.manager.call(self.manager._stub.UnloadObject, pb.UnloadObjectRequest(object_id=self.id))
