@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import grpc
 import pytest
 import torch
 import yaml
@@ -168,3 +169,30 @@ def test_targets_are_read_as_grpc_reads_them(
     assert dns_host_and_port(target) == dns
     if listed is None and dns is None:
         assert replicas_now(target) == 1, "a plain host:port is one daemon, whatever it resolves to"
+
+
+def connectivity_after_one_call(target: str, watch_seconds: float) -> list[grpc.ChannelConnectivity]:
+    states: list[grpc.ChannelConnectivity] = []
+    with InterpreterManager(target, timeout=30) as manager:
+        manager._channel.subscribe(states.append)
+        manager.status()
+        time.sleep(watch_seconds)
+        manager.status()  # after a GOAWAY the next call simply connects again
+        manager._channel.unsubscribe(states.append)
+    return states[states.index(grpc.ChannelConnectivity.READY) :]
+
+
+def test_connection_age_sends_clients_back_to_the_resolver(
+    daemon: DaemonProcess, package_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "config.yaml", package_dir, pool={"workers": 1}, server={"max_connection_age_seconds": 0.5}
+    )
+    aging = DaemonProcess(config).start()
+    try:
+        # The channel leaves READY when the daemon closes the connection (GOAWAY at the age):
+        # a dns: target resolves again then, finding replicas started since.
+        assert set(connectivity_after_one_call(aging.target, 2.0)) != {grpc.ChannelConnectivity.READY}
+    finally:
+        aging.assert_clean_stop()
+    assert set(connectivity_after_one_call(daemon.target, 2.0)) == {grpc.ChannelConnectivity.READY}, "off by default"

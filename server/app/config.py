@@ -37,6 +37,10 @@ class ServerSection:
     tune_malloc: bool = True
     log_format: str = "plain"  # plain or json (one object per line)
     log_calls: bool = True  # one log line per call: request id, object, method, status, duration
+    # Close each client connection after this long (gRPC GOAWAY; calls in flight get
+    # shutdown_grace_seconds to finish), so that clients balancing over a DNS name resolve it
+    # again and find replicas started since (a scaled-up Deployment). 0: connections live on.
+    max_connection_age_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,11 @@ def _validate(config: Config) -> None:
             "server.shutdown_grace_seconds",
             config.server.shutdown_grace_seconds,
             config.server.shutdown_grace_seconds >= 0,
+        ),
+        (
+            "server.max_connection_age_seconds",
+            config.server.max_connection_age_seconds,
+            config.server.max_connection_age_seconds >= 0,
         ),
         ("server.event_loop", config.server.event_loop, config.server.event_loop in ("auto", "asyncio", "uvloop")),
         ("pool.workers", config.pool.workers, config.pool.workers >= 0),

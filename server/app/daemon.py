@@ -27,7 +27,7 @@ from server.api.health import Health
 from server.api.metrics import Metrics
 from server.api.values import ValueLimits
 from server.app import eventloop
-from server.app.config import Config, ConfigError, TlsSection, split_address, worker_user
+from server.app.config import Config, ConfigError, ServerSection, TlsSection, split_address, worker_user
 from server.batching.batcher import BatchObserver
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
 from server.ipc.shm import remove_stale_segments, set_worker_group
@@ -140,6 +140,7 @@ class Daemon:
                 ("grpc.max_send_message_length", message_limit),
                 # A second daemon on the same port must fail, not silently share it.
                 ("grpc.so_reuseport", 0),
+                *_connection_age_options(config.server),
             ],
         )
         value_limits = ValueLimits(
@@ -317,3 +318,15 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
             return 2
 
     return eventloop.run(main(), config.server.event_loop)
+
+
+def _connection_age_options(server: ServerSection) -> list[tuple[str, int]]:
+    """gRPC's connection age: each connection gets GOAWAY after the age (gRPC adds its own
+    +-10% jitter, so clients do not all reconnect at once); calls in flight on it get the
+    shutdown grace to finish. Off (no options) at 0."""
+    if server.max_connection_age_seconds <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(server.max_connection_age_seconds * 1000))),
+        ("grpc.max_connection_age_grace_ms", round(server.shutdown_grace_seconds * 1000)),
+    ]
