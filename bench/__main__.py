@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    aio,
     bandwidth,
     batching,
     chaos,
@@ -51,6 +52,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "swaps": swaps.run,
     "v2": v2load.run,
     "batching": batching.run,
+    "aio": aio.run,
 }
 
 
