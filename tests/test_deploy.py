@@ -63,6 +63,22 @@ def dockerfile(keyword: str) -> str:
     return found[-1]
 
 
+def arg_defaults() -> dict[str, str]:
+    """Each ARG's default (the value a build without --build-arg uses)."""
+    defaults = {}
+    for name, arguments in dockerfile_instructions():
+        if name == "ARG":
+            key, _, value = arguments.partition("=")
+            defaults[key] = value
+    return defaults
+
+
+def with_defaults(text: str) -> str:
+    """${NAME:-word} as a build without --build-arg expands it (every ARG it is used with defaults to empty)."""
+    defaults = arg_defaults()
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda match: defaults[match[1]] or match[2], text)
+
+
 def exec_form(arguments: str) -> list[str]:
     parsed = json.loads(arguments)
     assert isinstance(parsed, list) and all(isinstance(part, str) for part in parsed), arguments
@@ -161,7 +177,7 @@ def test_healthcheck_command(image_daemon: ImageDaemon) -> None:
 
 def test_dockerfile_choices() -> None:
     instructions = dockerfile_instructions()
-    assert dockerfile("FROM") == "python:3.11-slim"
+    assert dockerfile("FROM") == "${BASE_IMAGE}"
     assert dockerfile("USER") == "deployd"
     assert set(dockerfile("EXPOSE").split()) == {"50051", "9464"}
     assert "/var/lib/deployd/packages" in dockerfile("VOLUME")
@@ -173,7 +189,7 @@ def test_dockerfile_choices() -> None:
     assert any("--index-url" in run and "$TORCH_INDEX_URL" in run and "-c constraints.txt" in run for run in runs)
     assert any("pip install -c constraints.txt ." in run for run in runs)
     assert any("tini" in run for run in runs)
-    copies = [args.split() for name, args in instructions if name == "COPY"]
+    copies = [with_defaults(args).split() for name, args in instructions if name == "COPY"]
     assert ["deploy/config.yaml", IMAGE_CONFIG] in copies
     for sources in (copy[:-1] for copy in copies):
         for source in sources:
@@ -184,9 +200,33 @@ def test_dockerfile_choices() -> None:
     assert {pattern.rstrip("*") for pattern in included} <= copied
 
 
+def test_dockerfile_builds_offline_only_when_asked() -> None:
+    # The default build is the networked one: python:3.11-slim, torch and the rest from the indexes.
+    # BASE_IMAGE and WHEELHOUSE (scripts/image_test.sh) swap in a local image and a wheelhouse.
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("ARG", "BASE_IMAGE=python:3.11-slim"), "ARG BASE_IMAGE must come before FROM"
+    assert [name for name, _ in instructions].count("FROM") == 1
+    assert arg_defaults()["WHEELHOUSE"] == ""
+    copies = [args for name, args in instructions if name == "COPY"]
+    assert "constraints.txt ${WHEELHOUSE:-constraints.txt} ./" in copies
+    runs = [args for name, args in instructions if name == "RUN"]
+    offline = "${WHEELHOUSE:+--no-index --find-links /tmp/deployd-src}"
+    assert [run for run in runs if "pip install" in run and offline not in run] == []
+    # Without WHEELHOUSE the COPY brings constraints.txt alone, and pip uses the indexes.
+    assert with_defaults("COPY constraints.txt ${WHEELHOUSE:-constraints.txt} ./") == (
+        "COPY constraints.txt constraints.txt ./"
+    )
+    # A base image with tini already (an offline one) skips apt-get; python:3.11-slim runs it.
+    [tini] = [run for run in runs if "tini" in run]
+    assert tini.startswith("command -v tini >/dev/null || (apt-get update")
+
+
 def test_dockerignore_keeps_the_context_small_and_secret_free() -> None:
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip()}
-    assert {".git", ".venv", "bench/results", "deploy/deployd.env"} <= ignored
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    ignored = {line for line in lines if line and not line.startswith("#")}
+    assert {".git", ".venv", "bench/results", "deploy/deployd.env", "**/node_modules"} <= ignored
+    # build/ is left out of the context, except the wheelhouse an offline build copies (after it: last match wins).
+    assert lines.index("!build/wheelhouse") > lines.index("build")
 
 
 def compose_config(tmp_path: Path) -> dict[str, object]:
