@@ -20,6 +20,7 @@ from client._errors import (
 )
 from client._manager import InterpreterManager, Package, ReplicatedObj
 from client._retry import Retry
+from client._sessions import InterpreterSession, Obj, WorkerInstance
 from client._tls import TLS
 
 __all__ = [
@@ -29,8 +30,10 @@ __all__ = [
     "DeployError",
     "FailedPreconditionError",
     "InterpreterManager",
+    "InterpreterSession",
     "InvalidArgumentError",
     "NotFoundError",
+    "Obj",
     "Package",
     "PermissionDeniedError",
     "RemoteError",
@@ -39,4 +42,5 @@ __all__ = [
     "Retry",
     "UnauthenticatedError",
     "UnavailableError",
+    "WorkerInstance",
 ]

@@ -19,6 +19,7 @@ from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
 from client._replicas import refuse_change, replicas_now
 from client._retry import Retry
+from client._sessions import InterpreterSession, WorkerInstance, all_instances
 from client._tls import TLS
 
 DEFAULT_MAX_MESSAGE_BYTES = requests.DEFAULT_MAX_MESSAGE_BYTES
@@ -65,6 +66,7 @@ class InterpreterManager:
             credentials = tls.channel_credentials()
             self._channel = grpc.secure_channel(target, credentials, options=options + tls.channel_options())
         self._stub = pb_grpc.DeploydStub(self._channel)
+        self._sessions_stub = pb_grpc.SessionsStub(self._channel)
 
     def __enter__(self) -> InterpreterManager:
         return self
@@ -73,6 +75,7 @@ class InterpreterManager:
         self.close()
 
     def close(self) -> None:
+        """Close the channel; the daemon ends every session opened through it (their streams end)."""
         self._channel.close()
 
     def call(
@@ -139,6 +142,18 @@ class InterpreterManager:
     def num_workers(self) -> int:
         return len(self.status().workers)
 
+    def acquire_one(self) -> InterpreterSession:
+        """A session on the least loaded worker (C++: manager.acquireOne())."""
+        return InterpreterSession(self, pb.OpenSessionRequest())
+
+    def all_instances(self) -> list[WorkerInstance]:
+        """One handle per worker slot, each with acquire_session() (C++: manager.allInstances())."""
+        return list(all_instances(self))
+
+    def count_registered_module_sources(self) -> int:
+        """C++: manager.countRegisteredModuleSources()."""
+        return len(self.status().modules)
+
 
 class Package:
     """A loaded torch.package archive (C++: torch::deploy::Package)."""
@@ -172,6 +187,10 @@ class Package:
     def load_binary(self, module: str, resource: str) -> bytes:
         request = requests.resource_request(self.id, module, resource)
         return self.manager.call(self.manager._stub.LoadBinary, request).data
+
+    def acquire_session(self) -> InterpreterSession:
+        """A session whose `self` is the package's importer in that worker (C++: package.acquireSession())."""
+        return InterpreterSession(self.manager, pb.OpenSessionRequest(package_id=self.id))
 
     def unload(self) -> list[str]:
         """Unload the package and every object loaded from it; returns those objects' ids."""
@@ -222,6 +241,11 @@ class ReplicatedObj:
         request = requests.invoke_request(self.id, self.pinned_version, name, args, kwargs)
         response = self.manager.call(self.manager._stub.Invoke, request, self._timeout, self._retry)
         return requests.invoke_result(response)
+
+    def acquire_session(self) -> InterpreterSession:
+        """A session whose `self` is this object's replica in that worker (C++: obj.acquireSession())."""
+        request = pb.OpenSessionRequest(object_id=self.id, version=self.pinned_version)
+        return InterpreterSession(self.manager, request)
 
     def hasattr(self, name: str) -> bool:
         request = pb.HasAttrRequest(object_id=self.id, name=name, version=self.pinned_version)

@@ -99,11 +99,17 @@ def invoke_request(
 ) -> pb.InvokeRequest:
     """The InvokeRequest for obj.method(*args, **kwargs); a value that cannot go is the
     caller's InvalidArgumentError, raised before anything is sent."""
+    request = pb.InvokeRequest(object_id=object_id, method=method, version=version)
+    _fill_arguments(request, args, kwargs)
+    return request
+
+
+def _fill_arguments(request: Any, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> None:
+    """request.args and request.kwargs (Invoke's or a session's Call) from Python values."""
     # Values need torch; imported on the first call, so that `deployd health` and other
     # commands that send no tensors start in a tenth of a second instead of a second.
     from client._values import to_wire
 
-    request = pb.InvokeRequest(object_id=object_id, method=method, version=version)
     try:
         for arg in args:
             to_wire(arg, request.args.add())
@@ -111,10 +117,35 @@ def invoke_request(
             to_wire(value, request.kwargs[key])
     except (TypeError, ValueError) as error:
         raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-    return request
 
 
 def invoke_result(response: pb.InvokeResponse) -> Any:
     from client._values import from_wire
 
     return from_wire(response.result)
+
+
+def obj_call_request(
+    session_id: str, obj_id: int, method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
+) -> pb.ObjCallRequest:
+    """The Sessions.Call request for obj(*args, **kwargs) or obj.method(...); arguments may be Objs."""
+    request = pb.ObjCallRequest(session_id=session_id, obj_id=obj_id, method=method)
+    _fill_arguments(request, args, kwargs)
+    return request
+
+
+def from_value_request(session_id: str, value: Any) -> pb.FromValueRequest:
+    from client._values import to_wire
+
+    request = pb.FromValueRequest(session_id=session_id)
+    try:
+        to_wire(value, request.value)
+    except (TypeError, ValueError) as error:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+    return request
+
+
+def value_result(response: pb.ObjValueResponse) -> Any:
+    from client._values import from_wire
+
+    return from_wire(response.value)

@@ -37,6 +37,8 @@ def to_wire(value: Any, out: pb.Value) -> None:
         out.bytes_value = bytes(value)
     elif isinstance(value, torch.Tensor):
         _tensor_to_wire(value, out.tensor_value)
+    elif hasattr(type(value), "__deployd_ref__"):  # an Obj (client._sessions): it stays in its worker
+        out.obj_ref.session_id, out.obj_ref.obj_id = value.__deployd_ref__()
     elif isinstance(value, tuple):
         for item in value:
             to_wire(item, out.tuple_value.items.add())

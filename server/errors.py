@@ -4,7 +4,9 @@ DeploydError
 ├── NotFound            PackageNotFound, ObjectNotFound, and a missing method
 ├── InvalidArgument     InvalidPackage, InvalidValue, and a bad module, pickle or resource
 ├── PathNotAllowed      a server-side path outside the package directory
-├── TooLarge            over a configured size or count limit (a package, packages or objects loaded)
+├── TooLarge            over a configured size or count limit (a package, packages or objects loaded,
+│                       sessions open, objects in a session)
+├── FailedPrecondition  not possible in this state: SessionEnded, an Obj of another session
 ├── WorkerCrashed       the worker died while serving the call (.caused_by_call: it ended itself)
 ├── Overloaded          too many calls already wait for a worker
 ├── PoolClosed          the daemon is shutting down
@@ -57,6 +59,15 @@ class PathNotAllowed(DeploydError):
 
 class TooLarge(DeploydError):
     pass
+
+
+class FailedPrecondition(DeploydError):
+    pass
+
+
+class SessionEnded(FailedPrecondition):
+    def __init__(self, session_id: str, why: str) -> None:
+        super().__init__(f"session {session_id!r} has ended: {why}")
 
 
 class WorkerCrashed(DeploydError):

@@ -539,3 +539,454 @@ class Deployd:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SessionsStub:
+    """torch::deploy's InterpreterSession and Obj: one worker held for a sequence of steps, and
+    handles to Python objects that stay in it. Admin only: a session runs any Python.
+
+    A session pins one worker: every call through it runs there, waiting while the worker is
+    busy; other callers keep using the worker between a session's calls. It ends when its
+    OpenSession stream ends (the client cancels it, or the connection goes), on CloseSession,
+    after pool.session_idle_seconds without a call, or when its worker dies; its objects are
+    released then. A later call on it fails FAILED_PRECONDITION (UNAVAILABLE if its worker
+    died), naming why it ended.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.OpenSession = channel.unary_stream(
+                '/deployd.v1.Sessions/OpenSession',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.SessionEvent.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/deployd.v1.Sessions/CloseSession',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.Global = channel.unary_unary(
+                '/deployd.v1.Sessions/Global',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.GlobalRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+                _registered_method=True)
+        self.FromValue = channel.unary_unary(
+                '/deployd.v1.Sessions/FromValue',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.FromValueRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+                _registered_method=True)
+        self.FromMovable = channel.unary_unary(
+                '/deployd.v1.Sessions/FromMovable',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.FromMovableRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+                _registered_method=True)
+        self.Call = channel.unary_unary(
+                '/deployd.v1.Sessions/Call',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.ObjCallRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+                _registered_method=True)
+        self.Attr = channel.unary_unary(
+                '/deployd.v1.Sessions/Attr',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.ObjAttrRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+                _registered_method=True)
+        self.HasAttr = channel.unary_unary(
+                '/deployd.v1.Sessions/HasAttr',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.ObjAttrRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.HasAttrResponse.FromString,
+                _registered_method=True)
+        self.ToValue = channel.unary_unary(
+                '/deployd.v1.Sessions/ToValue',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.ObjRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjValueResponse.FromString,
+                _registered_method=True)
+
+
+class SessionsServicer:
+    """torch::deploy's InterpreterSession and Obj: one worker held for a sequence of steps, and
+    handles to Python objects that stay in it. Admin only: a session runs any Python.
+
+    A session pins one worker: every call through it runs there, waiting while the worker is
+    busy; other callers keep using the worker between a session's calls. It ends when its
+    OpenSession stream ends (the client cancels it, or the connection goes), on CloseSession,
+    after pool.session_idle_seconds without a call, or when its worker dies; its objects are
+    released then. A later call on it fails FAILED_PRECONDITION (UNAVAILABLE if its worker
+    died), naming why it ended.
+    """
+
+    def OpenSession(self, request, context):
+        """Open a session and hold it: the first message says which session and worker; the
+        stream stays open while the session lives and ends when it does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Global(self, request, context):
+        """`from module import name`, in the session's worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FromValue(self, request, context):
+        """A value (tensors, lists, ...) made into an object in the session's worker (fromIValue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FromMovable(self, request, context):
+        """The session worker's replica of a loaded object or model (fromMovable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Call(self, request, context):
+        """obj(*args, **kwargs), or obj.method(*args, **kwargs); arguments may be Objs of the
+        same session (Value.obj_ref). The result stays in the worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attr(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HasAttr(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ToValue(self, request, context):
+        """The object as a value (toIValue); INVALID_ARGUMENT naming its type if it has no value form.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SessionsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'OpenSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.OpenSessionRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.SessionEvent.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.CloseSessionRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Global': grpc.unary_unary_rpc_method_handler(
+                    servicer.Global,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.GlobalRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.SerializeToString,
+            ),
+            'FromValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.FromValue,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.FromValueRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.SerializeToString,
+            ),
+            'FromMovable': grpc.unary_unary_rpc_method_handler(
+                    servicer.FromMovable,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.FromMovableRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.SerializeToString,
+            ),
+            'Call': grpc.unary_unary_rpc_method_handler(
+                    servicer.Call,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjCallRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.SerializeToString,
+            ),
+            'Attr': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attr,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjAttrRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.ObjResponse.SerializeToString,
+            ),
+            'HasAttr': grpc.unary_unary_rpc_method_handler(
+                    servicer.HasAttr,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjAttrRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.HasAttrResponse.SerializeToString,
+            ),
+            'ToValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ToValue,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.ObjValueResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'deployd.v1.Sessions', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('deployd.v1.Sessions', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Sessions:
+    """torch::deploy's InterpreterSession and Obj: one worker held for a sequence of steps, and
+    handles to Python objects that stay in it. Admin only: a session runs any Python.
+
+    A session pins one worker: every call through it runs there, waiting while the worker is
+    busy; other callers keep using the worker between a session's calls. It ends when its
+    OpenSession stream ends (the client cancels it, or the connection goes), on CloseSession,
+    after pool.session_idle_seconds without a call, or when its worker dies; its objects are
+    released then. A later call on it fails FAILED_PRECONDITION (UNAVAILABLE if its worker
+    died), naming why it ended.
+    """
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deployd.v1.Sessions/OpenSession',
+            deployd_dot_v1_dot_deployd__pb2.OpenSessionRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.SessionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/CloseSession',
+            deployd_dot_v1_dot_deployd__pb2.CloseSessionRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Global(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/Global',
+            deployd_dot_v1_dot_deployd__pb2.GlobalRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FromValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/FromValue',
+            deployd_dot_v1_dot_deployd__pb2.FromValueRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FromMovable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/FromMovable',
+            deployd_dot_v1_dot_deployd__pb2.FromMovableRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Call(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/Call',
+            deployd_dot_v1_dot_deployd__pb2.ObjCallRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attr(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/Attr',
+            deployd_dot_v1_dot_deployd__pb2.ObjAttrRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.ObjResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HasAttr(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/HasAttr',
+            deployd_dot_v1_dot_deployd__pb2.ObjAttrRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.HasAttrResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ToValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/ToValue',
+            deployd_dot_v1_dot_deployd__pb2.ObjRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.ObjValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,6 +1,6 @@
 """Bearer-token access control for the served protocols (auth.admin_tokens, auth.invoke_tokens).
 
-    admin   everything, including what runs code in the workers (loads, module sources)
+    admin   everything, including what runs code in the workers (loads, module sources, sessions)
     invoke  calls and reads: each protocol names its own (deployd.v1: Invoke, HasAttr,
             LoadText, LoadBinary, Status; KServe v2: all but loading and unloading models)
 
@@ -23,6 +23,7 @@ from server.api.metrics import Metrics
 ADMIN = "admin"
 INVOKE = "invoke"
 _STREAMING_REQUESTS = frozenset({"LoadPackage"})
+_STREAMING_RESPONSES = frozenset({"OpenSession"})
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -75,4 +76,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         if method in _STREAMING_REQUESTS:
             return grpc.stream_unary_rpc_method_handler(refuse)
+        if method in _STREAMING_RESPONSES:
+
+            async def refuse_stream(request: Any, context: Any) -> Any:
+                await refuse(request, context)
+                yield  # never reached: abort raises
+
+            return grpc.unary_stream_rpc_method_handler(refuse_stream)
         return grpc.unary_unary_rpc_method_handler(refuse)

@@ -53,6 +53,7 @@ STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
     (errors.PathNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (errors.TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.WorkerCrashed, grpc.StatusCode.UNAVAILABLE),
     (errors.PoolClosed, grpc.StatusCode.UNAVAILABLE),
     (errors.ModelError, grpc.StatusCode.UNKNOWN),

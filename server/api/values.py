@@ -9,7 +9,7 @@ names the limit's key.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from deployd_wire.dtypes import DTYPES
 from server.errors import InvalidValue
@@ -35,12 +35,19 @@ class ValueLimits(NamedTuple):
 DEFAULT_LIMITS = ValueLimits()
 
 
-def unpack_value(value: pb.Value, buffers: list[Any], limits: ValueLimits = DEFAULT_LIMITS) -> Any:
-    """A wire value as a packed value; tensor bytes are appended to buffers."""
-    return _unpack(value, buffers, 0, limits)
+# An Obj argument (Value.obj_ref) -> its number in the session of the call (server.models.sessions).
+ObjResolver = Callable[[pb.ObjRef], int]
 
 
-def _unpack(value: pb.Value, buffers: list[Any], depth: int, limits: ValueLimits) -> Any:
+def unpack_value(
+    value: pb.Value, buffers: list[Any], limits: ValueLimits = DEFAULT_LIMITS, objects: ObjResolver | None = None
+) -> Any:
+    """A wire value as a packed value; tensor bytes are appended to buffers. objects: how to
+    take an Obj argument, in a session's call; None: an Obj is refused."""
+    return _unpack(value, buffers, 0, limits, objects)
+
+
+def _unpack(value: pb.Value, buffers: list[Any], depth: int, limits: ValueLimits, objects: ObjResolver | None) -> Any:
     if depth > limits.max_value_depth:
         raise InvalidValue(f"value nested deeper than {limits.max_value_depth} levels (limits.max_value_depth)")
     kind = value.WhichOneof("kind")
@@ -48,15 +55,19 @@ def _unpack(value: pb.Value, buffers: list[Any], depth: int, limits: ValueLimits
         return _unpack_tensor(value.tensor_value, buffers, limits)
     if kind == "list_value":
         items = _checked_items(value.list_value.items, "list", limits)
-        return [_unpack(item, buffers, depth + 1, limits) for item in items]
+        return [_unpack(item, buffers, depth + 1, limits, objects) for item in items]
     if kind == "tuple_value":
         items = _checked_items(value.tuple_value.items, "tuple", limits)
-        return ("tuple", [_unpack(item, buffers, depth + 1, limits) for item in items])
+        return ("tuple", [_unpack(item, buffers, depth + 1, limits, objects) for item in items])
     if kind == "dict_value":
         entries = _checked_items(value.dict_value.entries, "dict", limits)
-        return {_entry_key(entry): _unpack(entry.value, buffers, depth + 1, limits) for entry in entries}
+        return {_entry_key(entry): _unpack(entry.value, buffers, depth + 1, limits, objects) for entry in entries}
     if kind == "none_value":
         return None
+    if kind == "obj_ref":
+        if objects is None:
+            raise InvalidValue("an Obj (obj_ref) can only be an argument of a session's call, in its own session")
+        return ("obj", objects(value.obj_ref))
     if kind is None:
         raise InvalidValue("a Value with no kind set")
     return getattr(value, kind)

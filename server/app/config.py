@@ -56,6 +56,8 @@ class PoolSection:
     # A call still running after this long kills its worker (a hung model whose caller set
     # no deadline); 0: no limit.
     max_call_seconds: float = 0.0
+    # A session (acquire_one) with no call for this long ends and its objects are released; 0: never.
+    session_idle_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class LimitsSection:
     max_package_compression_ratio: float = 100.0
     max_packages: int = 1000  # loaded at once; 0: no limit
     max_objects: int = 10000
+    max_sessions: int = 1000  # sessions open at once; 0: no limit
+    max_session_objects: int = 10000  # objects one session holds; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,7 @@ def _validate(config: Config) -> None:
             config.pool.abandoned_call_grace_seconds > 0,
         ),
         ("pool.max_call_seconds", config.pool.max_call_seconds, config.pool.max_call_seconds >= 0),
+        ("pool.session_idle_seconds", config.pool.session_idle_seconds, config.pool.session_idle_seconds >= 0),
         ("worker.memory_limit_bytes", config.worker.memory_limit_bytes, config.worker.memory_limit_bytes >= 0),
         ("worker.num_threads", config.worker.num_threads, config.worker.num_threads >= 1),
         ("worker.shm_threshold_bytes", config.worker.shm_threshold_bytes, config.worker.shm_threshold_bytes >= 1),
@@ -345,6 +350,8 @@ _LIMIT_MINIMUMS: dict[str, float] = {
     "max_package_compression_ratio": 0,
     "max_packages": 0,
     "max_objects": 0,
+    "max_sessions": 0,
+    "max_session_objects": 0,
 }
 
 

@@ -1,6 +1,6 @@
 """The composition root: build the pool, the service and the gRPC server; run until a signal.
 
-Shutdown order (first SIGTERM or SIGINT): health NOT_SERVING -> stop the gRPC server
+Shutdown order (first SIGTERM or SIGINT): health NOT_SERVING -> open sessions end -> stop the gRPC server
 with a grace period (calls in flight finish) -> stop the pool -> remove the package
 store -> exit 0. A second signal skips the grace period.
 """
@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import logs
-from server.api import deployd_v1, kserve_v2
+from server.api import deployd_v1, kserve_v2, sessions_v1
 from server.api.auth import TokenAuth
 from server.api.health import Health
 from server.api.metrics import Metrics
@@ -36,6 +36,7 @@ from server.models.packages import PackageStore
 from server.models.registry import Registry
 from server.models.repository import ModelLoadFailed, ModelRepository, ReloadReport
 from server.models.service import ModelService
+from server.models.sessions import Sessions
 from server.pool.worker_handle import WorkerHandle
 from server.pool.worker_pool import WorkerPool
 from server.worker.entry import WorkerSettings
@@ -114,6 +115,13 @@ class Daemon:
             max_objects=limits.max_objects,
             batch_observer=BatchObserver(self._metrics.observe_batch, self._metrics.observe_batch_wait),
         )
+        self._sessions = Sessions(
+            self._pool,
+            self._service,
+            idle_seconds=config.pool.session_idle_seconds,
+            max_sessions=limits.max_sessions,
+            max_objects=limits.max_session_objects,
+        )
         self._metrics.watch(
             queue_depth=lambda: self._service.queued_calls,
             workers_busy=lambda: self._pool.busy_count,
@@ -127,7 +135,11 @@ class Daemon:
         if config.auth.admin_tokens or config.auth.invoke_tokens:
             interceptors.append(
                 TokenAuth(
-                    {SERVICE_NAME: deployd_v1.INVOKE_METHODS, kserve_v2.SERVICE_NAME: kserve_v2.INVOKE_METHODS},
+                    {
+                        SERVICE_NAME: deployd_v1.INVOKE_METHODS,
+                        sessions_v1.SERVICE_NAME: sessions_v1.INVOKE_METHODS,
+                        kserve_v2.SERVICE_NAME: kserve_v2.INVOKE_METHODS,
+                    },
                     config.auth.admin_tokens,
                     config.auth.invoke_tokens,
                     self._metrics,
@@ -156,6 +168,10 @@ class Daemon:
             reload=self.reload_models,
         )
         deployd_v1.add_to_server(servicer, self._server, self._metrics)
+        sessions_servicer = sessions_v1.SessionsServicer(
+            self._sessions, self._metrics, config.server.log_calls, value_limits
+        )
+        sessions_v1.add_to_server(sessions_servicer, self._server, self._metrics)
         # KServe v2 beside it, on the same port, over the same service and repository.
         v2_servicer = kserve_v2.KServeV2Servicer(
             self._service, self._repository, self._metrics, self._is_ready, config.server.log_calls, value_limits
@@ -165,6 +181,7 @@ class Daemon:
         reflection.enable_server_reflection(
             [
                 SERVICE_NAME,
+                sessions_v1.SERVICE_NAME,
                 kserve_v2.SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
@@ -246,6 +263,7 @@ class Daemon:
             if self.config.models:
                 log.info("loading %d models", len(self.config.models))
                 await self._repository.load_all(self.config.models, self.config.models_on_error)
+            self._sessions.start()
             await self._server.start()
             self._started = True
             await self._sync_health()
@@ -254,6 +272,8 @@ class Daemon:
             await self._stop_requested.wait()
             await self._shutdown()
         finally:
+            self._sessions.end_all("the daemon is stopping")
+            await self._sessions.close()
             await self._pool.stop()
             self._service.close()
             self._metrics.close()
@@ -279,6 +299,9 @@ class Daemon:
     async def _shutdown(self) -> None:
         log.info("shutting down: draining calls for up to %.1fs", self.config.server.shutdown_grace_seconds)
         await self._health.shutdown()
+        # Open sessions end now (their steps in flight finish): their streams would otherwise
+        # hold the drain for its whole grace.
+        self._sessions.end_all("the daemon is stopping")
         stopping = asyncio.ensure_future(self._server.stop(self.config.server.shutdown_grace_seconds))
         fast = asyncio.ensure_future(self._fast_stop.wait())
         await asyncio.wait({stopping, fast}, return_when=asyncio.FIRST_COMPLETED)

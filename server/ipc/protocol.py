@@ -23,6 +23,7 @@ Packed values (arguments and results) are builtins: None, bool, int, float, str,
 bytes, list and dict as themselves; a *tuple* is always a tag:
     ("tuple", [items])                         a Python tuple
     ("tensor", dtype_name, [shape], index)     a dense C-order tensor in buffers[index]
+    ("obj", number)                            an object of the request's session (arguments only)
 """
 
 from __future__ import annotations
@@ -84,6 +85,58 @@ class LoadResource(NamedTuple):
     binary: bool
 
 
+# A session's objects (server.worker.sessions): the daemon numbers them (`result`: the number
+# the new object gets), so it can count and check them without asking the worker. A reply to
+# one that makes an object is the object's type name.
+
+
+class SessionGlobal(NamedTuple):
+    session_id: str
+    result: int
+    module: str
+    name: str
+
+
+class SessionFromValue(NamedTuple):
+    session_id: str
+    result: int
+    value: Any  # a packed value
+
+
+class SessionFromObject(NamedTuple):
+    """The worker's replica of a loaded object (object_id), or its importer of a package (package_id)."""
+
+    session_id: str
+    result: int
+    object_id: str
+    package_id: str
+
+
+class ObjCall(NamedTuple):
+    session_id: str
+    result: int
+    target: int
+    method: str  # "": call the object itself
+    args: list[Any]  # packed values, which may hold ("obj", number) of this session
+    kwargs: dict[str, Any]
+
+
+class ObjAttr(NamedTuple):
+    session_id: str
+    result: int  # 0: only whether it has the attribute (a bool reply)
+    target: int
+    name: str
+
+
+class ObjToValue(NamedTuple):
+    session_id: str
+    target: int
+
+
+class SessionClose(NamedTuple):
+    session_id: str
+
+
 # ------------------------------------------------------------------ replies (worker -> daemon)
 
 
@@ -107,7 +160,23 @@ FAILURE_MODEL_ERROR = "model_error"  # model code raised
 FAILURE_INVALID_ARGUMENT = "invalid_argument"  # bad package, module, pickle or value
 FAILURE_NOT_FOUND = "not_found"  # no such object, package or method in the worker
 
-Request = RegisterModule | OpenPackage | ClosePackage | LoadPickle | UnloadObject | Invoke | HasAttr | LoadResource
+Request = (
+    RegisterModule
+    | OpenPackage
+    | ClosePackage
+    | LoadPickle
+    | UnloadObject
+    | Invoke
+    | HasAttr
+    | LoadResource
+    | SessionGlobal
+    | SessionFromValue
+    | SessionFromObject
+    | ObjCall
+    | ObjAttr
+    | ObjToValue
+    | SessionClose
+)
 Reply = Ready | Result | Failure
 Message = Request | Reply
 
@@ -120,6 +189,13 @@ _MESSAGE_TYPES: tuple[type[Any], ...] = (
     Invoke,
     HasAttr,
     LoadResource,
+    SessionGlobal,
+    SessionFromValue,
+    SessionFromObject,
+    ObjCall,
+    ObjAttr,
+    ObjToValue,
+    SessionClose,
     Ready,
     Result,
     Failure,

@@ -388,6 +388,13 @@ class ModelService:
 
     # ------------------------------------------------------------------ helpers
 
+    def resolve(self, target: str, version: int) -> str:
+        """The object id an object id or model name (and version) stands for now; NotFound if none."""
+        return self._resolve(target, version)
+
+    def require_package(self, package_id: str) -> None:
+        self._require_package(package_id)
+
     def _require_package(self, package_id: str) -> None:
         if package_id not in self._registry.packages:
             raise PackageNotFound(package_id)

@@ -1,6 +1,7 @@
 """The worker pool: starts N workers, replaces the ones that die, routes calls to free ones.
 
     call(request) ──> idle queue ──> one free worker ──> reply
+    call_on(slot, request) ──> that worker, once it is free (a session's calls) ──> reply
     broadcast(request) ──> every serving worker (all replies gathered)
 
 Invariants:
@@ -116,6 +117,11 @@ class WorkerPool:
         # Called whenever a worker is free for calls (a call ended, or a worker began serving):
         # batchers waiting for one (server.batching).
         self.release_listeners: set[Callable[[], None]] = set()
+        # Called with the slot and pid of a worker that died or stopped: sessions held on it end.
+        self.exit_listeners: set[Callable[[int, int], None]] = set()
+        # Callers of call_on waiting for a particular busy worker, first come first served: a
+        # worker that finishes a call goes to them before it returns to the idle queue.
+        self._pinned: dict[WorkerHandle, list[asyncio.Future[None]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,6 +181,11 @@ class WorkerPool:
 
     def on_worker_exit(self, worker: WorkerHandle) -> None:
         self._serving.discard(worker)
+        for waiter in self._pinned.pop(worker, []):
+            if not waiter.done():
+                waiter.set_exception(WorkerCrashed(f"worker {worker.index} {worker.exit_reason}", started=False))
+        for listener in list(self.exit_listeners):
+            listener(worker.index, worker.pid)
         if worker.stopping or self._closing:
             return
         log.warning("worker %d (pid %d) %s; replacing it", worker.index, worker.pid, worker.exit_reason)
@@ -227,7 +238,8 @@ class WorkerPool:
     ) -> tuple[Any, list[Any]]:
         """Run a request on one free worker, waiting in line for one if all are busy; on_start
         is called once it has its worker."""
-        if self._idle.empty() and self._waiting >= self._max_queued_calls:
+        # Not _idle.empty(): the queue may hold entries of workers a session's call took.
+        if self.idle_count() == 0 and self._waiting >= self._max_queued_calls:
             raise Overloaded(
                 f"all workers are busy and {self._waiting} calls already wait for one"
                 f" (pool.max_queued_calls={self._max_queued_calls}); try again later"
@@ -238,6 +250,46 @@ class WorkerPool:
             worker = await self._acquire()
         finally:
             self._waiting -= 1
+        return await self._run_on(worker, message, buffers, queued_at, on_start)
+
+    async def call_on(
+        self, index: int, pid: int, message: protocol.Request, buffers: list[Any]
+    ) -> tuple[Any, list[Any]]:
+        """Run a request on the worker in slot `index`, if it is still the one with `pid`,
+        waiting while it is busy. Other calls keep using it meanwhile: this holds it for one
+        request, not for a sequence of them."""
+        worker = self._workers.get(index)
+        if worker is None or worker.pid != pid or worker not in self._serving:
+            raise WorkerCrashed(f"worker {index} (pid {pid}) is gone", started=False)
+        queued_at = time.perf_counter()
+        if worker.state == "idle":
+            worker.state = "busy"  # its entry in the idle queue is skipped (_acquire)
+        else:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._pinned.setdefault(worker, []).append(waiter)
+            self._waiting += 1
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._free(worker)  # handed over just as its caller gave up: pass it on
+                raise
+            finally:
+                self._waiting -= 1
+                waiters = self._pinned.get(worker)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+        return await self._run_on(worker, message, buffers, queued_at, None)
+
+    async def _run_on(
+        self,
+        worker: WorkerHandle,
+        message: protocol.Request,
+        buffers: list[Any],
+        queued_at: float,
+        on_start: Callable[[], None] | None,
+    ) -> tuple[Any, list[Any]]:
+        """Run a request on a worker this call holds (state "busy"), then let it go."""
         running_since = time.perf_counter()
         self._on_queue_wait(running_since - queued_at)
         if on_start is not None:
@@ -279,17 +331,31 @@ class WorkerPool:
             if self._closing:
                 raise PoolClosed()
             worker = await self._idle.get()
-            if worker in self._serving:  # skip workers that died while idle
+            # Skip workers that died while idle, and ones a session's call took (call_on).
+            if worker in self._serving and worker.state == "idle":
                 worker.state = "busy"
                 return worker
 
     def _release(self, worker: WorkerHandle) -> None:
         worker.calls_served += 1
-        if worker in self._serving:
-            worker.state = "idle"
-            self._idle.put_nowait(worker)
-            for listener in list(self.release_listeners):
-                listener()
+        self._free(worker)
+
+    def _free(self, worker: WorkerHandle) -> None:
+        """A worker no call holds any more: to the first session call waiting for it, else idle."""
+        if worker not in self._serving:
+            return
+        for waiter in self._pinned.get(worker, []):
+            if not waiter.done():
+                waiter.set_result(None)  # still "busy": it goes straight to that call
+                return
+        worker.state = "idle"
+        self._idle.put_nowait(worker)
+        for listener in list(self.release_listeners):
+            listener()
+
+    def serving_workers(self) -> list[tuple[int, int, str]]:
+        """(slot, pid, state) of every serving worker."""
+        return sorted((worker.index, worker.pid, worker.state) for worker in self._serving)
 
     def idle_count(self) -> int:
         """Serving workers that no call holds."""

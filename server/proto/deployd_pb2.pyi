@@ -42,7 +42,7 @@ DTYPE_COMPLEX64: DType
 DTYPE_COMPLEX128: DType
 
 class Value(_message.Message):
-    __slots__ = ("none_value", "bool_value", "int_value", "double_value", "string_value", "bytes_value", "tensor_value", "list_value", "tuple_value", "dict_value")
+    __slots__ = ("none_value", "bool_value", "int_value", "double_value", "string_value", "bytes_value", "tensor_value", "list_value", "tuple_value", "dict_value", "obj_ref")
     NONE_VALUE_FIELD_NUMBER: _ClassVar[int]
     BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
     INT_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Value(_message.Message):
     LIST_VALUE_FIELD_NUMBER: _ClassVar[int]
     TUPLE_VALUE_FIELD_NUMBER: _ClassVar[int]
     DICT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    OBJ_REF_FIELD_NUMBER: _ClassVar[int]
     none_value: NoneValue
     bool_value: bool
     int_value: int
@@ -63,7 +64,16 @@ class Value(_message.Message):
     list_value: ValueList
     tuple_value: ValueList
     dict_value: Dict
-    def __init__(self, none_value: _Optional[_Union[NoneValue, str]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., double_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bytes_value: _Optional[bytes] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., tuple_value: _Optional[_Union[ValueList, _Mapping]] = ..., dict_value: _Optional[_Union[Dict, _Mapping]] = ...) -> None: ...
+    obj_ref: ObjRef
+    def __init__(self, none_value: _Optional[_Union[NoneValue, str]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., double_value: _Optional[float] = ..., string_value: _Optional[str] = ..., bytes_value: _Optional[bytes] = ..., tensor_value: _Optional[_Union[Tensor, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., tuple_value: _Optional[_Union[ValueList, _Mapping]] = ..., dict_value: _Optional[_Union[Dict, _Mapping]] = ..., obj_ref: _Optional[_Union[ObjRef, _Mapping]] = ...) -> None: ...
+
+class ObjRef(_message.Message):
+    __slots__ = ("session_id", "obj_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJ_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    obj_id: int
+    def __init__(self, session_id: _Optional[str] = ..., obj_id: _Optional[int] = ...) -> None: ...
 
 class ValueList(_message.Message):
     __slots__ = ("items",)
@@ -367,6 +377,123 @@ class ObjectStatus(_message.Message):
     module: str
     file: str
     def __init__(self, object_id: _Optional[str] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("object_id", "version", "package_id", "worker")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    version: int
+    package_id: str
+    worker: int
+    def __init__(self, object_id: _Optional[str] = ..., version: _Optional[int] = ..., package_id: _Optional[str] = ..., worker: _Optional[int] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("session_id", "worker", "worker_pid", "self")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    SELF_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    worker: int
+    worker_pid: int
+    self: ObjResponse
+    def __init__(self_, session_id: _Optional[str] = ..., worker: _Optional[int] = ..., worker_pid: _Optional[int] = ..., self: _Optional[_Union[ObjResponse, _Mapping]] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GlobalRequest(_message.Message):
+    __slots__ = ("session_id", "module", "name")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    module: str
+    name: str
+    def __init__(self, session_id: _Optional[str] = ..., module: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class FromValueRequest(_message.Message):
+    __slots__ = ("session_id", "value")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    value: Value
+    def __init__(self, session_id: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+
+class FromMovableRequest(_message.Message):
+    __slots__ = ("session_id", "object_id", "version")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    object_id: str
+    version: int
+    def __init__(self, session_id: _Optional[str] = ..., object_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ObjRequest(_message.Message):
+    __slots__ = ("session_id", "obj_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJ_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    obj_id: int
+    def __init__(self, session_id: _Optional[str] = ..., obj_id: _Optional[int] = ...) -> None: ...
+
+class ObjCallRequest(_message.Message):
+    __slots__ = ("session_id", "obj_id", "method", "args", "kwargs")
+    class KwargsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJ_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    obj_id: int
+    method: str
+    args: _containers.RepeatedCompositeFieldContainer[Value]
+    kwargs: _containers.MessageMap[str, Value]
+    def __init__(self, session_id: _Optional[str] = ..., obj_id: _Optional[int] = ..., method: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+
+class ObjAttrRequest(_message.Message):
+    __slots__ = ("session_id", "obj_id", "name")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJ_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    obj_id: int
+    name: str
+    def __init__(self, session_id: _Optional[str] = ..., obj_id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ObjResponse(_message.Message):
+    __slots__ = ("session_id", "obj_id", "type_name")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJ_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_NAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    obj_id: int
+    type_name: str
+    def __init__(self, session_id: _Optional[str] = ..., obj_id: _Optional[int] = ..., type_name: _Optional[str] = ...) -> None: ...
+
+class ObjValueResponse(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: Value
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("remote_type", "remote_traceback", "call_killed_worker")

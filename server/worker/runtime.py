@@ -18,18 +18,20 @@ from torch.package import PackageImporter  # type: ignore[attr-defined]
 
 from server.ipc import protocol
 from server.ipc.protocol import Failure, Reply, Request, Result
+from server.worker.failures import RequestFailed
+from server.worker.sessions import SessionObjects
 from server.worker.shared import SharedWeightsReader
 from server.worker.values import pack, unpack
 
 _MISSING = object()
-
-
-class RequestFailed(Exception):
-    """A request that cannot be served, for a reason the daemon maps to a status code."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+_RUNS_CODE = (
+    protocol.Invoke,
+    protocol.SessionGlobal,
+    protocol.SessionFromValue,
+    protocol.ObjCall,
+    protocol.ObjAttr,
+    protocol.ObjToValue,
+)
 
 
 class Runtime:
@@ -46,6 +48,9 @@ class Runtime:
             protocol.HasAttr: self._has_attr,
             protocol.LoadResource: self._load_resource,
         }
+        self.sessions = SessionObjects(self._object, self._package)
+        self._handlers.update(self.sessions.handlers())
+        self._handlers[protocol.SessionClose] = self._close_session
 
     def handle(self, request: Request, buffers: list[Any]) -> tuple[Reply, list[Any]]:
         """Serve one request; every failure becomes a Failure reply, never an exception."""
@@ -55,11 +60,10 @@ class Runtime:
         except RequestFailed as failed:
             return Failure(failed.kind, "", str(failed), ""), []
         except Exception as error:  # model code may raise anything
-            # Loading is judged as bad input (a broken package or pickle); a failing call is the model's.
+            # Loading is judged as bad input (a broken package or pickle); a failing call, or
+            # any step of a session (it runs the caller's Python), is the model's.
             kind = (
-                protocol.FAILURE_MODEL_ERROR
-                if isinstance(request, protocol.Invoke)
-                else protocol.FAILURE_INVALID_ARGUMENT
+                protocol.FAILURE_MODEL_ERROR if isinstance(request, _RUNS_CODE) else protocol.FAILURE_INVALID_ARGUMENT
             )
             return Failure(kind, type(error).__name__, str(error), traceback.format_exc()), []
         return Result(value), out_buffers
@@ -127,6 +131,10 @@ class Runtime:
     def _unload_object(self, request: protocol.UnloadObject, _: list[Any], __: list[Any]) -> None:
         if self._objects.pop(request.object_id, None) is not None:
             _collect_garbage()
+
+    def _close_session(self, request: protocol.SessionClose, _: list[Any], __: list[Any]) -> None:
+        if self.sessions.close(request.session_id):
+            _collect_garbage()  # modules and tensors a session built often sit in cycles
 
     def _object(self, object_id: str) -> Any:
         try:

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 
 from deployd_wire.tensors import DTYPE_NAMES, TORCH_DTYPES, tensor_bytes, tensor_from_buffer
+from server.ipc.protocol import FAILURE_NOT_FOUND
+from server.worker.failures import RequestFailed
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Nesting a result may have: protobuf parses at most 100 nested messages, and a level of dict
@@ -14,16 +16,21 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 32
 
 
-def unpack(packed: Any, buffers: list[Any]) -> Any:
-    """Rebuild Python objects from a packed value; tensors wrap their buffers without a copy."""
+def unpack(packed: Any, buffers: list[Any], objects: dict[int, Any] | None = None) -> Any:
+    """Rebuild Python objects from a packed value; tensors wrap their buffers without a copy.
+    objects: the session's objects, which ("obj", number) refers to (the daemon checked them)."""
     kind = type(packed)
     if kind is list:
-        return [unpack(item, buffers) for item in packed]
+        return [unpack(item, buffers, objects) for item in packed]
     if kind is dict:
-        return {key: unpack(item, buffers) for key, item in packed.items()}
+        return {key: unpack(item, buffers, objects) for key, item in packed.items()}
     if kind is tuple:
         if packed[0] == "tuple":
-            return tuple(unpack(item, buffers) for item in packed[1])
+            return tuple(unpack(item, buffers, objects) for item in packed[1])
+        if packed[0] == "obj":
+            if objects is None or packed[1] not in objects:
+                raise RequestFailed(FAILURE_NOT_FOUND, f"no object {packed[1]} in this session in this worker")
+            return objects[packed[1]]
         _, dtype_name, shape, index = packed
         return tensor_from_buffer(buffers[index], TORCH_DTYPES[dtype_name], shape)
     return packed
