@@ -19,7 +19,7 @@ from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
 from client._replicas import refuse_change, replicas_now
 from client._retry import Retry
-from client._sessions import InterpreterSession, WorkerInstance, all_instances
+from client._sessions import InterpreterSession, Obj, WorkerInstance, all_instances
 from client._tls import TLS
 
 DEFAULT_MAX_MESSAGE_BYTES = requests.DEFAULT_MAX_MESSAGE_BYTES
@@ -142,6 +142,20 @@ class InterpreterManager:
     def num_workers(self) -> int:
         return len(self.status().workers)
 
+    def create_movable(self, obj: Obj, session: InterpreterSession, *, name: str | None = None) -> ReplicatedObj:
+        """Replicate an object built in a session to every worker (C++: manager.createMovable(obj, &session)).
+
+        It is exported with torch.package in its worker and loaded as a package of its own: its
+        tensors are held once in shared memory, as a package's weights; replacement workers get
+        it too. With a name it is served as that model's next version (see load_pickle)."""
+        self.refuse_if_replicated("create_movable")
+        request = pb.CreateMovableRequest(session_id=session.id, name=name or "")
+        request.obj.session_id, request.obj.obj_id = obj.__deployd_ref__()
+        response = self.call(self._sessions_stub.CreateMovable, request)
+        handle = ReplicatedObj(self, response.name or response.object_id)
+        handle.object_id, handle.version, handle.package_id = response.object_id, response.version, response.package_id
+        return handle
+
     def acquire_one(self) -> InterpreterSession:
         """A session on the least loaded worker (C++: manager.acquireOne())."""
         return InterpreterSession(self, pb.OpenSessionRequest())
@@ -221,6 +235,7 @@ class ReplicatedObj:
         self.pinned_version = version
         self.object_id = object_id
         self.version = version
+        self.package_id = ""  # set by create_movable: the package made for the object
         self._timeout = timeout
         self._retry = retry
 

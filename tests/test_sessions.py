@@ -253,3 +253,82 @@ def test_unknown_objects_and_bad_requests(manager: InterpreterManager) -> None:
             session.from_movable(manager.model("no-such-model"))
         with pytest.raises(InvalidArgumentError, match="needs a module and a name"):
             session.global_("", "x")
+
+
+MAPS_PROBE = """
+def mapped_file(address):
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
+"""
+
+
+def test_create_movable_replicates_a_session_object_to_every_worker_sharing_its_tensors(
+    manager: InterpreterManager,
+) -> None:
+    manager.register_module_source("deployd_maps_probe", MAPS_PROBE)
+    with manager.acquire_one() as session:
+        layer = session.global_("torch.nn", "Linear")(4, 2)
+        layer.weight.data.fill_(0.5)
+        layer.bias.data.fill_(0.0)
+        replicated = manager.create_movable(layer, session)
+    assert replicated.package_id and replicated.object_id.startswith("obj-")
+    for _ in range(4):  # whichever worker takes it
+        assert torch.equal(replicated(torch.ones(1, 4)), torch.full((1, 2), 2.0))
+    status = manager.status()
+    assert replicated.package_id in {package.package_id for package in status.packages}
+    for instance in manager.all_instances():
+        with instance.acquire_session() as there:
+            replica = there.from_movable(replicated)
+            assert torch.equal(replica.weight.data.to_value(), torch.full((2, 4), 0.5))
+            # TensorSerializationSharing: the replica's weights lie in the daemon's shared segment.
+            where = there.global_("deployd_maps_probe", "mapped_file")(replica.weight.data_ptr()).to_value()
+            assert where.startswith("/dev/shm/deployd-"), where
+    replicated.unload()
+    assert replicated.package_id not in {package.package_id for package in manager.status().packages}
+
+
+def test_create_movable_of_a_package_object_by_name(manager: InterpreterManager, package_dir: Path) -> None:
+    package = manager.load_package(package_dir / "models.pt")
+    with package.acquire_session() as session:
+        made = session.self.load_pickle("models", "scale.pkl")  # type: ignore[union-attr]
+        made.factor.data.mul_(3.0)  # configured remotely before it is replicated
+        replicated = manager.create_movable(made, session, name="tripled-scale")
+    assert replicated.id == "tripled-scale" and replicated.version >= 1
+    model = manager.model("tripled-scale")
+    assert {float(model(torch.ones(1))[0]) for _ in range(4)} == {6.0}
+    assert model.call_method("describe", "f=") == "f=6.0!"
+    model.unload()
+
+
+def test_create_movable_refuses_an_object_of_another_session(manager: InterpreterManager) -> None:
+    with manager.acquire_one() as first, manager.acquire_one() as second:
+        x = first.from_value(torch.ones(2))
+        with pytest.raises(
+            FailedPreconditionError, match="Cannot create movable from an object that lives in different session"
+        ):
+            manager.create_movable(x, second)
+        with pytest.raises(InvalidArgumentError, match="cannot create a movable from an object of type"):
+            manager.create_movable(first.global_("threading", "Lock")(), first)
+
+
+def test_a_movable_reaches_a_replacement_worker(daemon_with: Callable[..., DaemonProcess]) -> None:
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        with manager.acquire_one() as session:
+            replicated = manager.create_movable(session.from_value(torch.arange(3.0)), session)
+        victim = manager.status().workers[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        assert wait_until(
+            lambda: (
+                {w.state for w in manager.status().workers} == {"idle"}
+                and manager.status().workers[0].pid != victim.pid
+            ),
+            60,
+        )
+        with manager.all_instances()[0].acquire_session() as there:
+            assert torch.equal(there.from_movable(replicated).to_value(), torch.arange(3.0))

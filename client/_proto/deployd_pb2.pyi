@@ -495,6 +495,28 @@ class ObjValueResponse(_message.Message):
     value: Value
     def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
+class CreateMovableRequest(_message.Message):
+    __slots__ = ("session_id", "obj", "name")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJ_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    obj: ObjRef
+    name: str
+    def __init__(self, session_id: _Optional[str] = ..., obj: _Optional[_Union[ObjRef, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CreateMovableResponse(_message.Message):
+    __slots__ = ("object_id", "name", "version", "package_id")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    object_id: str
+    name: str
+    version: int
+    package_id: str
+    def __init__(self, object_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., package_id: _Optional[str] = ...) -> None: ...
+
 class ErrorDetail(_message.Message):
     __slots__ = ("remote_type", "remote_traceback", "call_killed_worker")
     REMOTE_TYPE_FIELD_NUMBER: _ClassVar[int]

@@ -17,7 +17,7 @@ import grpc
 from server.api.calls import Context, MalformedRequest, Servicer, call_handlers, register_service, status_for
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
-from server.errors import DeploydError, InvalidArgument
+from server.errors import DeploydError, FailedPrecondition, InvalidArgument
 from server.ipc import protocol
 from server.models.sessions import ObjInfo, Session, Sessions
 from server.proto import deployd_pb2 as pb
@@ -147,6 +147,21 @@ class SessionsServicer(pb_grpc.SessionsServicer, Servicer):  # type: ignore[misc
         response = pb.ObjValueResponse()
         pack_value(value, buffers, response.value)
         return response
+
+    @_reports_errors
+    async def CreateMovable(self, request: pb.CreateMovableRequest, context: Context) -> pb.CreateMovableResponse:
+        session = self._sessions.get(request.session_id)
+        if request.obj.session_id != session.id:
+            # torch::deploy's own words (createMovable), then ours.
+            raise FailedPrecondition(
+                "Cannot create movable from an object that lives in different session"
+                f" (the object is in session {request.obj.session_id!r}, the call names session {session.id!r})"
+            )
+        number = self._sessions.check_object(session, session.id, request.obj.obj_id)
+        loaded, package_id = await self._sessions.create_movable(session, number, request.name)
+        return pb.CreateMovableResponse(
+            object_id=loaded.object_id, name=loaded.name, version=loaded.version, package_id=package_id
+        )
 
     def _unpack(self, session: Session, value: pb.Value, buffers: list[Any]) -> Any:
         def number_of(ref: pb.ObjRef) -> int:

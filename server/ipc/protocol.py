@@ -133,6 +133,18 @@ class ObjToValue(NamedTuple):
     target: int
 
 
+class ExportObj(NamedTuple):
+    """Export a session's object with torch.package (createMovable); the reply is the archive,
+    as a uint8 tensor."""
+
+    session_id: str
+    target: int
+
+
+# Where an ExportObj archive keeps the object: the daemon loads it from there on every worker.
+MOVABLE_MODULE, MOVABLE_FILE = "deployd_movable", "object.pkl"
+
+
 class SessionClose(NamedTuple):
     session_id: str
 
@@ -175,6 +187,7 @@ Request = (
     | ObjCall
     | ObjAttr
     | ObjToValue
+    | ExportObj
     | SessionClose
 )
 Reply = Ready | Result | Failure
@@ -195,6 +208,7 @@ _MESSAGE_TYPES: tuple[type[Any], ...] = (
     ObjCall,
     ObjAttr,
     ObjToValue,
+    ExportObj,
     SessionClose,
     Ready,
     Result,

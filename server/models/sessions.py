@@ -3,6 +3,8 @@
 
     open() ──> a worker slot (the least loaded, or the one asked for) ──> Session
     step(session, request) ──> pool.call_on(that worker) ──> reply        (any number, any order)
+    create_movable(session, obj) ──> ExportObj there ──> the archive loaded as a package,
+        the object unpickled on every worker (ModelService): a ReplicatedObj
     end(session, why) ──> SessionClose to the worker: its objects are dropped
 
 A session is an object scope, not a lock: each step waits for its worker like any call and
@@ -28,7 +30,8 @@ from typing import Any
 
 from server.errors import FailedPrecondition, NotFound, SessionEnded, TooLarge, WorkerCrashed
 from server.ipc import protocol
-from server.models.service import ModelService
+from server.models.names import check_name
+from server.models.service import LoadedObject, ModelService
 from server.pool.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -234,6 +237,31 @@ class Sessions:
         return await self.make(
             session, lambda number: protocol.SessionFromObject(session.id, number, resolved, package_id), []
         )
+
+    async def create_movable(self, session: Session, number: int, name: str) -> tuple[LoadedObject, str]:
+        """Replicate an object of the session to every worker (createMovable): exported with
+        torch.package in the session's worker, loaded back as a package of its own (its tensors
+        staged into shared memory once, mapped copy-on-write by every replica), then unpickled
+        everywhere; replacement workers get it by replay like any loaded object. The package
+        goes with the object's last version. Returns the object and its package's id."""
+        if name:
+            check_name(name)  # before the export, which may be large
+        archive, buffers = await self.step(session, protocol.ExportObj(session.id, number), [])
+        _, _, _, index = archive  # a packed uint8 tensor: the archive's bytes are buffers[index]
+        data = bytes(buffers[index])  # its own copy: the buffer may lie in an arena the next reply reuses
+        del buffers
+
+        async def one_chunk() -> Any:
+            yield data
+
+        record = await self._service.load_package_stream(one_chunk())
+        try:
+            loaded = await self._service.load_pickle(
+                record.package_id, protocol.MOVABLE_MODULE, protocol.MOVABLE_FILE, name
+            )
+        finally:
+            await self._service.release_package_when_unused(record.package_id)
+        return loaded, record.package_id
 
     @property
     def open_count(self) -> int:

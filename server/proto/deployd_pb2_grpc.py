@@ -604,6 +604,11 @@ class SessionsStub:
                 request_serializer=deployd_dot_v1_dot_deployd__pb2.ObjRequest.SerializeToString,
                 response_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjValueResponse.FromString,
                 _registered_method=True)
+        self.CreateMovable = channel.unary_unary(
+                '/deployd.v1.Sessions/CreateMovable',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.CreateMovableRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.CreateMovableResponse.FromString,
+                _registered_method=True)
 
 
 class SessionsServicer:
@@ -680,6 +685,17 @@ class SessionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateMovable(self, request, context):
+        """Replicate an object of a session to every worker, and to replacement workers later
+        (createMovable): it is exported with torch.package in its worker and loaded as a package
+        of its own, so its tensors are held once in shared memory, copy-on-write, as a package's
+        weights are. With a name it is served as that model's next version. The package goes
+        when the object is unloaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -727,6 +743,11 @@ def add_SessionsServicer_to_server(servicer, server):
                     servicer.ToValue,
                     request_deserializer=deployd_dot_v1_dot_deployd__pb2.ObjRequest.FromString,
                     response_serializer=deployd_dot_v1_dot_deployd__pb2.ObjValueResponse.SerializeToString,
+            ),
+            'CreateMovable': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMovable,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.CreateMovableRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.CreateMovableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -981,6 +1002,33 @@ class Sessions:
             '/deployd.v1.Sessions/ToValue',
             deployd_dot_v1_dot_deployd__pb2.ObjRequest.SerializeToString,
             deployd_dot_v1_dot_deployd__pb2.ObjValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMovable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Sessions/CreateMovable',
+            deployd_dot_v1_dot_deployd__pb2.CreateMovableRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.CreateMovableResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,11 +10,15 @@ a training step); a ReplicatedObj's calls (server.worker.runtime) run without it
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+import io
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.package import PackageExporter, sys_importer  # type: ignore[attr-defined]
 
 from server.ipc import protocol
 from server.worker.failures import RequestFailed
-from server.worker.values import pack, unpack
+from server.worker.values import pack, pack_tensor, unpack
 
 
 def type_name(obj: Any) -> str:
@@ -23,9 +27,15 @@ def type_name(obj: Any) -> str:
 
 
 class SessionObjects:
-    def __init__(self, replica: Callable[[str], Any], importer: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        replica: Callable[[str], Any],
+        importer: Callable[[str], Any],
+        importers: Callable[[], Iterable[Any]],
+    ) -> None:
         self._replica = replica  # object id -> this worker's replica (raises if none)
         self._importer = importer  # package id -> this worker's importer (raises if none)
+        self._importers = importers  # every package importer here, the latest first
         self._sessions: dict[str, dict[int, Any]] = {}
 
     def handlers(self) -> dict[type[Any], Callable[[Any, list[Any], list[Any]], Any]]:
@@ -36,6 +46,7 @@ class SessionObjects:
             protocol.ObjCall: self._call,
             protocol.ObjAttr: self._attr,
             protocol.ObjToValue: self._to_value,
+            protocol.ExportObj: self._export,
         }
 
     def open_count(self) -> int:
@@ -88,6 +99,39 @@ class SessionObjects:
             raise RequestFailed(
                 protocol.FAILURE_INVALID_ARGUMENT, f"an object of type {type_name(obj)} has no value form: {error}"
             ) from None
+
+    def _export(self, request: protocol.ExportObj, _: list[Any], out_buffers: list[Any]) -> Any:
+        """The object as a torch.package archive of its own: pickled, its tensors as storage
+        records (which the daemon stages into shared memory, as any package's weights).
+
+        Its classes come from the worker's own modules (torch, registered sources, extras:
+        every worker has them, so they are extern) or from one loaded package, whose modules
+        are copied in (interned) and whose externs stay extern. Which: tried in that order,
+        the sys modules first, then each package, the latest loaded first."""
+        obj = self._object(request.session_id, request.target)
+        failures: list[str] = []
+        for importer in (None, *self._importers()):
+            archive = io.BytesIO()
+            importers = sys_importer if importer is None else (importer, sys_importer)
+            try:
+                with PackageExporter(archive, importer=importers) as exporter:
+                    if importer is None:
+                        exporter.extern("**")
+                    else:
+                        if importer.extern_modules:
+                            exporter.extern(list(importer.extern_modules))
+                        exporter.intern("**")
+                    exporter.save_pickle(protocol.MOVABLE_MODULE, protocol.MOVABLE_FILE, obj)
+            except Exception as error:  # the exporter's many ways of saying "not from here"
+                failures.append(f"{type(error).__name__}: {error}".splitlines()[0])
+                continue
+            data = torch.frombuffer(bytearray(archive.getbuffer()), dtype=torch.uint8)
+            return pack_tensor(data, out_buffers)
+        raise RequestFailed(
+            protocol.FAILURE_INVALID_ARGUMENT,
+            f"cannot create a movable from an object of type {type_name(obj)}: torch.package could not export it"
+            f" with this worker's modules nor with any one loaded package ({failures[0]})",
+        )
 
     def close(self, session_id: str) -> int:
         """Drop the session's objects; returns how many there were."""
