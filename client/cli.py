@@ -364,6 +364,16 @@ def _status(options: argparse.Namespace) -> int:
         ],
         "modules": list(status.modules),
         "queued_calls": status.queued_calls,
+        "sessions": [
+            {
+                "session_id": session.session_id,
+                "worker": session.worker,
+                "objects": session.objects,
+                "idle_seconds": round(session.idle_seconds, 3),
+                "steps_running": session.steps_running,
+            }
+            for session in status.sessions
+        ],
     }
     if options.json:
         _print_json(report)
@@ -446,6 +456,14 @@ def _status_text(report: dict[str, Any]) -> str:
     lines += [f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}" for o in report["objects"]]
     lines.append(f"modules: {len(report['modules'])}")
     lines += [f"  {name}" for name in report["modules"]]
+    lines.append(f"sessions: {len(report['sessions'])}")
+    if report["sessions"]:
+        header = ["SESSION", "WORKER", "OBJECTS", "IDLE s", "STEPS RUNNING"]
+        rows = [
+            [s["session_id"], str(s["worker"]), str(s["objects"]), f"{s['idle_seconds']:.1f}", str(s["steps_running"])]
+            for s in report["sessions"]
+        ]
+        lines += [f"  {line}" for line in _table(header, rows)]
     return "\n".join(lines)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +31,7 @@ from client import (
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
 from tests.conftest import write_config
-from tests.daemon_process import DaemonProcess, wait_until
+from tests.daemon_process import REPO, DaemonProcess, wait_until
 
 
 @pytest.fixture
@@ -332,3 +335,22 @@ def test_a_movable_reaches_a_replacement_worker(daemon_with: Callable[..., Daemo
         )
         with manager.all_instances()[0].acquire_session() as there:
             assert torch.equal(there.from_movable(replicated).to_value(), torch.arange(3.0))
+
+
+def test_status_and_the_cli_show_open_sessions(manager: InterpreterManager, daemon: DaemonProcess) -> None:
+    with manager.acquire_one() as session:
+        session.from_value(1)
+        session.from_value(2)
+        shown = {entry.session_id: entry for entry in manager.status().sessions}
+        assert shown[session.id].objects == 2 and shown[session.id].worker == session.worker
+        report = subprocess.run(
+            [sys.executable, "-m", "server", "status", "--json", "--address", daemon.target],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        sessions = {entry["session_id"]: entry for entry in json.loads(report.stdout)["sessions"]}
+        assert sessions[session.id]["objects"] == 2
+    assert session.id not in {entry.session_id for entry in manager.status().sessions}

@@ -261,20 +261,36 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("workers", "packages", "objects", "modules", "queued_calls", "models")
+    __slots__ = ("workers", "packages", "objects", "modules", "queued_calls", "models", "sessions")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_CALLS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     packages: _containers.RepeatedCompositeFieldContainer[PackageStatus]
     objects: _containers.RepeatedCompositeFieldContainer[ObjectStatus]
     modules: _containers.RepeatedScalarFieldContainer[str]
     queued_calls: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., packages: _Optional[_Iterable[_Union[PackageStatus, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectStatus, _Mapping]]] = ..., modules: _Optional[_Iterable[str]] = ..., queued_calls: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionStatus]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., packages: _Optional[_Iterable[_Union[PackageStatus, _Mapping]]] = ..., objects: _Optional[_Iterable[_Union[ObjectStatus, _Mapping]]] = ..., modules: _Optional[_Iterable[str]] = ..., queued_calls: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("session_id", "worker", "objects", "idle_seconds", "steps_running")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    worker: int
+    objects: int
+    idle_seconds: float
+    steps_running: int
+    def __init__(self, session_id: _Optional[str] = ..., worker: _Optional[int] = ..., objects: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., steps_running: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("name", "serving_version", "versions", "error")

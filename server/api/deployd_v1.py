@@ -6,6 +6,7 @@ are answered INVALID_ARGUMENT by what every protocol shares (server.api.calls).
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from server.errors import InvalidArgument
 from server.models.names import NamedModel
 from server.models.repository import ModelRepository, ReloadReport
 from server.models.service import ModelService, StatusSnapshot
+from server.models.sessions import Session
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
 
@@ -43,6 +45,7 @@ class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
         value_limits: ValueLimits = DEFAULT_LIMITS,
         repository: ModelRepository | None = None,
         reload: Callable[[], Awaitable[ReloadReport]] | None = None,
+        sessions: Callable[[], list[Session]] = list,
     ) -> None:
         self._service = service
         self._metrics = metrics
@@ -50,6 +53,7 @@ class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
         self._value_limits = value_limits
         self._repository = repository
         self._reload = reload
+        self._sessions = sessions
 
     @_reports_errors
     async def LoadPackage(
@@ -132,6 +136,7 @@ class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
     @_reports_errors
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
         snapshot = self._service.status()
+        now = time.monotonic()
         return pb.StatusResponse(
             workers=[
                 pb.WorkerStatus(
@@ -153,6 +158,16 @@ class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
             modules=snapshot.modules,
             queued_calls=snapshot.queued_calls,
             models=[_model_status(model, snapshot) for model in snapshot.models] + self._failed_models(snapshot),
+            sessions=[
+                pb.SessionStatus(
+                    session_id=session.id,
+                    worker=session.worker,
+                    objects=session.objects,
+                    idle_seconds=0.0 if session.steps_running else now - session.last_used,
+                    steps_running=session.steps_running,
+                )
+                for session in self._sessions()
+            ],
         )
 
     def _failed_models(self, snapshot: StatusSnapshot) -> list[pb.ModelStatus]:

@@ -94,6 +94,7 @@ class Metrics:
         )
         self.packages_loaded = Gauge("deployd_packages_loaded", "Packages loaded now", registry=r)
         self.objects_loaded = Gauge("deployd_objects_loaded", "Objects loaded now", registry=r)
+        self.sessions_open = Gauge("deployd_sessions_open", "Sessions (acquire_one) open now", registry=r)
         self.load_duration = Histogram(
             "deployd_load_duration_seconds",
             "Time to load a package or unpickle an object on every worker, by kind (package, pickle)",
@@ -120,8 +121,10 @@ class Metrics:
         packages: Callable[[], int],
         objects: Callable[[], int],
         worker_memory: Callable[[], list[tuple[int, MemoryUsage]]],
+        sessions: Callable[[], int] = lambda: 0,
     ) -> None:
         """Gauges read from the daemon's state when scraped, not kept up to date on every change."""
+        self.sessions_open.set_function(sessions)
         self.queue_depth.set_function(queue_depth)
         self.workers_busy.set_function(workers_busy)
         self.packages_loaded.set_function(packages)

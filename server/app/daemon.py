@@ -128,6 +128,7 @@ class Daemon:
             packages=lambda: len(self._registry.packages),
             objects=lambda: len(self._registry.objects),
             worker_memory=self._pool.memory,
+            sessions=lambda: self._sessions.open_count,
         )
         self._known_objects: set[str] = set()
         message_limit = config.server.max_message_bytes
@@ -166,6 +167,7 @@ class Daemon:
             value_limits,
             repository=self._repository,
             reload=self.reload_models,
+            sessions=self._sessions.snapshot,
         )
         deployd_v1.add_to_server(servicer, self._server, self._metrics)
         sessions_servicer = sessions_v1.SessionsServicer(
