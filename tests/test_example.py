@@ -77,7 +77,7 @@ def test_num_workers_and_status(manager: InterpreterManager, package_dir: Path) 
 
 def test_make_serve_serves_the_seed_model_by_name(tmp_path: Path) -> None:
     """What `make serve` does (export the seed, serve the bundled config.yaml), then the README's
-    by-name example, its KServe v2 example and its asyncio example as written."""
+    by-name example, its KServe v2, asyncio and sessions examples as written."""
     packages = tmp_path / "packages"
     subprocess.run([sys.executable, str(REPO / "scripts" / "export_seed.py"), str(packages / "seed.pt")], check=True)
     daemon = DaemonProcess(REPO / "config.yaml", env={"DEPLOYD_PACKAGES_DIRECTORY": str(packages)})
@@ -106,5 +106,13 @@ def test_make_serve_serves_the_seed_model_by_name(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str([(1, 64, 2, 2)] * 8)
+        # The README's sessions example, on the same daemon.
+        sessions = (REPO / "README.md").read_text().split("## Sessions and Objs", 1)[1]
+        sessions_example = re.findall(r"```python\n(.*?)```", sessions, re.S)[0]
+        assert "create_movable" in sessions_example
+        script = sessions_example.replace('"127.0.0.1:50051"', repr(daemon.target))
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["tensor([[2.,", "2.]])"] * 2
     finally:
         daemon.assert_clean_stop()
