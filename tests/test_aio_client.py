@@ -18,6 +18,7 @@ from client.aio import (
     AsyncPackage,
     Batching,
     DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     RemoteError,
@@ -166,3 +167,35 @@ def test_retries_hide_a_worker_killed_from_outside(fresh_daemon: DaemonProcess, 
 
     retry = Retry(attempts=6, backoff_seconds=0.2, max_backoff_seconds=2.0)
     run(body, fresh_daemon.target, timeout=60, retry=retry)
+
+
+def test_sessions_and_objs(daemon: DaemonProcess, package_dir: Path) -> None:
+    async def body(manager: AsyncInterpreterManager) -> None:
+        async with await manager.acquire_one() as session:
+            layer = await (await session.global_("torch.nn", "Linear"))(4, 2)
+            await layer.weight.data.fill_(0.5)  # attributes as in Python: a step each, the call one more
+            await (await (await layer.attr("bias")).attr("data")).call_method("fill_", 0.0)
+            out = await layer(torch.ones(1, 4))
+            assert torch.equal(await out.to_value(), torch.full((1, 2), 2.0))
+            assert await layer.hasattr("weight") and not await layer.hasattr("nope")
+            with pytest.raises(InvalidArgumentError, match="has no value form"):
+                await layer.to_value()
+            replicated = await manager.create_movable(layer, session)
+        assert torch.equal(await replicated(torch.ones(1, 4)), torch.full((1, 2), 2.0))
+        for instance in await manager.all_instances():
+            async with await instance.acquire_session() as there:
+                replica = await there.from_movable(replicated)
+                assert torch.equal(await (await replica.bias).to_value(), torch.zeros(2))
+        await replicated.unload()
+        package = await load_models(manager, package_dir)
+        scale = await package.load_pickle("models", "scale.pkl")
+        async with await scale.acquire_session() as session:
+            assert await (await session.self.pid()).to_value() == session.worker_pid  # type: ignore[union-attr]
+        async with await package.acquire_session() as session:
+            made = await session.self.load_pickle("models", "scale.pkl")  # type: ignore[union-attr]
+            assert await (await made.describe("x")).to_value() == "x2.0!"
+        await package.unload()
+        with pytest.raises(FailedPreconditionError, match="has ended: closed by its client"):
+            await out.to_value()
+
+    run(body, daemon.target, timeout=60)

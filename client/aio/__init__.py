@@ -23,13 +23,17 @@ from client._errors import (
 )
 from client._retry import Retry
 from client._tls import TLS
-from client.aio._manager import AsyncInterpreterManager, AsyncPackage, AsyncReplicatedObj
+from client.aio._manager import AsyncInterpreterManager, AsyncPackage, AsyncReplicatedObj, AsyncWorkerInstance
+from client.aio._sessions import AsyncInterpreterSession, AsyncObj
 
 __all__ = [
     "TLS",
     "AsyncInterpreterManager",
+    "AsyncInterpreterSession",
+    "AsyncObj",
     "AsyncPackage",
     "AsyncReplicatedObj",
+    "AsyncWorkerInstance",
     "Batching",
     "DeadlineExceededError",
     "DeployError",

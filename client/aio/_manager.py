@@ -22,6 +22,7 @@ from client._proto import deployd_pb2_grpc as pb_grpc
 from client._replicas import distinct_hosts, dns_host_and_port, listed_addresses, refuse_change
 from client._retry import Retry
 from client._tls import TLS
+from client.aio._sessions import AsyncInterpreterSession, AsyncObj
 
 Response = TypeVar("Response")
 
@@ -56,6 +57,7 @@ class AsyncInterpreterManager:
             credentials = tls.channel_credentials()
             self._channel = grpc.aio.secure_channel(target, credentials, options=options + tls.channel_options())
         self._stub = pb_grpc.DeploydStub(self._channel)
+        self._sessions_stub = pb_grpc.SessionsStub(self._channel)
 
     async def __aenter__(self) -> AsyncInterpreterManager:
         return self
@@ -137,6 +139,39 @@ class AsyncInterpreterManager:
         """A coroutine here (a property in the blocking client: a property cannot wait)."""
         return len((await self.status()).workers)
 
+    async def acquire_one(self) -> AsyncInterpreterSession:
+        """A session on the least loaded worker: `async with await manager.acquire_one() as session`."""
+        return await AsyncInterpreterSession(self)._open(pb.OpenSessionRequest())
+
+    async def all_instances(self) -> list[AsyncWorkerInstance]:
+        return [AsyncWorkerInstance(self, worker.index) for worker in (await self.status()).workers]
+
+    async def count_registered_module_sources(self) -> int:
+        return len((await self.status()).modules)
+
+    async def create_movable(
+        self, obj: AsyncObj, session: AsyncInterpreterSession, *, name: str | None = None
+    ) -> AsyncReplicatedObj:
+        """See InterpreterManager.create_movable."""
+        await self.refuse_if_replicated("create_movable")
+        request = pb.CreateMovableRequest(session_id=session.id, name=name or "")
+        request.obj.session_id, request.obj.obj_id = obj.__deployd_ref__()
+        response = await self.call(self._sessions_stub.CreateMovable, request)
+        handle = AsyncReplicatedObj(self, response.name or response.object_id)
+        handle.object_id, handle.version, handle.package_id = response.object_id, response.version, response.package_id
+        return handle
+
+
+class AsyncWorkerInstance:
+    """client.WorkerInstance for asyncio."""
+
+    def __init__(self, manager: AsyncInterpreterManager, index: int) -> None:
+        self.manager = manager
+        self.index = index
+
+    async def acquire_session(self) -> AsyncInterpreterSession:
+        return await AsyncInterpreterSession(self.manager)._open(pb.OpenSessionRequest(worker=self.index))
+
 
 async def _in_loop(items: Iterable[pb.LoadPackageRequest]) -> AsyncIterator[pb.LoadPackageRequest]:
     for item in items:
@@ -178,6 +213,10 @@ class AsyncPackage:
         request = requests.resource_request(self.id, module, resource)
         return (await self.manager.call(self.manager._stub.LoadBinary, request)).data  # type: ignore[no-any-return]
 
+    async def acquire_session(self) -> AsyncInterpreterSession:
+        """A session whose `self` is the package's importer in that worker."""
+        return await AsyncInterpreterSession(self.manager)._open(pb.OpenSessionRequest(package_id=self.id))
+
     async def unload(self) -> list[str]:
         await self.manager.refuse_if_replicated("unload")
         request = pb.UnloadPackageRequest(package_id=self.id)
@@ -201,6 +240,7 @@ class AsyncReplicatedObj:
         self.pinned_version = version
         self.object_id = object_id
         self.version = version
+        self.package_id = ""  # set by create_movable
         self._timeout = timeout
         self._retry = retry
 
@@ -220,6 +260,11 @@ class AsyncReplicatedObj:
         request = requests.invoke_request(self.id, self.pinned_version, name, args, kwargs)
         response = await self.manager.call(self.manager._stub.Invoke, request, self._timeout, self._retry)
         return requests.invoke_result(response)
+
+    async def acquire_session(self) -> AsyncInterpreterSession:
+        """A session whose `self` is this object's replica in that worker."""
+        request = pb.OpenSessionRequest(object_id=self.id, version=self.pinned_version)
+        return await AsyncInterpreterSession(self.manager)._open(request)
 
     async def hasattr(self, name: str) -> bool:
         request = pb.HasAttrRequest(object_id=self.id, name=name, version=self.pinned_version)
