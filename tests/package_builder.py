@@ -79,6 +79,110 @@ def build_churn(out: Path) -> None:
         exporter.save_pickle("churn", "model.pkl", nn.Linear(2048, 2048))
 
 
+# ---------------------------------------------------------------------------------------------
+# MultiPy's example packages (multipy/runtime/example/generate_examples.py), for
+# tests/test_multipy_ports.py. As there, each package's model is also saved as TorchScript next
+# to it (jit_path(out)): the reference its output is compared with.
+
+
+def jit_path(out: Path) -> Path:
+    """Where a multipy_* build saves its TorchScript reference: NAME.pt -> NAME_jit.pt."""
+    return out.with_name(out.stem + "_jit.pt")
+
+
+def _testmodels():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(SOURCES / "models"))
+    import testmodels
+
+    return testmodels
+
+
+def build_multipy_simple(out: Path) -> None:
+    """MultiPy's "simple" (scripted reference), plus text and binary resources and a model that prints."""
+    testmodels = _testmodels()
+    torch.manual_seed(10)
+    model = testmodels.Simple(10, 20)
+    with PackageExporter(str(out)) as exporter:
+        exporter.extern("numpy.**")
+        exporter.intern("testmodels")
+        exporter.save_pickle("model", "model.pkl", model)
+        exporter.save_pickle("model", "example.pkl", (torch.rand(10, 20),))
+        exporter.save_text("extra_files", "greeting", "hello from a package ✓")
+        exporter.save_binary("extra_files", "blob", bytes(range(256)) + b"\x00\xff")
+        exporter.save_pickle("print", "model.pkl", testmodels.Prints())
+    torch.jit.script(model).save(str(jit_path(out)))
+
+
+def build_multipy_resnet(out: Path) -> None:
+    """A ResNet-18 built from torch.nn (no torchvision), in eval mode; traced reference."""
+    testmodels = _testmodels()
+    torch.manual_seed(11)
+    model = testmodels.ResNet18().eval()
+    example = torch.rand(1, 3, 64, 64)
+    with PackageExporter(str(out)) as exporter:
+        exporter.extern("numpy.**")
+        exporter.intern("testmodels")
+        exporter.save_pickle("model", "model.pkl", model)
+        exporter.save_pickle("model", "example.pkl", (example,))
+    with torch.no_grad():
+        # check_trace=False: trace's own re-run check costs seconds; the test compares outputs anyway
+        torch.jit.trace(model, (example,), check_trace=False).save(str(jit_path(out)))
+
+
+def build_multipy_simple_leaf_fx(out: Path) -> None:
+    """An FX GraphModule of SimpleWithLeaf (its wrapped leaf kept as a call); scripted reference."""
+    testmodels = _testmodels()
+    torch.manual_seed(12)
+    model = testmodels.SimpleWithLeaf(5, 10)
+    graph_module = torch.fx.symbolic_trace(model)
+    with PackageExporter(str(out)) as exporter:
+        exporter.extern("numpy.**")
+        exporter.intern("testmodels")
+        exporter.save_pickle("model", "model.pkl", graph_module)
+    torch.jit.script(model).save(str(jit_path(out)))
+
+
+USES_DISTRIBUTED = """\
+import torch.distributed as dist
+
+assert dist.is_available()
+INITIALIZED = dist.is_initialized()
+GLOO = str(dist.Backend("gloo"))
+SUM = str(dist.ReduceOp.SUM)
+
+
+def store_round_trip(key, value):
+    \"\"\"A HashStore: torch.distributed's in-process key-value store, no process group needed.\"\"\"
+    store = dist.HashStore()
+    store.set(key, value)
+    return store.get(key)
+"""
+
+
+def build_multipy_uses_distributed(out: Path) -> None:
+    """MultiPy's "uses_distributed": a package whose one module imports torch.distributed."""
+    with PackageExporter(str(out)) as exporter:
+        exporter.save_source_string("uses_distributed", USES_DISTRIBUTED)
+
+
+MULTIPY_BUILDS = {
+    "multipy_simple": build_multipy_simple,
+    "multipy_resnet": build_multipy_resnet,
+    "multipy_simple_leaf_fx": build_multipy_simple_leaf_fx,
+    "multipy_uses_distributed": build_multipy_uses_distributed,
+}
+
+
+def build_multipy_all(directory: Path) -> None:
+    """Every multipy_* package into directory (NAME.pt, NAME_jit.pt): one process, torch imported once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, build in MULTIPY_BUILDS.items():
+        build(directory / f"{name}.pt")
+
+
+MULTIPY_BUILDS_IN_ONE = {"multipy": build_multipy_all}
+
+
 BUILDS = {
     "conv": build_conv,
     "models": build_models,
@@ -88,6 +192,9 @@ BUILDS = {
     "big": build_big,
     "churn": build_churn,
 }
+
+BUILDS.update(MULTIPY_BUILDS)
+BUILDS.update(MULTIPY_BUILDS_IN_ONE)
 
 if __name__ == "__main__":
     name, out = sys.argv[1:]

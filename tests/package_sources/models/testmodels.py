@@ -170,3 +170,102 @@ class BadSplit:
     def __call__(self, x):
         time.sleep(0.01)
         return x.sum(0, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The example models of MultiPy's runtime tests (multipy/runtime/example), rewritten here for
+# tests/test_multipy_ports.py: built by tests/package_builder.py (multipy_* packages).
+
+
+class Simple(torch.nn.Module):
+    """MultiPy's "simple" example: a learned (rows, cols) offset added to the input."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(rows, cols))
+
+    def forward(self, input):
+        return self.weight + input
+
+
+class _BasicBlock(torch.nn.Module):
+    """ResNet's two-convolution residual block."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(planes)
+        self.conv2 = torch.nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(planes)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.shortcut = torch.nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = torch.nn.Sequential(
+                torch.nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), torch.nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet18(torch.nn.Module):
+    """ResNet-18 from torch.nn alone (torchvision's layout: 4 stages of 2 basic blocks)."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+            torch.nn.BatchNorm2d(64),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        stages = []
+        in_planes = 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(torch.nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes)))
+            in_planes = planes
+        self.stages = torch.nn.Sequential(*stages)
+        self.pool = torch.nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = torch.nn.Linear(512, num_classes)
+        for module in self.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics, so eval mode matters
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+                torch.nn.init.uniform_(module.bias, -0.1, 0.1)
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = self.pool(self.stages(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def a_non_torch_leaf(a: int, b):
+    """A plain function that FX keeps as one call (torch.fx.wrap below) instead of tracing into."""
+    return a * b
+
+
+torch.fx.wrap("a_non_torch_leaf")
+
+
+class SimpleWithLeaf(torch.nn.Module):
+    """MultiPy's FX example: Simple, with the input going through a wrapped leaf function."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(rows, cols))
+
+    def forward(self, input):
+        return self.weight + a_non_torch_leaf(1, input)
+
+
+class Prints(torch.nn.Module):
+    """Prints its input (to the worker's stdout) and returns it doubled."""
+
+    def forward(self, a):
+        print(a)
+        print("Prints.forward ran", flush=True)
+        return a + a
