@@ -77,3 +77,69 @@ def test_a_replacement_that_fails_in_any_way_is_retried(
     assert len(records) == len(failures)
     for record, failure in zip(records, failures, strict=True):
         assert bool(record.exc_info) == (not isinstance(failure, WorkerCrashed))
+
+
+class AnsweringWorker:
+    """A stand-in worker that answers every request at once with its own pid (or, held, when let go)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pid = 1000 + index
+        self.state = "starting"
+        self.calls_served = 0
+        self.alive = True
+        self.held: asyncio.Future[Any] | None = None
+        self.seen: list[str] = []
+
+    def send(self, message: Any, buffers: list[Any]) -> asyncio.Future[Any]:
+        self.seen.append(type(message).__name__)
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        frame = protocol.Frame(0, protocol.Result(self.pid), [], {})
+        if self.held is None:
+            reply.set_result(frame)
+        else:
+            self.held.add_done_callback(lambda _: reply.set_result(frame))
+        return reply
+
+
+def serving_pool(size: int) -> tuple[WorkerPool, list[AnsweringWorker]]:
+    pool = make_pool(size)
+    workers = [AnsweringWorker(index) for index in range(size)]
+    for worker in workers:
+        pool._workers[worker.index] = worker  # type: ignore[assignment]
+        pool._serving.add(worker)  # type: ignore[arg-type]
+        pool._free(worker)  # type: ignore[arg-type]
+    return pool, workers
+
+
+def test_session_steps_on_an_idle_worker_leave_one_entry_in_the_idle_queue() -> None:
+    async def run() -> None:
+        pool, (worker,) = serving_pool(1)
+        for _ in range(100):
+            assert await pool.call_on(0, worker.pid, protocol.ObjToValue("s", 1), []) == (worker.pid, [])
+        assert pool._idle.qsize() == 1, "a step must not add an entry each time (it grew without bound)"
+        assert await pool.call(protocol.HasAttr("o", "x"), []) == (worker.pid, [])
+        assert pool.idle_count() == 1
+
+    asyncio.run(run())
+
+
+def test_a_step_for_a_busy_worker_gets_it_before_calls_waiting_for_any() -> None:
+    async def run() -> None:
+        pool, (worker,) = serving_pool(1)
+        worker.held = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(pool.call(protocol.HasAttr("o", "first"), []))
+        await asyncio.sleep(0)
+        assert worker.state == "busy"
+        waiting_call = asyncio.ensure_future(pool.call(protocol.HasAttr("o", "second"), []))
+        step = asyncio.ensure_future(pool.call_on(0, worker.pid, protocol.ObjToValue("s", 1), []))
+        await asyncio.sleep(0)
+        assert pool.queue_depth == 2
+        worker.held.set_result(None)
+        worker.held = None
+        await asyncio.gather(running, waiting_call, step)
+        assert worker.seen == ["HasAttr", "ObjToValue", "HasAttr"], "the pinned step first"
+        with pytest.raises(WorkerCrashed, match="is gone"):
+            await pool.call_on(0, worker.pid + 1, protocol.ObjToValue("s", 1), [])  # a replaced worker
+
+    asyncio.run(run())

@@ -107,3 +107,28 @@ def test_unknown_names_make_no_metric_series_and_long_ones_are_cut() -> None:
     assert sample(servicer._metrics, "deployd_calls_total", method="Invoke", model="", code="NOT_FOUND") == 3
     exported = servicer._metrics.registry.collect()
     assert not any("typo" in str(metric.samples) for metric in exported)
+
+
+def test_health_forgets_all_but_the_latest_unloaded_names() -> None:
+    """Unloaded names report SERVICE_UNKNOWN, but only the latest 1024: a daemon that loads and
+    unloads for months must not keep every name it ever served."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    from server.api.health import _REMEMBERED_GONE, Health
+
+    async def run() -> None:
+        health = Health("deployd.v1.Deployd")
+        for number in range(_REMEMBERED_GONE + 50):
+            await health.sync(True, {f"obj-{number}"}, True)
+        await health.sync(True, set(), True)
+        table = health.servicer._server_status
+        unloaded = [name for name in table if name.startswith("obj-")]
+        assert len(unloaded) == _REMEMBERED_GONE
+        assert table[f"obj-{_REMEMBERED_GONE + 49}"] == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        assert "obj-0" not in table, "the oldest is forgotten (NOT_FOUND, as a name never loaded)"
+        await health.sync(True, {"obj-0"}, True)  # loaded again: serving, and no longer "gone"
+        assert table["obj-0"] == health_pb2.HealthCheckResponse.SERVING
+
+    asyncio.run(run())

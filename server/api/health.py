@@ -2,7 +2,9 @@
 object (service name = its object id).
 
 SERVING while at least one worker can serve; NOT_SERVING while none can, before the pool
-is up and from the start of shutdown. An unloaded object's name reports SERVICE_UNKNOWN.
+is up and from the start of shutdown. An unloaded object's name reports SERVICE_UNKNOWN, the
+last _REMEMBERED_GONE of them; older ones are forgotten (NOT_FOUND, as a name never loaded), so
+a daemon that loads and unloads for months does not keep every name it ever served.
 
 `<service>/capacity` is SERVING only while every worker slot serves: a pool that lost a
 worker it cannot replace still serves (the server stays SERVING) but at reduced capacity,
@@ -11,12 +13,15 @@ which this name shows (a name with "/" never clashes with an object's).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_REMEMBERED_GONE = 1024
 
 
 class Health:
@@ -25,6 +30,7 @@ class Health:
         self._server_names = ("", service_name)
         self.capacity_name = f"{service_name}/capacity"
         self._objects: set[str] = set()
+        self._gone: OrderedDict[str, None] = OrderedDict()  # unloaded names reporting SERVICE_UNKNOWN
 
     async def sync(
         self, serving: bool, objects: set[str], full_capacity: bool, failing: frozenset[str] | set[str] = frozenset()
@@ -34,6 +40,14 @@ class Health:
         await self.servicer.set(self.capacity_name, _SERVING if full_capacity else _NOT_SERVING)  # type: ignore[arg-type]
         for gone in self._objects - objects:
             await self.servicer.set(gone, _UNKNOWN)  # type: ignore[arg-type]
+            self._gone[gone] = None
+        for back in objects & self._gone.keys():
+            del self._gone[back]
+        while len(self._gone) > _REMEMBERED_GONE:
+            forgotten, _ = self._gone.popitem(last=False)
+            # grpc_health has no way to remove a name: its table is dropped from directly. A
+            # watcher of it still sees SERVICE_UNKNOWN, Watch's answer for a name not in it.
+            self.servicer._server_status.pop(forgotten, None)
         self._objects = set(objects)
         status = _SERVING if serving else _NOT_SERVING
         for name in (*self._server_names, *sorted(objects)):

@@ -107,6 +107,9 @@ class WorkerPool:
         self._workers: dict[int, WorkerHandle] = {}  # slot index -> current worker
         self._serving: set[WorkerHandle] = set()
         self._idle: asyncio.Queue[WorkerHandle] = asyncio.Queue()
+        # Workers with an entry in _idle. call_on takes an idle worker without taking its entry
+        # out (a Queue cannot): when it is freed the entry is still there, and must not be doubled.
+        self._queued: set[WorkerHandle] = set()
         self._restarts = dict.fromkeys(range(size), 0)
         self._backoff = dict.fromkeys(range(size), 0.0)
         self._started_at: dict[int, float] = {}
@@ -169,6 +172,7 @@ class WorkerPool:
                     raise WorkerCrashed(f"worker {index} {worker.exit_reason or 'stopped'} while being prepared")
                 self._serving.add(worker)
                 worker.state = "idle"
+                self._queued.add(worker)
                 self._idle.put_nowait(worker)
         except BaseException:
             await worker.stop(self._stop_timeout)
@@ -331,6 +335,7 @@ class WorkerPool:
             if self._closing:
                 raise PoolClosed()
             worker = await self._idle.get()
+            self._queued.discard(worker)
             # Skip workers that died while idle, and ones a session's call took (call_on).
             if worker in self._serving and worker.state == "idle":
                 worker.state = "busy"
@@ -349,7 +354,9 @@ class WorkerPool:
                 waiter.set_result(None)  # still "busy": it goes straight to that call
                 return
         worker.state = "idle"
-        self._idle.put_nowait(worker)
+        if worker not in self._queued:
+            self._queued.add(worker)
+            self._idle.put_nowait(worker)
         for listener in list(self.release_listeners):
             listener()
 
