@@ -154,11 +154,15 @@ class Sessions:
         for session in list(self._open.values()):
             self.end(session, why)
 
-    async def close(self) -> None:
-        """At shutdown, after end_all: stop the reaper, wait for the releases under way."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """At shutdown, after end_all: stop the reaper, wait a little for the releases under way
+        (one queued behind a hung call would wait for it: the pool's stop ends both)."""
         if self._reaper is not None:
             self._reaper.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in late:
+                task.cancel()
 
     async def _release_objects(self, session: Session) -> None:
         try:
