@@ -394,7 +394,9 @@ def test_status_text_shows_draining_versions() -> None:
         "packages": [],
         "objects": [],
         "modules": [],
+        "sessions": [{"session_id": "s1", "worker": 1, "objects": 4, "idle_seconds": 2.5, "steps_running": 0}],
     }
     lines = cli._status_text(report).splitlines()
+    assert lines[lines.index("sessions: 1") + 2].split() == ["s1", "1", "4", "2.5", "0"]
     at = lines.index("  swap  serving version none")
     assert lines[at + 2].split() == ["1", "draining", "obj-1", "3", "m:f.pkl", "p" * 64]
