@@ -36,7 +36,7 @@ from bench import (
     threshold,
     v2load,
 )
-from bench.common import DAEMON_NOTES, RESULTS_DIR, Context, Report, format_table, write_csv
+from bench.common import DAEMON_NOTES, DAEMON_PIDS, RESULTS_DIR, Context, Report, format_table, write_csv
 
 BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "scaling": scaling.run,
@@ -94,7 +94,11 @@ def summary(report: Report) -> str:
 
 
 def leftover_shared_memory(before: set[str]) -> set[str]:
-    return set(os.listdir("/dev/shm")) - before if os.path.isdir("/dev/shm") else set()
+    """Segments the benchmarks' daemons made and left (named deployd-<daemon pid>-<n>)."""
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    ours = tuple(f"deployd-{pid}-" for pid in DAEMON_PIDS)
+    return {name for name in set(os.listdir("/dev/shm")) - before if name.startswith(ours)}
 
 
 def main(argv: list[str]) -> int:

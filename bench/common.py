@@ -40,6 +40,9 @@ TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": 
 
 # Things that looked wrong in a daemon (bad exit, leftovers, errors in its log): printed at the end.
 DAEMON_NOTES: list[str] = []
+# Every daemon a benchmark started: the leftover check counts only their shared memory (segment
+# names carry the daemon's pid), not that of whatever else runs on the host meanwhile.
+DAEMON_PIDS: set[int] = set()
 
 
 class BenchError(RuntimeError):
@@ -317,6 +320,7 @@ class Daemon:
             stderr=subprocess.PIPE,
             text=True,
         )
+        DAEMON_PIDS.add(self.process.pid)
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
 
