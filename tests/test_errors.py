@@ -137,3 +137,19 @@ def test_bad_module_source(manager: InterpreterManager, package_dir: Path) -> No
 def test_every_error_is_a_deploy_error() -> None:
     for error_type in (InvalidArgumentError, NotFoundError, PermissionDeniedError, RemoteError):
         assert issubclass(error_type, DeployError)
+
+
+@pytest.mark.parametrize("text", ["x" * 20000, "é" * 5000], ids=["ascii", "non-ascii"])
+def test_a_long_exception_message_still_reaches_the_caller(
+    manager: InterpreterManager, package_dir: Path, text: str
+) -> None:
+    """The status message is cut to 2000 bytes and the traceback in the error trailer to what is
+    left of grpc's 8 KiB metadata budget: whole, they would not reach the client at all (it gets
+    RESOURCE_EXHAUSTED "received metadata size exceeds ... limit" instead of the error)."""
+    scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+    with pytest.raises(RemoteError) as raised:
+        scale.call_method("fail", text)
+    assert raised.value.remote_type == "ValueError"
+    assert "bytes of traceback, cut" in raised.value.remote_traceback
+    assert raised.value.remote_traceback.rstrip().splitlines()[-1].startswith("ValueError: "), "the end is kept"
+    assert len(raised.value.details.encode()) <= 2000

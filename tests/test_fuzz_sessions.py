@@ -93,16 +93,10 @@ NO_EVENT = "OpenSession's stream ended without a SessionEvent"
 
 # Bugs the fuzz found (tests in "Found by the fuzz"): key -> the status and a tell-tale text of
 # the message that comes instead of a proper answer.
-KNOWN_BUGS = {
-    # OpenSession(worker=N) with N outside the pool's slots: UNAVAILABLE (retry later), though
-    # no retry can ever succeed.
-    "slot-out-of-range": (Code.UNAVAILABLE, "is not serving now (the pool has slots"),
-    # A step's error quotes the caller's long text (a name) in its traceback, which travels
-    # whole in the deployd-error-detail-bin trailer: past grpc's metadata limit (8 KiB soft,
-    # 16 KiB hard) the client gets RESOURCE_EXHAUSTED instead of the error.
-    "long-traceback": (Code.RESOURCE_EXHAUSTED, "metadata size exceeds"),
-}
-LONG_TEXT = 3000  # characters of text in a request before the long-traceback bug may show
+# None open. Fixed, with their tests below: OpenSession(worker=N) outside the pool's slots was
+# UNAVAILABLE (now INVALID_ARGUMENT); a step's error quoting a long name travelled whole in the
+# error trailer, past grpc's metadata limit (its traceback is now cut to fit).
+KNOWN_BUGS: dict[str, tuple[grpc.StatusCode, str]] = {}
 
 # ------------------------------------------------------------------ what the fuzz never runs
 
@@ -256,16 +250,6 @@ def _items(value: Any) -> list[Any]:
     return list(value)  # (upb's repeated containers are sequences with no __iter__ attribute)
 
 
-def texts_of(message: Message) -> Iterator[str]:
-    """Every string in a message, map keys included."""
-    for _, value in message.ListFields():
-        for item in _items(value):
-            if isinstance(item, str):
-                yield item
-            elif isinstance(item, Message):
-                yield from texts_of(item)
-
-
 def refs_in(message: Message, session_id: str) -> Iterator[int]:
     """The numbers of the Objs of a session anywhere in a request's values."""
     for _, value in message.ListFields():
@@ -275,13 +259,6 @@ def refs_in(message: Message, session_id: str) -> Iterator[int]:
                     yield item.obj_id
             elif isinstance(item, Message):
                 yield from refs_in(item, session_id)
-
-
-def has_long_text(message: Message) -> bool:
-    try:
-        return any(len(text) >= LONG_TEXT for text in texts_of(message))
-    except RecursionError:  # pragma: no cover - a value nested past Python's limit
-        return False
 
 
 def replay_hint(test: str) -> str:
@@ -602,15 +579,7 @@ def bugs_of(method: str, request: Message | None) -> tuple[str, ...]:
     """The known bugs a request may meet."""
     if request is None:
         return ()
-    bugs: list[str] = []
-    if (
-        isinstance(request, pb.OpenSessionRequest)
-        and request.HasField("worker")
-        and request.worker not in range(WORKERS)
-    ):
-        bugs.append("slot-out-of-range")
-    if method not in ("OpenSession", "CloseSession") and has_long_text(request):
-        bugs.append("long-traceback")
+    bugs: list[str] = []  # add a KNOWN_BUGS key here for the requests that meet it
     return tuple(bugs)
 
 
@@ -838,7 +807,7 @@ class Fuzz:
         elif (
             answer.code == Code.UNKNOWN
             or (answer.code == Code.NOT_FOUND and "in this worker" in answer.details)
-            or not proper  # the long-traceback bug: the worker's error, lost on its way
+            or not proper  # a known bug's answer (KNOWN_BUGS): the worker may have run it
         ):
             session.next_number += 1  # the worker ran it: its number is taken
 
@@ -1118,7 +1087,7 @@ class Fuzz:
         elif len(self.open()) >= MAX_SESSIONS:
             expect = Expect({Code.RESOURCE_EXHAUSTED})
         elif out_of_range:  # a fix: NOT_FOUND or INVALID_ARGUMENT
-            expect = Expect({Code.INVALID_ARGUMENT, Code.NOT_FOUND}, bugs=("slot-out-of-range",))
+            expect = Expect({Code.INVALID_ARGUMENT, Code.NOT_FOUND})
         elif bad_self:
             expect = Expect({Code.NOT_FOUND, Code.INVALID_ARGUMENT})
         else:
@@ -1198,7 +1167,6 @@ def test_random_session_steps(sessions_target: Target) -> None:
 # ------------------------------------------------------------------ found by the fuzz
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: an out-of-range worker slot is UNAVAILABLE")
 @pytest.mark.parametrize("slot", [WORKERS, -1, INT32_MAX])
 def test_a_worker_slot_outside_the_pool_is_not_unavailable(sessions_target: Target, slot: int) -> None:
     """OpenSession(worker=N) for a slot the pool does not have can never succeed: UNAVAILABLE
@@ -1209,7 +1177,6 @@ def test_a_worker_slot_outside_the_pool_is_not_unavailable(sessions_target: Targ
     assert answer.code in (Code.INVALID_ARGUMENT, Code.NOT_FOUND), f"OpenSession(worker={slot}): got {answer}"
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a step's traceback travels whole in the error trailer")
 @pytest.mark.parametrize(
     ("module", "name"), [("builtins", LONG_NAME), (LONG_NAME, "x")], ids=["long-name", "long-module"]
 )

@@ -44,6 +44,10 @@ REQUEST_ID_KEY = "x-request-id"
 # up to 8 KiB of: past that the caller gets RESOURCE_EXHAUSTED instead of the error. So it is
 # cut to this many bytes of UTF-8 (at most 6000 encoded).
 MAX_MESSAGE_BYTES = 2000
+# The error trailer (ErrorDetail, base64 on the wire) shares that budget with the message: its
+# traceback is cut so that message and trailer stay under this many bytes on the wire, below
+# grpc's 8 KiB soft limit with room for the other headers.
+METADATA_BUDGET = 7000
 MAX_LOGGED_TARGET = 200  # bytes of the object or model a log line names
 
 # Most specific first: the first matching class decides.
@@ -123,9 +127,10 @@ def call_handlers(
                 response = await handler(self, request, context)
             except DeploydError as error:
                 code = status_for(error)
-                context.set_trailing_metadata(_error_metadata(error))
+                message = _cut(str(error), MAX_MESSAGE_BYTES)
+                context.set_trailing_metadata(error_metadata(error, message))
                 finish(code)
-                await context.abort(code, _cut(str(error), MAX_MESSAGE_BYTES))
+                await context.abort(code, message)
             except asyncio.CancelledError:
                 finish(grpc.StatusCode.CANCELLED)
                 raise
@@ -149,6 +154,22 @@ def _cut(text: str, limit: int) -> str:
     return f"{data[: limit - 40].decode(errors='ignore')}... (cut: {len(data)} bytes)"
 
 
+def _cut_traceback(text: str, limit: int) -> str:
+    """A traceback in at most limit bytes of UTF-8. Its last lines say most (where it was
+    raised, and the exception), so long lines are shortened first, then the start is dropped."""
+    if len(text.encode()) <= limit:
+        return text
+    lines = [_cut(line, 300) for line in text.splitlines()]
+    kept: list[str] = []
+    used = 60  # the note saying so
+    for line in reversed(lines):
+        used += len(line.encode()) + 1
+        if used > limit:
+            break
+        kept.append(line)
+    return "\n".join([f"... ({len(text.encode())} bytes of traceback, cut)", *reversed(kept)])
+
+
 def _log_call(context: Context, method: str, target: str, code: grpc.StatusCode, seconds: float) -> None:
     """One line per call: ids, names, status and time only, never values or tokens."""
     request_id = ""
@@ -165,13 +186,20 @@ def _log_call(context: Context, method: str, target: str, code: grpc.StatusCode,
     calls_log.info("call", extra={"fields": fields})
 
 
-def _error_metadata(error: DeploydError) -> tuple[tuple[str, bytes | str], ...]:
-    """Trailing metadata that carries what a status code and message cannot."""
+def error_metadata(error: DeploydError, message: str) -> tuple[tuple[str, bytes | str], ...]:
+    """Trailing metadata that carries what a status code and message cannot; its traceback cut
+    so that it and the message (as sent) fit METADATA_BUDGET together."""
     killed_worker = isinstance(error, errors.WorkerCrashed) and error.caused_by_call
     if not (error.remote_type or error.remote_traceback or killed_worker):
         return ()
+    # grpc-message is percent-encoded (3 bytes for each byte outside printable ASCII); a -bin
+    # value is base64 (4 bytes for each 3).
+    message_on_wire = sum(1 if 0x20 <= byte < 0x7F and byte != 0x25 else 3 for byte in message.encode())
+    traceback_budget = max((METADATA_BUDGET - message_on_wire) * 3 // 4 - 200, 500)
     detail = pb.ErrorDetail(
-        remote_type=error.remote_type, remote_traceback=error.remote_traceback, call_killed_worker=killed_worker
+        remote_type=_cut(error.remote_type, 200),
+        remote_traceback=_cut_traceback(error.remote_traceback, traceback_budget),
+        call_killed_worker=killed_worker,
     )
     metadata: tuple[tuple[str, bytes | str], ...] = ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
     if killed_worker:

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import FailedPrecondition, NotFound, SessionEnded, TooLarge, WorkerCrashed
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, SessionEnded, TooLarge, WorkerCrashed
 from server.ipc import protocol
 from server.models.names import check_name
 from server.models.service import LoadedObject, ModelService
@@ -104,14 +104,13 @@ class Sessions:
     def _pick_worker(self, wanted: int | None) -> tuple[int, int]:
         serving = self._pool.serving_workers()
         if wanted is not None:
+            if not 0 <= wanted < self._pool.size:  # never there: no retry can help
+                last = self._pool.size - 1
+                raise InvalidArgument(f"there is no worker slot {wanted}: the pool has slots 0 to {last}")
             for slot, pid, _ in serving:
                 if slot == wanted:
                     return slot, pid
-            raise WorkerCrashed(
-                f"worker {wanted} is not serving now"
-                + ("" if 0 <= wanted < self._pool.size else f" (the pool has slots 0 to {self._pool.size - 1})"),
-                started=False,
-            )
+            raise WorkerCrashed(f"worker {wanted} is not serving now (it is being replaced)", started=False)
         if not serving:
             raise WorkerCrashed("no worker is serving now", started=False)
         held = {slot: 0 for slot, _, _ in serving}
