@@ -242,8 +242,9 @@ class WorkerPool:
     ) -> tuple[Any, list[Any]]:
         """Run a request on one free worker, waiting in line for one if all are busy; on_start
         is called once it has its worker."""
-        # Not _idle.empty(): the queue may hold entries of workers a session's call took.
-        if self.idle_count() == 0 and self._waiting >= self._max_queued_calls:
+        # Not _idle.empty(): the queue may hold entries of workers a session's call took. The
+        # count walks the workers: asked only once the line is full, off the common path.
+        if self._waiting >= self._max_queued_calls and self.idle_count() == 0:
             raise Overloaded(
                 f"all workers are busy and {self._waiting} calls already wait for one"
                 f" (pool.max_queued_calls={self._max_queued_calls}); try again later"
