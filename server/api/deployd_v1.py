@@ -24,7 +24,7 @@ from server.proto import deployd_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Deployd"].full_name
 # What an invoke token may call; anything else in the service needs admin (server.api.auth).
-INVOKE_METHODS = frozenset({"Invoke", "HasAttr", "LoadText", "LoadBinary", "Status"})
+INVOKE_METHODS = frozenset({"Invoke", "HasAttr", "LoadText", "LoadBinary", "Status", "Endpoints"})
 _LOADS = {"LoadPackage": "package", "LoadPickle": "pickle"}
 
 
@@ -177,6 +177,10 @@ class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
         return [
             pb.ModelStatus(name=name, error=why) for name, why in self._repository.errors.items() if name not in loaded
         ]
+
+    @_reports_errors
+    async def Endpoints(self, request: pb.EndpointsRequest, context: Context) -> pb.EndpointsResponse:
+        return pb.EndpointsResponse()
 
     @_reports_errors
     async def Reload(self, request: pb.ReloadRequest, context: Context) -> pb.ReloadResponse:

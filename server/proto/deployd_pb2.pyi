@@ -304,6 +304,32 @@ class ModelStatus(_message.Message):
     error: str
     def __init__(self, name: _Optional[str] = ..., serving_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
 
+class EndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EndpointsResponse(_message.Message):
+    __slots__ = ("generation", "workers")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerEndpoint]
+    def __init__(self, generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerEndpoint, _Mapping]]] = ...) -> None: ...
+
+class WorkerEndpoint(_message.Message):
+    __slots__ = ("slot", "address", "pid", "generation", "models")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    address: str
+    pid: int
+    generation: int
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slot: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., generation: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ReloadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

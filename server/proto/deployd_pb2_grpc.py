@@ -89,6 +89,11 @@ class DeploydStub:
                 request_serializer=deployd_dot_v1_dot_deployd__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=deployd_dot_v1_dot_deployd__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.Endpoints = channel.unary_unary(
+                '/deployd.v1.Deployd/Endpoints',
+                request_serializer=deployd_dot_v1_dot_deployd__pb2.EndpointsRequest.SerializeToString,
+                response_deserializer=deployd_dot_v1_dot_deployd__pb2.EndpointsResponse.FromString,
+                _registered_method=True)
 
 
 class DeploydServicer:
@@ -174,6 +179,18 @@ class DeploydServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Endpoints(self, request, context):
+        """Where the workers serve calls themselves (pool.data_ports): each serving worker's data
+        port, which serves Invoke and HasAttr of this service and KServe v2's ModelInfer,
+        ModelReady and ModelMetadata, with the daemon's auth, limits and errors. Empty when
+        the pool has no data ports. A call answered by a data port carries the current
+        generation in its trailing metadata ("deployd-endpoints-generation"): a client whose
+        list is older asks again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeploydServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +248,11 @@ def add_DeploydServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=deployd_dot_v1_dot_deployd__pb2.ReloadRequest.FromString,
                     response_serializer=deployd_dot_v1_dot_deployd__pb2.ReloadResponse.SerializeToString,
+            ),
+            'Endpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.Endpoints,
+                    request_deserializer=deployd_dot_v1_dot_deployd__pb2.EndpointsRequest.FromString,
+                    response_serializer=deployd_dot_v1_dot_deployd__pb2.EndpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +552,33 @@ class Deployd:
             '/deployd.v1.Deployd/Reload',
             deployd_dot_v1_dot_deployd__pb2.ReloadRequest.SerializeToString,
             deployd_dot_v1_dot_deployd__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Endpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deployd.v1.Deployd/Endpoints',
+            deployd_dot_v1_dot_deployd__pb2.EndpointsRequest.SerializeToString,
+            deployd_dot_v1_dot_deployd__pb2.EndpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
