@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, NamedTuple, TypeAlias, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from server import errors
 from server.api.metrics import Metrics
 from server.errors import DeploydError, InvalidArgument
+from server.models.names import NamedModel
 from server.proto import deployd_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,22 @@ class Servicer:
 
     _metrics: Metrics
     _log_calls: bool
+
+
+class ModelCalls(Protocol):
+    """What the call handlers (Invoke, HasAttr, v2's inference) need of the models: the
+    daemon's domain service (server.models.service), or a data port's table of what its
+    worker holds (server.api.dataport)."""
+
+    async def invoke(
+        self, target: str, version: int, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any]
+    ) -> tuple[Any, list[Any]]: ...
+
+    async def has_attr(self, target: str, version: int, name: str) -> bool: ...
+
+    def named_model(self, name: str) -> NamedModel: ...
+
+    def served_names(self) -> set[str]: ...
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
@@ -269,13 +286,16 @@ def register_service(
     add_generated: Callable[[Any, Any], None],
     service: Any,
     metrics: Metrics,
+    only: frozenset[str] | None = None,
 ) -> None:
     """Register a service (its descriptor) from its generated add_*_to_server, with tolerant
-    parsing and byte counts."""
+    parsing and byte counts. only: the methods to serve (others: UNIMPLEMENTED); None: all."""
     table = _HandlerTable()
     add_generated(servicer, table)
     handlers = {}
     for name, handler in table.handlers.items():
+        if only is not None and name not in only:
+            continue
         message_type = service.methods_by_name[name].input_type.full_name
         handlers[name] = handler._replace(
             request_deserializer=_parse_or_mark(handler.request_deserializer, message_type, metrics),

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from server.api.calls import Context, MalformedRequest, Servicer, call_handlers, register_service
+from server.api.calls import Context, MalformedRequest, ModelCalls, Servicer, call_handlers, register_service
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 from server.batching.batcher import BatchPolicy
@@ -36,7 +36,39 @@ def _object_of(request: Any) -> str:
 _reports_errors = call_handlers(_object_of, per_model=frozenset({"Invoke", "HasAttr"}), loads=_LOADS)
 
 
-class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
+class InvokeHandlers(Servicer):
+    """Invoke and HasAttr: what the daemon serves and every worker's data port serves too."""
+
+    _service: ModelCalls
+    _value_limits: ValueLimits
+
+    @_reports_errors
+    async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
+        buffers: list[Any] = []
+        limits = self._value_limits
+        args = [unpack_value(value, buffers, limits) for value in request.args]
+        kwargs = {name: unpack_value(value, buffers, limits) for name, value in request.kwargs.items()}
+        result, result_buffers = await self._service.invoke(
+            request.object_id, request.version, request.method or "__call__", args, kwargs, buffers
+        )
+        response = pb.InvokeResponse()
+        pack_value(result, result_buffers, response.result)
+        return response
+
+    @_reports_errors
+    async def HasAttr(self, request: pb.HasAttrRequest, context: Context) -> pb.HasAttrResponse:
+        return pb.HasAttrResponse(
+            present=await self._service.has_attr(request.object_id, request.version, request.name)
+        )
+
+
+# The methods a worker's data port serves of this service (server.api.dataport).
+DATA_PORT_METHODS = frozenset({"Invoke", "HasAttr"})
+
+
+class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[misc]
+    _service: ModelService
+
     def __init__(
         self,
         service: ModelService,
@@ -85,25 +117,6 @@ class DeploydServicer(pb_grpc.DeploydServicer, Servicer):  # type: ignore[misc]
             request.package_id, request.module, request.file, request.name, batching
         )
         return pb.LoadPickleResponse(object_id=loaded.object_id, name=loaded.name, version=loaded.version)
-
-    @_reports_errors
-    async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
-        buffers: list[Any] = []
-        limits = self._value_limits
-        args = [unpack_value(value, buffers, limits) for value in request.args]
-        kwargs = {name: unpack_value(value, buffers, limits) for name, value in request.kwargs.items()}
-        result, result_buffers = await self._service.invoke(
-            request.object_id, request.version, request.method or "__call__", args, kwargs, buffers
-        )
-        response = pb.InvokeResponse()
-        pack_value(result, result_buffers, response.result)
-        return response
-
-    @_reports_errors
-    async def HasAttr(self, request: pb.HasAttrRequest, context: Context) -> pb.HasAttrResponse:
-        return pb.HasAttrResponse(
-            present=await self._service.has_attr(request.object_id, request.version, request.name)
-        )
 
     @_reports_errors
     async def UnloadObject(self, request: pb.UnloadObjectRequest, context: Context) -> pb.UnloadObjectResponse:
@@ -234,7 +247,7 @@ async def _chunks(first: pb.LoadPackageRequest, rest: AsyncIterator[Any]) -> Asy
         yield request.chunk
 
 
-def add_to_server(servicer: DeploydServicer, server: Any, metrics: Metrics) -> None:
+def add_to_server(servicer: InvokeHandlers, server: Any, metrics: Metrics, only: frozenset[str] | None = None) -> None:
     """Register the Deployd service: the generated table, with tolerant parsing and byte counts."""
     service = pb.DESCRIPTOR.services_by_name["Deployd"]
-    register_service(server, servicer, pb_grpc.add_DeploydServicer_to_server, service, metrics)
+    register_service(server, servicer, pb_grpc.add_DeploydServicer_to_server, service, metrics, only)

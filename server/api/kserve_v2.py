@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from server.api.calls import Context, Servicer, call_handlers, register_service
+from server.api.calls import Context, ModelCalls, Servicer, call_handlers, register_service
 from server.api.kserve_tensors import (
     Signature,
     decode_inputs,
@@ -56,24 +56,19 @@ def _server_version() -> str:
         return "unknown"
 
 
-class KServeV2Servicer(v2_grpc.GRPCInferenceServiceServicer, Servicer):  # type: ignore[misc]
-    def __init__(
-        self,
-        service: ModelService,
-        repository: ModelRepository,
-        metrics: Metrics,
-        is_ready: Callable[[], bool],
-        log_calls: bool = True,
-        value_limits: ValueLimits = DEFAULT_LIMITS,
-    ) -> None:
-        self._service = service
-        self._repository = repository
-        self._metrics = metrics
-        self._is_ready = is_ready
-        self._log_calls = log_calls
-        self._value_limits = value_limits
-        # name -> (inputs, outputs) of its last successful call: metadata when none is declared
-        self._seen: dict[str, tuple[list[Signature], list[Signature]]] = {}
+class InferHandlers(Servicer):
+    """Health, metadata and inference: what the daemon serves and every worker's data port
+    serves too (server.api.dataport)."""
+
+    _service: ModelCalls
+    _value_limits: ValueLimits
+    _is_ready: Callable[[], bool]
+    # name -> (inputs, outputs) of its last successful call: metadata when none is declared
+    _seen: dict[str, tuple[list[Signature], list[Signature]]]
+
+    def _declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """The inputs and outputs a model's entry declares (none: ((), ()))."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ server
 
@@ -111,27 +106,27 @@ class KServeV2Servicer(v2_grpc.GRPCInferenceServiceServicer, Servicer):  # type:
         if version and version not in model.versions:
             loaded = ", ".join(map(str, model.versions))
             raise NotFound(f"model {name!r} has no version {version} (loaded: {loaded})")
-        entry = self._repository.entry(name)
+        declared_inputs, declared_outputs = self._declared(name)
         inputs_seen, outputs_seen = self._seen.get(name, ([], []))
         return v2.ModelMetadataResponse(
             name=name,
             versions=[str(number) for number in model.versions],
             platform=PLATFORM,
-            inputs=_tensor_metadata(entry.inputs if entry else (), inputs_seen),
-            outputs=_tensor_metadata(entry.outputs if entry else (), outputs_seen),
+            inputs=_tensor_metadata(declared_inputs, inputs_seen),
+            outputs=_tensor_metadata(declared_outputs, outputs_seen),
         )
 
     @_handles_call
     async def ModelInfer(self, request: v2.ModelInferRequest, context: Context) -> v2.ModelInferResponse:
         name = _required_name(request.model_name)
         version = _version(request.model_version) or self._service.named_model(name).serving
-        entry = self._repository.entry(name)
-        decoded = decode_inputs(request, entry.inputs if entry else (), self._value_limits)
+        declared_inputs, declared_outputs = self._declared(name)
+        decoded = decode_inputs(request, declared_inputs, self._value_limits)
         # Pinned to the version resolved above, so the answer names the version that ran it.
         result, buffers = await self._service.invoke(
             name, version, "__call__", decoded.args, decoded.kwargs, decoded.buffers
         )
-        outputs = result_outputs(result, buffers, entry.outputs if entry else ())
+        outputs = result_outputs(result, buffers, declared_outputs)
         outputs = select_outputs(outputs, [output.name for output in request.outputs])
         response = v2.ModelInferResponse(model_name=name, model_version=str(version), id=request.id)
         outputs_seen = fill_response(outputs, decoded.raw, response)
@@ -146,6 +141,34 @@ class KServeV2Servicer(v2_grpc.GRPCInferenceServiceServicer, Servicer):  # type:
             if len(self._seen) >= _MAX_REMEMBERED:
                 return
         self._seen[name] = (inputs, outputs)
+
+
+# The methods a worker's data port serves of this service.
+DATA_PORT_METHODS = INVOKE_METHODS
+
+
+class KServeV2Servicer(InferHandlers, v2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        service: ModelService,
+        repository: ModelRepository,
+        metrics: Metrics,
+        is_ready: Callable[[], bool],
+        log_calls: bool = True,
+        value_limits: ValueLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self._service = service
+        self._repository = repository
+        self._metrics = metrics
+        self._is_ready = is_ready
+        self._log_calls = log_calls
+        self._value_limits = value_limits
+        # name -> (inputs, outputs) of its last successful call: metadata when none is declared
+        self._seen = {}
+
+    def _declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        entry = self._repository.entry(name)
+        return (entry.inputs, entry.outputs) if entry else ((), ())
 
     # ------------------------------------------------------------------ model repository (admin)
 
@@ -237,7 +260,7 @@ def _entry_parameter(name: str, parameters: Any) -> ModelEntry | None:
     return entry
 
 
-def add_to_server(servicer: KServeV2Servicer, server: Any, metrics: Metrics) -> None:
+def add_to_server(servicer: InferHandlers, server: Any, metrics: Metrics, only: frozenset[str] | None = None) -> None:
     """Register the v2 service: the generated table, with tolerant parsing and byte counts."""
     service = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    register_service(server, servicer, v2_grpc.add_GRPCInferenceServiceServicer_to_server, service, metrics)
+    register_service(server, servicer, v2_grpc.add_GRPCInferenceServiceServicer_to_server, service, metrics, only)

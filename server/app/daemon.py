@@ -25,9 +25,10 @@ from server.api import deployd_v1, kserve_v2, sessions_v1
 from server.api.auth import TokenAuth
 from server.api.health import Health
 from server.api.metrics import Metrics
+from server.api.tls import server_credentials
 from server.api.values import ValueLimits
 from server.app import eventloop
-from server.app.config import Config, ConfigError, ServerSection, TlsSection, split_address, worker_user
+from server.app.config import Config, ConfigError, ServerSection, split_address, worker_user
 from server.batching.batcher import BatchObserver
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
 from server.ipc.shm import remove_stale_segments, set_worker_group
@@ -289,7 +290,9 @@ class Daemon:
         tls = self.config.tls
         try:
             if tls.cert_file:
-                port: int = self._server.add_secure_port(address, server_credentials(tls))
+                port: int = self._server.add_secure_port(
+                    address, server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
+                )
             else:
                 port = self._server.add_insecure_port(address)
         except RuntimeError as error:
@@ -311,16 +314,6 @@ class Daemon:
             await self._server.stop(0)
         fast.cancel()
         await stopping
-
-
-def server_credentials(tls: TlsSection) -> grpc.ServerCredentials:
-    """TLS with the configured certificate; with client_ca_file, clients must present one it signed."""
-    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
 
 
 def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -149,6 +149,34 @@ class SessionClose(NamedTuple):
     session_id: str
 
 
+# A worker with a data port (pool.data_ports) serves calls itself (server.app.worker_process).
+# The daemon opens the port once everything loaded was replayed into the worker, and tells it
+# what names and ids serve; calls that reach the port resolve against that table.
+
+
+class OpenDataPort(NamedTuple):
+    """Start serving calls on port (0: any free one); the reply is the port bound."""
+
+    slot: int
+    port: int
+
+
+class CloseDataPort(NamedTuple):
+    """Stop taking calls on the data port; those in flight get grace seconds to finish."""
+
+    grace: float
+
+
+class SetRoutes(NamedTuple):
+    """What the data port serves: model names and object ids, as the daemon's tables say now."""
+
+    generation: int  # the daemon's endpoints generation (deployd.v1 Endpoints)
+    models: dict[str, tuple[int, dict[int, str]]]  # name -> (serving version, {version: object id})
+    objects: list[str]  # object ids loaded
+    # name -> (inputs, outputs) a model's config entry declares, each (name, datatype, shape)
+    signatures: dict[str, tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]]
+
+
 # ------------------------------------------------------------------ replies (worker -> daemon)
 
 
@@ -189,6 +217,9 @@ Request = (
     | ObjToValue
     | ExportObj
     | SessionClose
+    | OpenDataPort
+    | CloseDataPort
+    | SetRoutes
 )
 Reply = Ready | Result | Failure
 Message = Request | Reply
@@ -210,6 +241,9 @@ _MESSAGE_TYPES: tuple[type[Any], ...] = (
     ObjToValue,
     ExportObj,
     SessionClose,
+    OpenDataPort,
+    CloseDataPort,
+    SetRoutes,
     Ready,
     Result,
     Failure,

@@ -7,6 +7,7 @@ torch ops at import time: a fork after OpenMP has started hangs the child.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import resource
@@ -15,15 +16,19 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
 from server.ipc.protocol import (
     Ready,
+    Reply,
+    Request,
     encode_frame,
     encode_header,
     place_buffers,
+    read_frame_async,
     read_frame_blocking,
     write_frame_blocking,
 )
@@ -33,6 +38,15 @@ from server.worker.shared import ArenaMappings, ReplyPlacement
 
 
 def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
+    runtime = start_worker_process(settings)
+    mappings = ArenaMappings()
+    write_frame_blocking(channel, encode_frame(0, Ready(os.getpid()), []))
+    while serve_one(channel, runtime, mappings, settings.shm_threshold_bytes):
+        pass
+
+
+def start_worker_process(settings: WorkerSettings) -> Runtime:
+    """What every worker does first, before any model code runs: its user, limits and threads."""
     _become_user(settings.uid, settings.gid)  # first: a change of user clears the parent-death signal
     _die_with_parent()
     _limit_resources(settings)
@@ -40,13 +54,12 @@ def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # torch.package's unpickler still uses TypedStorage; the warning says nothing to an operator.
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+    # A tensor read from a socket or a gRPC request wraps bytes owned by that one request
+    # alone (dropped once it is answered), so model code writing to it harms no one.
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.set_num_threads(settings.num_threads)
     sys.path.extend(settings.extra_sys_paths)
-    runtime = Runtime()
-    mappings = ArenaMappings()
-    write_frame_blocking(channel, encode_frame(0, Ready(os.getpid()), []))
-    while serve_one(channel, runtime, mappings, settings.shm_threshold_bytes):
-        pass
+    return Runtime()
 
 
 def _become_user(uid: int, gid: int) -> None:
@@ -107,24 +120,60 @@ def serve_one(channel: socket.socket, runtime: Runtime, mappings: ArenaMappings,
     except (EOFError, ConnectionError):
         return False  # the daemon closed the channel, or died: either way, stop.
     received_at = time.monotonic_ns()  # the clock is system-wide: the daemon compares it with its own
-    reply, outputs = runtime.handle(message, inputs)  # type: ignore[arg-type]
+    handled = runtime.handle(message, inputs)  # type: ignore[arg-type]
+    write_frame_blocking(channel, answer(request_id, received_at, handled, inputs, notes, mappings, threshold))
+    return True
+
+
+def answer(
+    request_id: int,
+    received_at: int,
+    handled: tuple[Reply, list[Any]],
+    inputs: list[Any],
+    notes: dict[str, Any],
+    mappings: ArenaMappings,
+    threshold: int,
+) -> list[Any]:
+    """The reply frame's pieces for a handled request. Empties inputs (the request's buffers):
+    what still refers to their shared memory then is what model code kept."""
+    reply, outputs = handled
     placement = ReplyPlacement(mappings, notes.get("reply_arena"), threshold)
     refs, inline = place_buffers(outputs, placement)
-    del outputs
+    outputs.clear()  # the caller's reference to the list too: its tensors may hold the inputs' memory
     reply_notes: dict[str, Any] = {}
     if placement.bytes_wanted:
         reply_notes["reply_bytes_wanted"] = placement.bytes_wanted
     shared_inputs = [buffer for buffer in inputs if isinstance(buffer, memoryview)]
+    inputs.clear()
     if shared_inputs:
         # Copy out what goes inline, so that the only references left to the inputs'
         # shared memory are the ones model code kept.
         inline = [memoryview(bytes(view)) for view in inline]
-        del inputs
         if _still_referenced(shared_inputs):
             reply_notes["inbox_retained"] = True
     reply_notes["times"] = (received_at, time.monotonic_ns())
-    write_frame_blocking(channel, encode_header(request_id, reply, refs, inline, reply_notes))
-    return True
+    return encode_header(request_id, reply, refs, inline, reply_notes)
+
+
+async def serve_channel(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handle: Callable[[Request, list[Any]], Awaitable[tuple[Reply, list[Any]]]],
+    mappings: ArenaMappings,
+    threshold: int,
+) -> None:
+    """The daemon's channel on an event loop (a worker with a data port): each request is
+    handled in turn, as serve_one does, until the daemon closes the channel."""
+    writer.writelines(encode_frame(0, Ready(os.getpid()), []))
+    while True:
+        try:
+            request_id, message, inputs, notes = await read_frame_async(reader, mappings.view)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        received_at = time.monotonic_ns()
+        handled = await handle(message, inputs)  # type: ignore[arg-type]
+        writer.writelines(answer(request_id, received_at, handled, inputs, notes, mappings, threshold))
+        await writer.drain()
 
 
 def _still_referenced(views: list[memoryview]) -> bool:

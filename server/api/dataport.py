@@ -1,0 +1,265 @@
+"""A worker's data port: the worker serves calls itself, and the daemon stays the control plane.
+
+    client ──Invoke/HasAttr──────> worker's grpc.aio server ──> LocalModels ──> run(Invoke)
+           ──ModelInfer/Ready/───>  the daemon's handlers,      name -> id      in this process,
+             Metadata               auth, limits and errors     board row       on this thread
+    daemon ──SetRoutes──────────> LocalModels: the names and ids this port serves
+    daemon ──OpenDataPort───────> DataPort.open(): bind, then serve
+
+It runs inside a worker process (server.app.worker_process), on the worker's event loop, and
+model code runs on that loop's thread: one call at a time, as on the daemon path, and a
+request of the daemon's (a load, an unload, a replay) never runs beside a call. The handlers
+are the daemon's own (server.api.deployd_v1.InvokeHandlers, server.api.kserve_v2.InferHandlers)
+over LocalModels instead of the daemon's service, so statuses, messages, error detail, limits,
+metrics and call logs are the same on both paths. Each call is marked on the worker's row of
+the call board (server.ipc.call_board), where the daemon sees calls in flight and hung ones.
+
+Imports no torch: the function that runs a request is given.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import grpc
+
+from server.api import deployd_v1, kserve_v2
+from server.api.auth import TokenAuth
+from server.api.calls import Context
+from server.api.metrics import Metrics
+from server.api.tls import server_credentials
+from server.api.values import DEFAULT_LIMITS, ValueLimits
+from server.errors import InvalidArgument, NotFound, ObjectNotFound, error_from_failure
+from server.ipc import protocol
+from server.ipc.call_board import WorkerRow
+from server.models.entry import TensorSpec
+from server.models.names import ModelNames, NamedModel, is_object_id
+from server.proto import deployd_pb2 as pb
+from server.proto import deployd_pb2_grpc as pb_grpc
+from server.proto import grpc_predict_v2_pb2 as v2
+from server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
+
+# Trailing metadata of every answer: the endpoints generation the port was last told of. A
+# client whose list of ports is older asks the daemon again (deployd.v1 Endpoints).
+GENERATION_KEY = "deployd-endpoints-generation"
+
+Run = Callable[[protocol.Request, list[Any]], tuple[protocol.Reply, list[Any]]]
+
+# The deadline of the call a handler serves, as monotonic nanoseconds (0: none). Each grpc.aio
+# call runs in a task of its own, so this is per call.
+_caller_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("caller_deadline", default=0)
+
+
+class DataPortSettings(NamedTuple):
+    """What every worker's data port needs, given by the daemon when it starts the worker."""
+
+    host: str
+    board: str  # the call board's segment name ("": none)
+    admin_tokens: tuple[str, ...] = ()
+    invoke_tokens: tuple[str, ...] = ()
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    max_message_bytes: int = 256 * 1024 * 1024
+    value_limits: ValueLimits = DEFAULT_LIMITS
+    log_calls: bool = True
+    event_loop: str = "auto"
+
+
+class LocalModels:
+    """What this worker serves by name and id, as the daemon last said (SetRoutes), and the
+    calls on it: the models side of the handlers (server.api.calls.ModelCalls)."""
+
+    def __init__(self, run: Run, row: WorkerRow | None) -> None:
+        self.generation = 0
+        self._run_request = run
+        self._row = row
+        self._names = ModelNames()
+        self._objects: set[str] = set()
+        self._signatures: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
+
+    def set_routes(self, routes: protocol.SetRoutes) -> None:
+        if routes.generation < self.generation:
+            return  # two changes' tables crossed on the way: the newer one stands
+        names = ModelNames()
+        for name, (serving, versions) in routes.models.items():
+            names.models[name] = NamedModel(name, dict(versions), serving, max(versions, default=0))
+        self._names = names
+        self._objects = set(routes.objects)
+        self._signatures = {
+            name: (
+                tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),
+                tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
+            )
+            for name, (inputs, outputs) in routes.signatures.items()
+        }
+        self.generation = routes.generation
+
+    async def invoke(
+        self, target: str, version: int, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any]
+    ) -> tuple[Any, list[Any]]:
+        object_id = self._resolve(target, version)
+        return self._run(protocol.Invoke(object_id, method, args, kwargs), buffers)
+
+    async def has_attr(self, target: str, version: int, name: str) -> bool:
+        present, _ = self._run(protocol.HasAttr(self._resolve(target, version), name), [])
+        return bool(present)
+
+    def named_model(self, name: str) -> NamedModel:
+        model = self._names.models.get(name)
+        if model is None:
+            raise NotFound(f"no model {name!r} is loaded")
+        return model
+
+    def served_names(self) -> set[str]:
+        return {name for name, model in self._names.models.items() if model.serving}
+
+    def declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return self._signatures.get(name, ((), ()))
+
+    def _resolve(self, target: str, version: int) -> str:
+        # The daemon's rules and words (server.models.service), over the table it sent.
+        if is_object_id(target):
+            if version:
+                raise InvalidArgument("a version can only be asked of a model name, not of an object id")
+            if target not in self._objects:
+                raise ObjectNotFound(target)
+            return target
+        return self._names.resolve(target, version)
+
+    def _run(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
+        row = self._row
+        if row is not None:
+            row.begin(_caller_deadline.get())
+        try:
+            reply, out_buffers = self._run_request(message, buffers)
+        finally:
+            if row is not None:
+                row.end()
+        if isinstance(reply, protocol.Failure):
+            raise error_from_failure(reply)
+        assert isinstance(reply, protocol.Result)
+        return reply.value, out_buffers
+
+
+def _specs(wire: list[tuple[str, str, list[int]]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name, datatype, tuple(shape)) for name, datatype, shape in wire)
+
+
+def _note_deadline(context: Context) -> None:
+    remaining = context.time_remaining()
+    _caller_deadline.set(0 if remaining is None else time.monotonic_ns() + int(remaining * 1e9))
+
+
+class DataPortV1(deployd_v1.InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[misc]
+    """deployd.v1's Invoke and HasAttr on a data port."""
+
+    def __init__(self, models: LocalModels, metrics: Metrics, settings: DataPortSettings) -> None:
+        self._service = models
+        self._models = models
+        self._metrics = metrics
+        self._log_calls = settings.log_calls
+        self._value_limits = settings.value_limits
+
+    async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
+        _note_deadline(context)
+        response = await super().Invoke(request, context)
+        context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
+        return response
+
+    async def HasAttr(self, request: pb.HasAttrRequest, context: Context) -> pb.HasAttrResponse:
+        _note_deadline(context)
+        response = await super().HasAttr(request, context)
+        context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
+        return response
+
+
+class DataPortV2(kserve_v2.InferHandlers, v2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """KServe v2's health, metadata and inference on a data port."""
+
+    def __init__(
+        self, models: LocalModels, metrics: Metrics, settings: DataPortSettings, is_ready: Callable[[], bool]
+    ) -> None:
+        self._service = models
+        self._models = models
+        self._metrics = metrics
+        self._log_calls = settings.log_calls
+        self._value_limits = settings.value_limits
+        self._is_ready = is_ready
+        self._seen = {}
+
+    def _declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return self._models.declared(name)
+
+    async def ModelInfer(self, request: v2.ModelInferRequest, context: Context) -> v2.ModelInferResponse:
+        _note_deadline(context)
+        response = await super().ModelInfer(request, context)
+        context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
+        return response
+
+
+class DataPort:
+    """The worker's grpc.aio server: made when the daemon opens the port, never before (the
+    worker is forked from a fork server that must never have run grpc)."""
+
+    def __init__(self, settings: DataPortSettings, run: Run) -> None:
+        self._settings = settings
+        self._row_source = settings.board
+        self.models = LocalModels(run, None)
+        self._server: Any = None
+        self._stopping = False
+
+    async def open(self, request: protocol.OpenDataPort) -> int:
+        """Bind (the port asked, 0: any) and serve; the port bound."""
+        if self._server is not None:
+            raise InvalidArgument("the data port is already open")
+        settings = self._settings
+        if settings.board:
+            self.models._row = WorkerRow(settings.board, request.slot)
+        metrics = Metrics()
+        interceptors = []
+        if settings.admin_tokens or settings.invoke_tokens:
+            methods = {
+                deployd_v1.SERVICE_NAME: deployd_v1.INVOKE_METHODS,
+                kserve_v2.SERVICE_NAME: kserve_v2.INVOKE_METHODS,
+            }
+            interceptors.append(TokenAuth(methods, settings.admin_tokens, settings.invoke_tokens, metrics))
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # A slot's port is its own: a second worker must fail to bind it, not share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        deployd_v1.add_to_server(
+            DataPortV1(self.models, metrics, settings), server, metrics, deployd_v1.DATA_PORT_METHODS
+        )
+        v2_servicer = DataPortV2(self.models, metrics, settings, lambda: not self._stopping)
+        kserve_v2.add_to_server(v2_servicer, server, metrics, kserve_v2.DATA_PORT_METHODS)
+        address = f"{settings.host}:{request.port}"
+        try:
+            if settings.tls_cert_file:
+                credentials = server_credentials(
+                    settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+                )
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise InvalidArgument(f"cannot bind the data port {address}: {error}") from None
+        if not port:
+            raise InvalidArgument(f"cannot bind the data port {address}")
+        await server.start()
+        self._server = server
+        return int(port)
+
+    async def close(self, grace: float) -> None:
+        """Stop taking calls; those in flight get grace seconds to finish."""
+        self._stopping = True
+        if self._server is not None:
+            await self._server.stop(grace)

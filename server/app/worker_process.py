@@ -1,0 +1,67 @@
+"""A worker process that serves calls itself: its runtime, the daemon's channel, its data port.
+
+    fork server ──fork──> run_worker(channel, settings, data)
+                            start_worker_process: user, limits, threads (as every worker)
+                            one event loop, one thread:
+                              the daemon's channel ──> Runtime.handle (loads, replays, daemon-path calls)
+                                  OpenDataPort / CloseDataPort / SetRoutes ──> DataPort
+                              DataPort (grpc.aio) ──> Runtime.handle (the calls clients send it)
+
+Model code runs only on the loop's thread, one request at a time, whichever way it came.
+The daemon names this function as the worker's target when pool.data_ports is set; it is
+imported in the worker after the fork (the fork server never loads grpc), and never imports
+torch at module level (the daemon imports this module to name it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from server.api.dataport import DataPort, DataPortSettings
+from server.app import eventloop
+from server.errors import DeploydError
+from server.ipc import protocol
+from server.worker.entry import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(channel: socket.socket, settings: WorkerSettings, data: DataPortSettings) -> None:
+    from server.worker.main import start_worker_process
+
+    runtime = start_worker_process(settings)
+    eventloop.run(_serve(channel, runtime, settings, data), data.event_loop)
+
+
+async def _serve(channel: socket.socket, runtime: Any, settings: WorkerSettings, data: DataPortSettings) -> None:
+    from server.worker.main import serve_channel
+    from server.worker.shared import ArenaMappings
+
+    port = DataPort(data, runtime.handle)
+
+    async def handle(message: protocol.Request, buffers: list[Any]) -> tuple[protocol.Reply, list[Any]]:
+        try:
+            if isinstance(message, protocol.OpenDataPort):
+                return protocol.Result(await port.open(message)), []
+            if isinstance(message, protocol.CloseDataPort):
+                await port.close(message.grace)
+                return protocol.Result(None), []
+            if isinstance(message, protocol.SetRoutes):
+                port.models.set_routes(message)
+                return protocol.Result(None), []
+        except DeploydError as error:
+            return protocol.Failure(protocol.FAILURE_INVALID_ARGUMENT, "", str(error), ""), []
+        reply: tuple[protocol.Reply, list[Any]] = runtime.handle(message, buffers)
+        return reply
+
+    reader, writer = await asyncio.open_unix_connection(sock=channel)
+    try:
+        await serve_channel(reader, writer, handle, ArenaMappings(), settings.shm_threshold_bytes)
+    finally:
+        # The daemon closed the channel (it stops this worker) or died: calls still running
+        # on the port are cut short, as they would be by the process's end.
+        await port.close(0)
+        writer.close()

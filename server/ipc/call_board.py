@@ -1,0 +1,77 @@
+"""The call board: where workers that serve calls themselves (data ports) tell the daemon
+what they are running, without a message per call.
+
+    worker slot i (writes its own row)          daemon (reads every row, ~10 times a second)
+    begin(deadline): started += 1, since = now   -> calls in flight = started - finished
+    end():           finished += 1, since = 0    -> since != 0 for over max_call_seconds: kill
+                                                 -> past the caller's deadline + grace: kill
+
+One small shared-memory segment the daemon creates (server.ipc.shm.Segment) and names to
+every worker; a worker maps it and writes only its own row. Each field is an aligned 8-byte
+integer written by one process and read by another: on the machines we run on an aligned
+store is seen whole, and a reader that catches a row between two stores sees a call that
+began or ended a moment later, never a torn value. No lock, no system call per call.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from typing import NamedTuple
+
+_FIELDS = 4  # started, finished, running since (monotonic ns, 0: idle), caller's deadline (ns, 0: none)
+ROW_BYTES = _FIELDS * 8
+_STARTED, _FINISHED, _SINCE, _DEADLINE = range(_FIELDS)
+
+
+def board_bytes(slots: int) -> int:
+    return max(slots, 1) * ROW_BYTES
+
+
+class Row(NamedTuple):
+    """One worker's calls, as the daemon reads them."""
+
+    started: int
+    finished: int
+    running_since_ns: int  # 0 while no call runs
+    deadline_ns: int  # the running call's caller's deadline; 0: none or idle
+
+    @property
+    def in_flight(self) -> int:
+        return max(self.started - self.finished, 0)
+
+
+def read_row(board: memoryview, slot: int) -> Row:
+    """A slot's row, from the daemon's mapping of the board."""
+    words = board[slot * ROW_BYTES : (slot + 1) * ROW_BYTES].cast("q")
+    return Row(words[_STARTED], words[_FINISHED], words[_SINCE], words[_DEADLINE])
+
+
+def clear_row(board: memoryview, slot: int) -> None:
+    """A new worker in the slot starts from nothing (its predecessor may have died mid-call)."""
+    board[slot * ROW_BYTES : (slot + 1) * ROW_BYTES] = bytes(ROW_BYTES)
+
+
+class WorkerRow:
+    """A worker's own row, mapped by the segment's name."""
+
+    def __init__(self, segment_name: str, slot: int, directory: str = "/dev/shm") -> None:
+        descriptor = os.open(os.path.join(directory, segment_name), os.O_RDWR)
+        try:
+            self._mapping = mmap.mmap(descriptor, 0)
+        finally:
+            os.close(descriptor)
+        self._words = memoryview(self._mapping)[slot * ROW_BYTES : (slot + 1) * ROW_BYTES].cast("q")
+
+    def begin(self, deadline_ns: int = 0) -> None:
+        words = self._words
+        words[_DEADLINE] = deadline_ns
+        words[_SINCE] = time.monotonic_ns()
+        words[_STARTED] += 1
+
+    def end(self) -> None:
+        words = self._words
+        words[_SINCE] = 0
+        words[_DEADLINE] = 0
+        words[_FINISHED] += 1
