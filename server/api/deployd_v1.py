@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from server.api.calls import Context, MalformedRequest, ModelCalls, Servicer, call_handlers, register_service
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
+from server.models.dataports import Endpoint
 from server.models.names import NamedModel
 from server.models.repository import ModelRepository, ReloadReport
 from server.models.service import ModelService, StatusSnapshot
@@ -62,6 +63,12 @@ class InvokeHandlers(Servicer):
         )
 
 
+class EndpointsSnapshot(NamedTuple):
+    generation: int
+    workers: list[Endpoint]
+    models: list[str]  # what each of them serves: names with a serving version, and object ids
+
+
 # The methods a worker's data port serves of this service (server.api.dataport).
 DATA_PORT_METHODS = frozenset({"Invoke", "HasAttr"})
 
@@ -78,7 +85,10 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
         repository: ModelRepository | None = None,
         reload: Callable[[], Awaitable[ReloadReport]] | None = None,
         sessions: Callable[[], list[Session]] = list,
+        endpoints: Callable[[], EndpointsSnapshot] | None = None,
     ) -> None:
+        """endpoints: where the workers serve calls themselves (pool.data_ports); None: nowhere."""
+        self._endpoints = endpoints
         self._service = service
         self._metrics = metrics
         self._log_calls = log_calls
@@ -193,7 +203,22 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
 
     @_reports_errors
     async def Endpoints(self, request: pb.EndpointsRequest, context: Context) -> pb.EndpointsResponse:
-        return pb.EndpointsResponse()
+        if self._endpoints is None:
+            return pb.EndpointsResponse()
+        snapshot = self._endpoints()
+        return pb.EndpointsResponse(
+            generation=snapshot.generation,
+            workers=[
+                pb.WorkerEndpoint(
+                    slot=point.slot,
+                    address=point.address,
+                    pid=point.pid,
+                    generation=point.generation,
+                    models=snapshot.models,
+                )
+                for point in snapshot.workers
+            ],
+        )
 
     @_reports_errors
     async def Reload(self, request: pb.ReloadRequest, context: Context) -> pb.ReloadResponse:

@@ -24,6 +24,9 @@ def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--address", help="host:port to serve gRPC on (port 0: any free port)")
     serve.add_argument("--workers", type=int, help="number of worker processes (0: one per core)")
     serve.add_argument("--metrics-address", help="host:port for Prometheus metrics (empty: off)")
+    serve.add_argument(
+        "--data-ports", type=int, help="workers serve calls on ports P..P+N-1 (0: any free ones, -1: none)"
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     if client_commands:
         # The operator commands are a client of the daemon, and the daemon core never imports
@@ -56,6 +59,7 @@ def _serve(options: argparse.Namespace) -> int:
         ("address", "server.address"),
         ("workers", "pool.workers"),
         ("metrics_address", "metrics.address"),
+        ("data_ports", "pool.data_ports"),
     ):
         if getattr(options, flag) is not None:
             overrides[key] = getattr(options, flag)

@@ -41,6 +41,9 @@ class ServerSection:
     # shutdown_grace_seconds to finish), so that clients balancing over a DNS name resolve it
     # again and find replicas started since (a scaled-up Deployment). 0: connections live on.
     max_connection_age_seconds: float = 0.0
+    # The host clients are told to dial for the workers' data ports (deployd.v1 Endpoints): a
+    # container's or pod's address when the ports are bound to 0.0.0.0; empty: pool.data_host.
+    advertise_host: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,11 @@ class PoolSection:
     max_call_seconds: float = 0.0
     # A session (acquire_one) with no call for this long ends and its objects are released; 0: never.
     session_idle_seconds: float = 300.0
+    # Workers serve calls themselves, each on a port of its own (README: "Two paths"): P gives
+    # slot i the port P + i, 0 any free port (kept by the slot's replacements), -1 none.
+    data_ports: int = -1
+    # The host the data ports listen on; empty: server.address's host.
+    data_host: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,11 @@ class Config:
     # Not sections: the model repository, loaded before the daemon serves (README: Models by name).
     models: tuple[ModelEntry, ...] = ()
     models_on_error: str = "stop"  # a model that cannot load: stop (exit 2) or continue without it
+
+    @property
+    def data_host(self) -> str:
+        """Where the data ports listen: pool.data_host, else server.address's host."""
+        return self.pool.data_host or split_address(self.server.address)[0]
 
     @property
     def worker_count(self) -> int:
@@ -289,6 +302,11 @@ def _validate(config: Config) -> None:
         ),
         ("pool.max_call_seconds", config.pool.max_call_seconds, config.pool.max_call_seconds >= 0),
         ("pool.session_idle_seconds", config.pool.session_idle_seconds, config.pool.session_idle_seconds >= 0),
+        (
+            "pool.data_ports",
+            config.pool.data_ports,
+            config.pool.data_ports in (-1, 0) or 1 <= config.pool.data_ports <= 65536 - config.worker_count,
+        ),
         ("worker.memory_limit_bytes", config.worker.memory_limit_bytes, config.worker.memory_limit_bytes >= 0),
         ("worker.num_threads", config.worker.num_threads, config.worker.num_threads >= 1),
         ("worker.shm_threshold_bytes", config.worker.shm_threshold_bytes, config.worker.shm_threshold_bytes >= 1),

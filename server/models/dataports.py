@@ -1,0 +1,131 @@
+"""The workers' data ports, as the daemon keeps them: which port each slot serves on, what
+clients are told (deployd.v1 Endpoints), and the watch over the calls the daemon never sees.
+
+    new worker ──replay, routes──> open(worker): OpenDataPort(slot, port) ──> its port, kept
+    Endpoints  <── endpoints(): each serving worker's advertised host:port, pid, generation
+    every 0.1 s: watch() reads the call board (server.ipc.call_board):
+        a call running over pool.max_call_seconds, or past its caller's deadline by
+        pool.abandoned_call_grace_seconds ──> that worker is killed (and so replaced)
+
+A slot keeps its port: with pool.data_ports = P, slot i serves on P + i; with 0, the first
+worker in a slot takes any free port and its replacements take the same one (or, if it was
+taken meanwhile, another, which the next Endpoints says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from server.errors import DeploydError
+from server.ipc import protocol
+from server.ipc.call_board import Row, board_bytes, clear_row, read_row
+from server.ipc.shm import Segment
+from server.pool.worker_handle import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+_WATCH_SECONDS = 0.1
+
+
+class Endpoint(NamedTuple):
+    slot: int
+    address: str  # host:port, the host as clients should dial it
+    pid: int
+    generation: int  # how many workers the slot has had
+
+
+class DataPorts:
+    def __init__(
+        self,
+        slots: int,
+        first_port: int,
+        host: str,
+        advertise_host: str,
+        max_call_seconds: float,
+        abandoned_call_grace: float,
+    ) -> None:
+        self._first_port = first_port
+        self._host = host
+        self._advertise_host = advertise_host or host
+        self._max_call_seconds = max_call_seconds
+        self._grace = abandoned_call_grace
+        self.board = Segment(board_bytes(slots))
+        self._ports: dict[int, int] = {}  # slot -> the port its worker serves on
+        self._opened: dict[int, int] = {}  # slot -> how many workers opened a port in it
+        self._watch: asyncio.Task[None] | None = None
+
+    async def open(self, worker: WorkerHandle) -> None:
+        """Open a new worker's data port (its replay and routes done): its slot's port."""
+        slot = worker.index
+        clear_row(self.board.buffer, slot)
+        wanted = self._ports.get(slot, self._first_port + slot if self._first_port else 0)
+        try:
+            port, _ = await worker.request(protocol.OpenDataPort(slot, wanted), [])
+        except DeploydError as error:
+            if self._first_port or not wanted:
+                raise
+            # A free port picked before is taken now: any other will do, Endpoints says which.
+            log.warning("worker %d: data port %d is taken (%s); taking another", slot, wanted, error)
+            port, _ = await worker.request(protocol.OpenDataPort(slot, 0), [])
+        self._ports[slot] = int(port)
+        self._opened[slot] = self._opened.get(slot, 0) + 1
+        log.info("worker %d serves calls on %s:%d", slot, self._host, port)
+
+    def endpoints(self, serving: Iterable[tuple[int, int]]) -> list[Endpoint]:
+        """Where the serving workers (slot, pid) take calls."""
+        return [
+            Endpoint(slot, f"{_host_for_address(self._advertise_host)}:{self._ports[slot]}", pid, self._opened[slot])
+            for slot, pid in sorted(serving)
+            if slot in self._ports
+        ]
+
+    def row(self, slot: int) -> Row:
+        return read_row(self.board.buffer, slot)
+
+    def start_watch(self, workers: Callable[[], Iterable[WorkerHandle]]) -> None:
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watch_calls(workers), name="data-port-watch")
+
+    async def _watch_calls(self, workers: Callable[[], Iterable[WorkerHandle]]) -> None:
+        while True:
+            await asyncio.sleep(_WATCH_SECONDS)
+            now = time.monotonic_ns()
+            for worker in workers():
+                if worker.alive:
+                    self._check(worker, self.row(worker.index), now)
+
+    def _check(self, worker: WorkerHandle, row: Row, now: int) -> None:
+        if not row.running_since_ns:
+            return
+        if self._max_call_seconds and now - row.running_since_ns > self._max_call_seconds * 1e9:
+            why = f"was killed: a call on its data port ran over pool.max_call_seconds ({self._max_call_seconds:g}s)"
+            worker.kill(why, "call_timeout", caused_by_call=True)
+        elif row.deadline_ns and now - row.deadline_ns > self._grace * 1e9:
+            why = f"was killed: a call on its data port ran {self._grace:g}s past its caller's deadline"
+            worker.kill(why, "abandoned_call", caused_by_call=False)
+
+    async def close(self, workers: Iterable[WorkerHandle], grace: float) -> None:
+        """Stop every data port taking calls; calls in flight get grace seconds (a drain)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+        async def close_one(worker: WorkerHandle) -> None:
+            try:
+                await asyncio.wait_for(worker.request(protocol.CloseDataPort(grace), []), grace + 5)
+            except (DeploydError, TimeoutError) as error:
+                log.warning("worker %d: closing its data port: %s", worker.index, error)
+
+        await asyncio.gather(*(close_one(worker) for worker in workers if worker.alive))
+
+    def unlink(self) -> None:
+        self.board.unlink()
+
+
+def _host_for_address(host: str) -> str:
+    """An IPv6 literal goes in brackets in host:port."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

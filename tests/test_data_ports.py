@@ -1,0 +1,261 @@
+"""Workers that serve calls themselves (pool.data_ports): Endpoints, deployd.v1 and KServe v2 on
+a worker's own port, the same answers and errors as the daemon path, auth, replacement on the
+same port, hot swap with no failed call, hung calls reclaimed, and a drain on SIGTERM.
+
+Raw gRPC stubs against the ports the daemon advertises: what any gRPC client can do.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from client import InterpreterManager
+from client._proto import deployd_pb2 as pb
+from client._proto import deployd_pb2_grpc as pb_grpc
+from server.proto import grpc_predict_v2_pb2 as v2
+from server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
+from tests.conftest import write_config
+from tests.daemon_process import DaemonProcess, wait_until
+
+GENERATION_KEY = "deployd-endpoints-generation"
+
+
+@pytest.fixture
+def daemon_with(package_dir: Path, tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(**sections: Any) -> DaemonProcess:
+        sections.setdefault("pool", {}).setdefault("data_ports", 0)
+        config = write_config(tmp_path / f"config-{len(started)}.yaml", package_dir, **sections)
+        started.append(DaemonProcess(config).start())
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.assert_clean_stop()
+
+
+def endpoints(target: str, metadata: tuple[tuple[str, str], ...] = ()) -> pb.EndpointsResponse:
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.DeploydStub(channel).Endpoints(pb.EndpointsRequest(), timeout=30, metadata=metadata)
+
+
+def tensor_value(tensor: torch.Tensor) -> pb.Value:
+    return pb.Value(
+        tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(tensor.shape), data=tensor.numpy().tobytes())
+    )
+
+
+def tensor_of(value: pb.Value) -> torch.Tensor:
+    wire = value.tensor_value
+    return torch.frombuffer(bytearray(wire.data), dtype=torch.float32).reshape(list(wire.shape))
+
+
+def invoke(
+    address: str, target: str, *args: pb.Value, method: str = "", metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[pb.InvokeResponse, dict[str, str]]:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.DeploydStub(channel)
+        response, call = stub.Invoke.with_call(
+            pb.InvokeRequest(object_id=target, method=method, args=list(args)), timeout=30, metadata=metadata
+        )
+        return response, dict(call.trailing_metadata() or ())
+
+
+def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_endpoints_and_direct_calls_answer_as_the_daemon(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+) -> None:
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        package = manager.load_package(package_dir / "models.pt")
+        scale = package.load_pickle("models", "scale.pkl", name="scale")
+        answer = endpoints(daemon.target)
+        pids = {worker.pid for worker in manager.status().workers}
+        assert {worker.pid for worker in answer.workers} == pids
+        assert len({worker.address for worker in answer.workers}) == 2
+        assert all(worker.address.startswith("127.0.0.1:") for worker in answer.workers)
+        assert "scale" in answer.workers[0].models and scale.object_id in answer.workers[0].models
+        x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+        for worker in answer.workers:
+            response, trailers = invoke(worker.address, "scale", tensor_value(x))
+            assert torch.equal(tensor_of(response.result), x * 2)
+            assert int(trailers[GENERATION_KEY]) == answer.generation
+            response, _ = invoke(worker.address, scale.object_id, tensor_value(x))
+            assert torch.equal(tensor_of(response.result), x * 2)
+            response, _ = invoke(worker.address, "scale", method="pid")
+            assert response.result.int_value == worker.pid
+        # Errors: the daemon path's status and message, word for word.
+        address = answer.workers[0].address
+        bad_calls: list[pb.InvokeRequest] = [
+            pb.InvokeRequest(object_id="nope"),
+            pb.InvokeRequest(object_id="scale", version=99),
+            pb.InvokeRequest(object_id="scale", method="no_such_method"),
+            pb.InvokeRequest(object_id="scale", method="fail", args=[pb.Value(string_value="boom")]),
+            pb.InvokeRequest(
+                object_id="scale", args=[pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], data=b"x"))]
+            ),
+            pb.InvokeRequest(object_id=scale.object_id, version=1),
+        ]
+        with grpc.insecure_channel(daemon.target) as to_daemon, grpc.insecure_channel(address) as to_worker:
+            for request in bad_calls:
+                by_daemon = rpc_error(lambda r=request: pb_grpc.DeploydStub(to_daemon).Invoke(r, timeout=30))
+                direct = rpc_error(lambda r=request: pb_grpc.DeploydStub(to_worker).Invoke(r, timeout=30))
+                assert direct.code() == by_daemon.code(), request
+                assert direct.details() == by_daemon.details(), request
+            # What only the daemon does is not served on a data port.
+            unimplemented = rpc_error(lambda: pb_grpc.DeploydStub(to_worker).Status(pb.StatusRequest(), timeout=30))
+            assert unimplemented.code() == grpc.StatusCode.UNIMPLEMENTED
+            present = pb_grpc.DeploydStub(to_worker).HasAttr(pb.HasAttrRequest(object_id="scale", name="nap"))
+            assert present.present
+
+
+def test_kserve_v2_on_a_data_port(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+    address = endpoints(daemon.target).workers[1].address
+    request = v2.ModelInferRequest(model_name="scale", id="r1")
+    request.inputs.add(name="x", datatype="FP32", shape=[4]).contents.fp32_contents.extend([1, 2, 3, 4])
+    with grpc.insecure_channel(address) as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(v2.ModelReadyRequest(name="scale"), timeout=30).ready
+        assert not stub.ModelReady(v2.ModelReadyRequest(name="other"), timeout=30).ready
+        assert stub.ModelMetadata(v2.ModelMetadataRequest(name="scale"), timeout=30).versions == ["1"]
+        response = stub.ModelInfer(request, timeout=30)
+        assert response.model_version == "1" and response.id == "r1"
+        assert list(response.outputs[0].contents.fp32_contents) == [2, 4, 6, 8]
+        missing = rpc_error(lambda: stub.ModelInfer(v2.ModelInferRequest(model_name="other"), timeout=30))
+        assert missing.code() == grpc.StatusCode.NOT_FOUND
+        load = v2.RepositoryModelLoadRequest(model_name="scale")
+        refused = rpc_error(lambda: stub.RepositoryModelLoad(load, timeout=30))
+        assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_tokens_guard_data_ports(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    daemon = daemon_with(auth={"admin_tokens": ["admin-secret"], "invoke_tokens": ["invoke-secret"]})
+    with InterpreterManager(daemon.target, timeout=60, token="admin-secret") as manager:
+        manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+    answer = endpoints(daemon.target, (("authorization", "Bearer invoke-secret"),))
+    address = answer.workers[0].address
+    x = tensor_value(torch.ones(2))
+    assert rpc_error(lambda: invoke(address, "scale", x)).code() == grpc.StatusCode.UNAUTHENTICATED
+    wrong = (("authorization", "Bearer wrong"),)
+    assert rpc_error(lambda: invoke(address, "scale", x, metadata=wrong)).code() == grpc.StatusCode.UNAUTHENTICATED
+    response, _ = invoke(address, "scale", x, metadata=(("authorization", "Bearer invoke-secret"),))
+    assert tensor_of(response.result).tolist() == [2.0, 2.0]
+
+
+def test_a_replacement_serves_on_its_slots_port(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        before = endpoints(daemon.target)
+        victim = before.workers[0]
+        os.kill(victim.pid, signal.SIGKILL)
+
+        def replaced() -> bool:
+            now = endpoints(daemon.target)
+            return len(now.workers) == 2 and victim.pid not in {worker.pid for worker in now.workers}
+
+        assert wait_until(replaced, 60)
+        after = endpoints(daemon.target)
+        assert after.generation > before.generation
+        again = next(worker for worker in after.workers if worker.slot == victim.slot)
+        assert again.address == victim.address and again.generation == victim.generation + 1
+        # Its objects were replayed before the port took calls.
+        response, _ = invoke(again.address, "scale", method="pid")
+        assert response.result.int_value == again.pid
+
+
+def test_hot_swap_on_data_ports_fails_no_call(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    daemon = daemon_with()
+    x = torch.ones(4)
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        package = manager.load_package(package_dir / "models.pt")
+        package.load_pickle("models", "echo.pkl", name="swap")  # version 1: x
+        addresses = [worker.address for worker in endpoints(daemon.target).workers]
+        failures: list[str] = []
+        swapped = threading.Event()
+        stale_after_swap: list[float] = []
+        stop = threading.Event()
+
+        def caller(address: str) -> None:
+            with grpc.insecure_channel(address) as channel:
+                stub = pb_grpc.DeploydStub(channel)
+                deadline = time.monotonic() + 60
+                while not stop.is_set() and time.monotonic() < deadline:
+                    was_swapped = swapped.is_set()
+                    try:
+                        response = stub.Invoke(pb.InvokeRequest(object_id="swap", args=[tensor_value(x)]), timeout=30)
+                    except grpc.RpcError as error:
+                        failures.append(f"{error.code()}: {error.details()}")
+                        continue
+                    if was_swapped:
+                        stale_after_swap.append(float(tensor_of(response.result)[0]))
+
+        threads = [threading.Thread(target=caller, args=(addresses[i % 2],)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        for _ in range(3):
+            package.load_pickle("models", "scale.pkl", name="swap")  # x * 2
+            package.load_pickle("models", "echo.pkl", name="swap")
+        package.load_pickle("models", "scale.pkl", name="swap")
+        swapped.set()
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert not failures, failures[:5]
+    assert stale_after_swap and set(stale_after_swap) == {2.0}
+
+
+def test_a_hung_call_on_a_data_port_is_reclaimed(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    daemon = daemon_with(pool={"max_call_seconds": 1.0})
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        worker = endpoints(daemon.target).workers[0]
+        started = time.monotonic()
+        error = rpc_error(lambda: invoke(worker.address, "scale", pb.Value(double_value=30), method="nap"))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 15
+        assert wait_until(lambda: "ran over pool.max_call_seconds" in daemon.log, 10), daemon.log
+
+
+def test_sigterm_drains_calls_on_data_ports(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+    address = endpoints(daemon.target).workers[0].address
+    outcome: list[Any] = []
+
+    def slow_call() -> None:
+        try:
+            outcome.append(invoke(address, "scale", pb.Value(double_value=1.5), method="nap")[0])
+        except grpc.RpcError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=slow_call)
+    thread.start()
+    time.sleep(0.5)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    thread.join(30)
+    assert daemon.process.wait(30) == 0
+    assert outcome and isinstance(outcome[0], pb.InvokeResponse), outcome
