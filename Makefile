@@ -27,6 +27,7 @@ serve: install
 
 lint: install
 	$(BIN)/python scripts/generate_protos.py --check
+	$(BIN)/python scripts/generate_sync_client.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

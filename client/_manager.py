@@ -1,14 +1,27 @@
+# Generated from client/aio/_manager.py by scripts/generate_sync_client.py (unasync): never edit it.
+# Edit the asyncio source, then run `python scripts/generate_sync_client.py`.
 """InterpreterManager, Package and ReplicatedObj: torch::deploy's C++ API, over gRPC.
 
-The blocking client. client.aio is the same API for asyncio; both build their requests and
-read their answers through client._requests, and differ only in how a call waits."""
+client/aio/_manager.py, the asyncio client (client.aio: every call a coroutine on grpc.aio),
+is the one source of both Python clients: client/_manager.py, the blocking client, is generated
+from it by scripts/generate_sync_client.py (unasync: `async` and `await` dropped, `Async` names
+made plain; `make lint` checks that the generated copy is current). What truly differs between
+the two (the channel, pauses, reading a package file, DNS, num_workers) is in
+client/aio/_backend.py and its blocking twin client/_backend.py. Requests, answers, errors and
+retry decisions come from client._requests, client._errors, client._retry and client._replicas.
+
+Every RPC goes through `call`; those a model handle makes (Invoke, HasAttr) through
+`call_object` first. That one method is where the direct path will go: the client asks
+`Endpoints` (protos/deployd/v1/deployd.proto) where the workers listen and sends these calls
+straight to the worker with the fewest calls in flight. Not done yet: the daemon answers
+Endpoints empty, and every call goes through the daemon.
+"""
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import grpc
 
@@ -17,10 +30,12 @@ from client._batching import Batching
 from client._errors import translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
-from client._replicas import refuse_change, replicas_now
+from client._replicas import refuse_change
 from client._retry import Retry
-from client._sessions import InterpreterSession, Obj, WorkerInstance, all_instances
 from client._tls import TLS
+
+from ._backend import Rpc, WorkerCount, channels, file_chunks, replicas_now, request_stream, sleep, stat
+from ._sessions import InterpreterSession, Obj, WorkerInstance
 
 DEFAULT_MAX_MESSAGE_BYTES = requests.DEFAULT_MAX_MESSAGE_BYTES
 DEFAULT_CHUNK_BYTES = requests.DEFAULT_CHUNK_BYTES
@@ -28,7 +43,7 @@ DEFAULT_CHUNK_BYTES = requests.DEFAULT_CHUNK_BYTES
 Response = TypeVar("Response")
 
 
-class InterpreterManager:
+class InterpreterManager(WorkerCount):
     """A connection to a deployd daemon (C++: torch::deploy::InterpreterManager), or to several
     replicas of one: an `ipv4:a:p,b:p` list or a `dns:///name:port` target spreads calls over
     all of them (load_balancing: the gRPC policy, round_robin unless told otherwise); changes
@@ -40,6 +55,10 @@ class InterpreterManager:
     token: bearer token sent with every call (the daemon's auth.admin_tokens or
         auth.invoke_tokens); None: $DEPLOYD_TOKEN if set, else none.
     tls: connect with TLS (TLS(ca=...), plus cert= and key= for mutual TLS); None: plaintext.
+
+    num_workers: the daemon's worker count; a property in the blocking client, a coroutine
+    in the asyncio one (a property cannot wait). The asyncio manager's channel belongs to the
+    event loop it was made in: make it inside the loop that uses it (grpc.aio's rule).
     """
 
     def __init__(
@@ -61,10 +80,10 @@ class InterpreterManager:
         self._metadata = requests.auth_metadata(token)
         options = requests.channel_options(max_message_bytes, load_balancing)
         if tls is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = channels.insecure_channel(target, options=options)
         else:
             credentials = tls.channel_credentials()
-            self._channel = grpc.secure_channel(target, credentials, options=options + tls.channel_options())
+            self._channel = channels.secure_channel(target, credentials, options=options + tls.channel_options())
         self._stub = pb_grpc.DeploydStub(self._channel)
         self._sessions_stub = pb_grpc.SessionsStub(self._channel)
 
@@ -79,7 +98,7 @@ class InterpreterManager:
         self._channel.close()
 
     def call(
-        self, rpc: Callable[..., Response], request: Any, timeout: float | None = None, retry: Retry | None = None
+        self, rpc: Rpc[Response], request: Any, timeout: float | None = None, retry: Retry | None = None
     ) -> Response:
         """Run one RPC, turning a grpc.RpcError into a DeployError; retried as the policy says
         (a stream of requests is never retried: it cannot be sent twice)."""
@@ -93,7 +112,18 @@ class InterpreterManager:
                 return rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 error = translate_rpc_error(rpc_error)
-            time.sleep(attempts.pause_after(error))
+            sleep(attempts.pause_after(error))
+
+    def call_object(
+        self,
+        rpc_name: str,
+        request: pb.InvokeRequest | pb.HasAttrRequest,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+    ) -> Any:
+        """A ReplicatedObj's own unary calls (rpc_name: "Invoke" or "HasAttr"), through the daemon.
+        The one place the direct path goes (see the module docstring)."""
+        return self.call(getattr(self._stub, rpc_name), request, timeout, retry)
 
     def refuse_if_replicated(self, what: str) -> None:
         """Raise FailedPreconditionError when this manager's target reaches several daemons."""
@@ -104,17 +134,19 @@ class InterpreterManager:
     def load_package(
         self, path_or_bytes: str | os.PathLike[str] | bytes | None = None, *, server_path: str | None = None
     ) -> Package:
-        """Load a torch.package archive: a local file, its bytes, or a path on the daemon's host."""
+        """Load a torch.package archive: a local file, its bytes, or a path on the daemon's host.
+        A file is read as it is sent (on asyncio in a thread: a slow disk never stalls the loop)."""
         requests.check_package_source(path_or_bytes, server_path)
         self.refuse_if_replicated("load_package")
+        stream: Iterator[pb.LoadPackageRequest]
         if server_path is not None:
-            stream: Iterator[pb.LoadPackageRequest] = iter([pb.LoadPackageRequest(server_path=server_path)])
+            stream = request_stream([pb.LoadPackageRequest(server_path=server_path)])
         elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-            stream = requests.chunks_of_bytes(bytes(path_or_bytes), self._chunk_bytes)
+            stream = request_stream(requests.chunks_of_bytes(bytes(path_or_bytes), self._chunk_bytes))
         else:
             path = Path(path_or_bytes)  # type: ignore[arg-type]
-            path.stat()  # a missing file raises here, before any RPC
-            stream = requests.chunks_of_file(path, self._chunk_bytes)
+            stat(path)  # a missing file raises here, before any RPC
+            stream = file_chunks(path, self._chunk_bytes)
         response = self.call(self._stub.LoadPackage, stream)
         return Package(self, response.package_id)
 
@@ -138,10 +170,6 @@ class InterpreterManager:
         several replicas: whichever replica the balancer picked)."""
         return self.call(self._stub.Status, pb.StatusRequest())
 
-    @property
-    def num_workers(self) -> int:
-        return len(self.status().workers)
-
     def create_movable(self, obj: Obj, session: InterpreterSession, *, name: str | None = None) -> ReplicatedObj:
         """Replicate an object built in a session to every worker (C++: manager.createMovable(obj, &session)).
 
@@ -158,15 +186,17 @@ class InterpreterManager:
 
     def acquire_one(self) -> InterpreterSession:
         """A session on the least loaded worker (C++: manager.acquireOne())."""
-        return InterpreterSession(self, pb.OpenSessionRequest())
+        return InterpreterSession(self, pb.OpenSessionRequest())._open()
 
     def all_instances(self) -> list[WorkerInstance]:
         """One handle per worker slot, each with acquire_session() (C++: manager.allInstances())."""
-        return list(all_instances(self))
+        status = self.status()
+        return [WorkerInstance(self, worker.index) for worker in status.workers]
 
     def count_registered_module_sources(self) -> int:
         """C++: manager.countRegisteredModuleSources()."""
-        return len(self.status().modules)
+        status = self.status()
+        return len(status.modules)
 
 
 class Package:
@@ -177,7 +207,7 @@ class Package:
         self.id = package_id
 
     def __repr__(self) -> str:
-        return f"<Package {self.id[:12]}>"
+        return f"<{type(self).__name__} {self.id[:12]}>"
 
     def load_pickle(
         self, module: str, file: str, *, name: str | None = None, batching: Batching | None = None
@@ -196,20 +226,23 @@ class Package:
 
     def load_text(self, module: str, resource: str) -> str:
         request = requests.resource_request(self.id, module, resource)
-        return self.manager.call(self.manager._stub.LoadText, request).text
+        response = self.manager.call(self.manager._stub.LoadText, request)
+        return response.text
 
     def load_binary(self, module: str, resource: str) -> bytes:
         request = requests.resource_request(self.id, module, resource)
-        return self.manager.call(self.manager._stub.LoadBinary, request).data
+        response = self.manager.call(self.manager._stub.LoadBinary, request)
+        return response.data
 
     def acquire_session(self) -> InterpreterSession:
         """A session whose `self` is the package's importer in that worker (C++: package.acquireSession())."""
-        return InterpreterSession(self.manager, pb.OpenSessionRequest(package_id=self.id))
+        return InterpreterSession(self.manager, pb.OpenSessionRequest(package_id=self.id))._open()
 
     def unload(self) -> list[str]:
         """Unload the package and every object loaded from it; returns those objects' ids."""
         self.manager.refuse_if_replicated("unload")
-        response = self.manager.call(self.manager._stub.UnloadPackage, pb.UnloadPackageRequest(package_id=self.id))
+        request = pb.UnloadPackageRequest(package_id=self.id)
+        response = self.manager.call(self.manager._stub.UnloadPackage, request)
         return list(response.object_ids)
 
 
@@ -240,7 +273,8 @@ class ReplicatedObj:
         self._retry = retry
 
     def __repr__(self) -> str:
-        return f"<ReplicatedObj {self.id}{f' version {self.pinned_version}' if self.pinned_version else ''}>"
+        pinned = f" version {self.pinned_version}" if self.pinned_version else ""
+        return f"<{type(self).__name__} {self.id}{pinned}>"
 
     def options(self, *, timeout: float | None = None, retry: Retry | None = None) -> ReplicatedObj:
         """The same object with per-call options (None: the manager's), e.g. obj.options(timeout=1)(x)."""
@@ -254,17 +288,18 @@ class ReplicatedObj:
 
     def call_method(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         request = requests.invoke_request(self.id, self.pinned_version, name, args, kwargs)
-        response = self.manager.call(self.manager._stub.Invoke, request, self._timeout, self._retry)
+        response = self.manager.call_object("Invoke", request, self._timeout, self._retry)
         return requests.invoke_result(response)
 
     def acquire_session(self) -> InterpreterSession:
         """A session whose `self` is this object's replica in that worker (C++: obj.acquireSession())."""
         request = pb.OpenSessionRequest(object_id=self.id, version=self.pinned_version)
-        return InterpreterSession(self.manager, request)
+        return InterpreterSession(self.manager, request)._open()
 
     def hasattr(self, name: str) -> bool:
         request = pb.HasAttrRequest(object_id=self.id, name=name, version=self.pinned_version)
-        return self.manager.call(self.manager._stub.HasAttr, request, self._timeout, self._retry).present
+        response = self.manager.call_object("HasAttr", request, self._timeout, self._retry)
+        return bool(response.present)
 
     def unload(self) -> None:
         self.manager.refuse_if_replicated("unload")

@@ -64,15 +64,20 @@ def refuse_change(target: str, what: str, replicas: int) -> None:
     )
 
 
+def replicas_listed(target: str) -> int:
+    """How many daemons a target names without a DNS lookup: an `ipv4:`/`ipv6:` list's
+    addresses, else 1 (a plain `host:port` is one daemon, whatever it resolves to)."""
+    listed = listed_addresses(target)
+    return 1 if listed is None else len(listed)
+
+
 def replicas_now(target: str) -> int:
     """How many daemons a target reaches, as far as the client can tell (1 for a plain target).
-    A `dns:` name is resolved now: blocking, so the asyncio client asks its loop instead."""
-    listed = listed_addresses(target)
-    if listed is not None:
-        return len(listed)
+    A `dns:` name is resolved now: blocking, so the asyncio client asks its loop instead
+    (client/aio/_backend.py)."""
     host_port = dns_host_and_port(target)
     if host_port is None:
-        return 1
+        return replicas_listed(target)
     try:
         return distinct_hosts(socket.getaddrinfo(*host_port, type=socket.SOCK_STREAM))
     except OSError:

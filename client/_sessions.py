@@ -1,13 +1,21 @@
+# Generated from client/aio/_sessions.py by scripts/generate_sync_client.py (unasync): never edit it.
+# Edit the asyncio source, then run `python scripts/generate_sync_client.py`.
 """InterpreterSession and Obj: torch::deploy's sessions over gRPC (service deployd.v1.Sessions).
 
 A session holds one worker for a sequence of steps; every Obj it makes is a handle to a Python
 object that stays in that worker until the session ends. Calls and attributes of an Obj give
-Objs; `to_value()` brings one back. See the README's "Sessions".
+Objs; `to_value()` brings one back. See the README's "Sessions and Objs".
+
+Like client/aio/_manager.py, client/aio/_sessions.py is the one source of both clients:
+client/_sessions.py is generated from it by scripts/generate_sync_client.py. What `obj.name`
+is differs (client/aio/_backend.py, client/_backend.py): in the blocking client the attribute,
+fetched at once; in the asyncio one an Attribute that is awaited (`await obj.weight`) or called
+(`await obj.weight.data.fill_(0.5)`, the last name called in one step).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import grpc
 
@@ -16,8 +24,11 @@ from client._errors import DeployError, translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._retry import Retry
 
+from ._backend import attribute, first_event
+
 if TYPE_CHECKING:
-    from client._manager import InterpreterManager, ReplicatedObj
+    from ._backend import Attribute
+    from ._manager import InterpreterManager, ReplicatedObj
 
 # A step is never sent twice: a step that failed UNAVAILABLE lost its worker, and its session with it.
 _ONCE = Retry(attempts=1)
@@ -26,30 +37,37 @@ _ONCE = Retry(attempts=1)
 class InterpreterSession:
     """One worker, held for a sequence of steps (C++: torch::deploy::InterpreterSession).
 
-    `with manager.acquire_one() as session:`; the session ends when the block does (or on
-    close(), when the manager closes, after pool.session_idle_seconds without a call, or when
-    its worker dies). `self` is the Obj the session was opened on (a ReplicatedObj's replica, a
-    Package's importer), or None. `worker` and `worker_pid` say which worker it holds.
+    Made by manager.acquire_one(), instance.acquire_session(), package.acquire_session() and
+    obj.acquire_session(), and used as a context manager: the session ends when the block does
+    (or on close(), when the manager closes, after pool.session_idle_seconds without a call,
+    or when its worker dies). `self` is the Obj the session was opened on (a ReplicatedObj's
+    replica, a Package's importer), or None. `worker` and `worker_pid` say which worker it holds.
     """
 
     def __init__(self, manager: InterpreterManager, request: pb.OpenSessionRequest) -> None:
         self.manager = manager
-        stub = manager._sessions_stub
-        # The stream is the session's lease: while it is open the session lives, and cancelling
-        # it (or losing the connection) ends the session on the daemon.
-        self._stream: Any = stub.OpenSession(request, metadata=manager._metadata)
-        try:
-            event: pb.SessionEvent = next(self._stream)
-        except grpc.RpcError as error:
-            raise translate_rpc_error(error) from None
-        self.id = event.session_id
-        self.worker = event.worker
-        self.worker_pid = event.worker_pid
-        self.self: Obj | None = Obj(self, event.self) if event.HasField("self") else None
+        self.id = ""
+        self.worker = -1
+        self.worker_pid = 0
+        self.self: Obj | None = None
+        self._request = request
+        self._stream: Any = None
         self._closed = False
 
+    def _open(self) -> InterpreterSession:
+        # The stream is the session's lease: while it is open the session lives, and cancelling
+        # it (or losing the connection) ends the session on the daemon.
+        self._stream = self.manager._sessions_stub.OpenSession(self._request, metadata=self.manager._metadata)
+        try:
+            event = first_event(self._stream)
+        except grpc.RpcError as error:
+            raise translate_rpc_error(error) from None
+        self.id, self.worker, self.worker_pid = event.session_id, event.worker, event.worker_pid
+        self.self = Obj(self, event.self) if event.HasField("self") else None
+        return self
+
     def __repr__(self) -> str:
-        return f"<InterpreterSession {self.id} on worker {self.worker}>"
+        return f"<{type(self).__name__} {self.id} on worker {self.worker}>"
 
     def __enter__(self) -> InterpreterSession:
         return self
@@ -63,9 +81,7 @@ class InterpreterSession:
             return
         self._closed = True
         try:
-            self.manager.call(
-                self.manager._sessions_stub.CloseSession, pb.CloseSessionRequest(session_id=self.id), retry=_ONCE
-            )
+            self.step("CloseSession", pb.CloseSessionRequest(session_id=self.id))
         except DeployError:
             pass  # ended already (idle, its worker died, the daemon stopped): nothing is left to release
         finally:
@@ -78,7 +94,8 @@ class InterpreterSession:
 
     def global_(self, module: str, name: str) -> Obj:
         """`from module import name` in the session's worker (C++: session.global(module, name))."""
-        return Obj(self, self.step("Global", pb.GlobalRequest(session_id=self.id, module=module, name=name)))
+        request = pb.GlobalRequest(session_id=self.id, module=module, name=name)
+        return Obj(self, self.step("Global", request))
 
     def from_value(self, value: Any) -> Obj:
         """A value (tensors, lists, dicts, ...) as an object in the worker (C++: fromIValue)."""
@@ -112,7 +129,7 @@ class Obj:
         return self.session.id, self.id
 
     def __repr__(self) -> str:
-        return f"<Obj {self.id} ({self.type_name}) in session {self.session.id}>"
+        return f"<{type(self).__name__} {self.id} ({self.type_name}) in session {self.session.id}>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Obj:
         """C++: operator() and callKwargs."""
@@ -132,14 +149,15 @@ class Obj:
         request = pb.ObjAttrRequest(session_id=self.session.id, obj_id=self.id, name=name)
         return Obj(self.session, self.session.step("Attr", request))
 
-    def __getattr__(self, name: str) -> Obj:
+    def __getattr__(self, name: str) -> Attribute:
         if name.startswith("__"):  # Python's own protocols (copy, pickle, ...) are not remote
             raise AttributeError(name)
-        return self.attr(name)
+        return attribute(self, name)
 
     def hasattr(self, name: str) -> bool:
         request = pb.ObjAttrRequest(session_id=self.session.id, obj_id=self.id, name=name)
-        return bool(self.session.step("HasAttr", request).present)
+        response = self.session.step("HasAttr", request)
+        return bool(response.present)
 
     def to_value(self) -> Any:
         """The object as a value (C++: toIValue); InvalidArgumentError naming its type if it has none."""
@@ -155,12 +173,7 @@ class WorkerInstance:
         self.index = index
 
     def __repr__(self) -> str:
-        return f"<WorkerInstance {self.index}>"
+        return f"<{type(self).__name__} {self.index}>"
 
     def acquire_session(self) -> InterpreterSession:
-        return InterpreterSession(self.manager, pb.OpenSessionRequest(worker=self.index))
-
-
-def all_instances(manager: InterpreterManager) -> Iterator[WorkerInstance]:
-    for worker in manager.status().workers:
-        yield WorkerInstance(manager, worker.index)
+        return InterpreterSession(self.manager, pb.OpenSessionRequest(worker=self.index))._open()

@@ -23,8 +23,8 @@ from client._errors import (
 )
 from client._retry import Retry
 from client._tls import TLS
-from client.aio._manager import AsyncInterpreterManager, AsyncPackage, AsyncReplicatedObj, AsyncWorkerInstance
-from client.aio._sessions import AsyncInterpreterSession, AsyncObj
+from client.aio._manager import AsyncInterpreterManager, AsyncPackage, AsyncReplicatedObj
+from client.aio._sessions import AsyncInterpreterSession, AsyncObj, AsyncWorkerInstance
 
 __all__ = [
     "TLS",

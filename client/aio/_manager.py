@@ -1,37 +1,63 @@
-"""AsyncInterpreterManager, AsyncPackage and AsyncReplicatedObj: client._manager's API with each
-call a coroutine on grpc.aio. Requests, answers, errors and retry decisions come from the same
-modules as the blocking client's (client._requests, client._errors, client._replicas); only
-the waiting differs, so the two cannot drift apart."""
+"""InterpreterManager, Package and ReplicatedObj: torch::deploy's C++ API, over gRPC.
+
+client/aio/_manager.py, the asyncio client (client.aio: every call a coroutine on grpc.aio),
+is the one source of both Python clients: client/_manager.py, the blocking client, is generated
+from it by scripts/generate_sync_client.py (unasync: `async` and `await` dropped, `Async` names
+made plain; `make lint` checks that the generated copy is current). What truly differs between
+the two (the channel, pauses, reading a package file, DNS, num_workers) is in
+client/aio/_backend.py and its blocking twin client/_backend.py. Requests, answers, errors and
+retry decisions come from client._requests, client._errors, client._retry and client._replicas.
+
+Every RPC goes through `call`; those a model handle makes (Invoke, HasAttr) through
+`call_object` first. That one method is where the direct path will go: the client asks
+`Endpoints` (protos/deployd/v1/deployd.proto) where the workers listen and sends these calls
+straight to the worker with the fewest calls in flight. Not done yet: the daemon answers
+Endpoints empty, and every call goes through the daemon.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, TypeVar
 
 import grpc
-import grpc.aio
 
 from client import _requests as requests
 from client._batching import Batching
 from client._errors import translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
-from client._replicas import distinct_hosts, dns_host_and_port, listed_addresses, refuse_change
+from client._replicas import refuse_change
 from client._retry import Retry
 from client._tls import TLS
-from client.aio._sessions import AsyncInterpreterSession, AsyncObj
+
+from ._backend import Rpc, WorkerCount, channels, file_chunks, replicas_now, request_stream, sleep, stat
+from ._sessions import AsyncInterpreterSession, AsyncObj, AsyncWorkerInstance
+
+DEFAULT_MAX_MESSAGE_BYTES = requests.DEFAULT_MAX_MESSAGE_BYTES
+DEFAULT_CHUNK_BYTES = requests.DEFAULT_CHUNK_BYTES
 
 Response = TypeVar("Response")
 
 
-class AsyncInterpreterManager:
-    """client.InterpreterManager for asyncio: `async with AsyncInterpreterManager(target) as m`.
+class AsyncInterpreterManager(WorkerCount):
+    """A connection to a deployd daemon (C++: torch::deploy::InterpreterManager), or to several
+    replicas of one: an `ipv4:a:p,b:p` list or a `dns:///name:port` target spreads calls over
+    all of them (load_balancing: the gRPC policy, round_robin unless told otherwise); changes
+    (load_package, register_module_source, reload, unload) through such a target are refused,
+    see client._replicas.
 
-    Takes the same arguments. The channel belongs to the event loop it was made in: make the
-    manager inside the loop that uses it (grpc.aio's rule)."""
+    timeout: default deadline in seconds for every call (None: no deadline).
+    retry: default Retry policy for calls that failed with UNAVAILABLE (None: no retries).
+    token: bearer token sent with every call (the daemon's auth.admin_tokens or
+        auth.invoke_tokens); None: $DEPLOYD_TOKEN if set, else none.
+    tls: connect with TLS (TLS(ca=...), plus cert= and key= for mutual TLS); None: plaintext.
+
+    num_workers: the daemon's worker count; a property in the blocking client, a coroutine
+    in the asyncio one (a property cannot wait). The asyncio manager's channel belongs to the
+    event loop it was made in: make it inside the loop that uses it (grpc.aio's rule).
+    """
 
     def __init__(
         self,
@@ -42,8 +68,8 @@ class AsyncInterpreterManager:
         token: str | None = None,
         tls: TLS | None = None,
         load_balancing: str = "round_robin",
-        max_message_bytes: int = requests.DEFAULT_MAX_MESSAGE_BYTES,
-        chunk_bytes: int = requests.DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -52,10 +78,10 @@ class AsyncInterpreterManager:
         self._metadata = requests.auth_metadata(token)
         options = requests.channel_options(max_message_bytes, load_balancing)
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = channels.insecure_channel(target, options=options)
         else:
             credentials = tls.channel_credentials()
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options + tls.channel_options())
+            self._channel = channels.secure_channel(target, credentials, options=options + tls.channel_options())
         self._stub = pb_grpc.DeploydStub(self._channel)
         self._sessions_stub = pb_grpc.SessionsStub(self._channel)
 
@@ -66,11 +92,12 @@ class AsyncInterpreterManager:
         await self.close()
 
     async def close(self) -> None:
+        """Close the channel; the daemon ends every session opened through it (their streams end)."""
         await self._channel.close()
 
     async def call(
-        self, rpc: Callable[..., Any], request: Any, timeout: float | None = None, retry: Retry | None = None
-    ) -> Any:
+        self, rpc: Rpc[Response], request: Any, timeout: float | None = None, retry: Retry | None = None
+    ) -> Response:
         """Run one RPC, turning a grpc.RpcError into a DeployError; retried as the policy says
         (a stream of requests is never retried: it cannot be sent twice)."""
         attempts = requests.Attempts(
@@ -83,76 +110,72 @@ class AsyncInterpreterManager:
                 return await rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
             except grpc.RpcError as rpc_error:
                 error = translate_rpc_error(rpc_error)
-            await asyncio.sleep(attempts.pause_after(error))
+            await sleep(attempts.pause_after(error))
+
+    async def call_object(
+        self,
+        rpc_name: str,
+        request: pb.InvokeRequest | pb.HasAttrRequest,
+        timeout: float | None = None,
+        retry: Retry | None = None,
+    ) -> Any:
+        """A ReplicatedObj's own unary calls (rpc_name: "Invoke" or "HasAttr"), through the daemon.
+        The one place the direct path goes (see the module docstring)."""
+        return await self.call(getattr(self._stub, rpc_name), request, timeout, retry)
 
     async def refuse_if_replicated(self, what: str) -> None:
         """Raise FailedPreconditionError when this manager's target reaches several daemons."""
-        listed = listed_addresses(self.target)
-        host_port = dns_host_and_port(self.target)
-        replicas = 1
-        if listed is not None:
-            replicas = len(listed)
-        elif host_port is not None:
-            try:  # the loop's resolver: socket.getaddrinfo would block every other call
-                addrinfo = await asyncio.get_running_loop().getaddrinfo(*host_port, type=socket.SOCK_STREAM)
-                replicas = distinct_hosts(addrinfo)
-            except OSError:
-                pass  # unresolvable: the call itself will fail UNAVAILABLE, saying so
-        refuse_change(self.target, what, replicas)
+        refuse_change(self.target, what, await replicas_now(self.target))
 
     # ------------------------------------------------------------------ C++ API
 
     async def load_package(
         self, path_or_bytes: str | os.PathLike[str] | bytes | None = None, *, server_path: str | None = None
     ) -> AsyncPackage:
-        """Load a torch.package archive: a local file, its bytes, or a path on the daemon's host."""
+        """Load a torch.package archive: a local file, its bytes, or a path on the daemon's host.
+        A file is read as it is sent (on asyncio in a thread: a slow disk never stalls the loop)."""
         requests.check_package_source(path_or_bytes, server_path)
         await self.refuse_if_replicated("load_package")
         stream: AsyncIterator[pb.LoadPackageRequest]
         if server_path is not None:
-            stream = _in_loop([pb.LoadPackageRequest(server_path=server_path)])
+            stream = request_stream([pb.LoadPackageRequest(server_path=server_path)])
         elif isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-            stream = _in_loop(requests.chunks_of_bytes(bytes(path_or_bytes), self._chunk_bytes))
+            stream = request_stream(requests.chunks_of_bytes(bytes(path_or_bytes), self._chunk_bytes))
         else:
             path = Path(path_or_bytes)  # type: ignore[arg-type]
-            await asyncio.to_thread(path.stat)  # a missing file raises here, before any RPC
-            stream = _from_disk(path, self._chunk_bytes)
+            await stat(path)  # a missing file raises here, before any RPC
+            stream = file_chunks(path, self._chunk_bytes)
         response = await self.call(self._stub.LoadPackage, stream)
         return AsyncPackage(self, response.package_id)
 
     def model(self, name: str, version: int = 0) -> AsyncReplicatedObj:
-        """A handle to the model served under name (see InterpreterManager.model); no call is made here."""
+        """A handle to the model served under name: each call goes to the version serving at that
+        moment, or to `version` while it is loaded. No call is made until the handle is used."""
         return AsyncReplicatedObj(self, name, version=version)
 
     async def register_module_source(self, name: str, src: str) -> None:
+        """Make `import name` work in every worker, including workers started later."""
         await self.refuse_if_replicated("register_module_source")
         await self.call(self._stub.RegisterModuleSource, pb.RegisterModuleSourceRequest(name=name, source=src))
 
     async def reload(self) -> pb.ReloadResponse:
+        """Have the daemon re-read its config file's `models:` (as SIGHUP does); says what changed."""
         await self.refuse_if_replicated("reload")
         return await self.call(self._stub.Reload, pb.ReloadRequest())
 
     async def status(self) -> pb.StatusResponse:
+        """The daemon's workers, packages, objects and registered modules (through a target of
+        several replicas: whichever replica the balancer picked)."""
         return await self.call(self._stub.Status, pb.StatusRequest())
-
-    async def num_workers(self) -> int:
-        """A coroutine here (a property in the blocking client: a property cannot wait)."""
-        return len((await self.status()).workers)
-
-    async def acquire_one(self) -> AsyncInterpreterSession:
-        """A session on the least loaded worker: `async with await manager.acquire_one() as session`."""
-        return await AsyncInterpreterSession(self)._open(pb.OpenSessionRequest())
-
-    async def all_instances(self) -> list[AsyncWorkerInstance]:
-        return [AsyncWorkerInstance(self, worker.index) for worker in (await self.status()).workers]
-
-    async def count_registered_module_sources(self) -> int:
-        return len((await self.status()).modules)
 
     async def create_movable(
         self, obj: AsyncObj, session: AsyncInterpreterSession, *, name: str | None = None
     ) -> AsyncReplicatedObj:
-        """See InterpreterManager.create_movable."""
+        """Replicate an object built in a session to every worker (C++: manager.createMovable(obj, &session)).
+
+        It is exported with torch.package in its worker and loaded as a package of its own: its
+        tensors are held once in shared memory, as a package's weights; replacement workers get
+        it too. With a name it is served as that model's next version (see load_pickle)."""
         await self.refuse_if_replicated("create_movable")
         request = pb.CreateMovableRequest(session_id=session.id, name=name or "")
         request.obj.session_id, request.obj.obj_id = obj.__deployd_ref__()
@@ -161,44 +184,40 @@ class AsyncInterpreterManager:
         handle.object_id, handle.version, handle.package_id = response.object_id, response.version, response.package_id
         return handle
 
+    async def acquire_one(self) -> AsyncInterpreterSession:
+        """A session on the least loaded worker (C++: manager.acquireOne())."""
+        return await AsyncInterpreterSession(self, pb.OpenSessionRequest())._open()
 
-class AsyncWorkerInstance:
-    """client.WorkerInstance for asyncio."""
+    async def all_instances(self) -> list[AsyncWorkerInstance]:
+        """One handle per worker slot, each with acquire_session() (C++: manager.allInstances())."""
+        status = await self.status()
+        return [AsyncWorkerInstance(self, worker.index) for worker in status.workers]
 
-    def __init__(self, manager: AsyncInterpreterManager, index: int) -> None:
-        self.manager = manager
-        self.index = index
-
-    async def acquire_session(self) -> AsyncInterpreterSession:
-        return await AsyncInterpreterSession(self.manager)._open(pb.OpenSessionRequest(worker=self.index))
-
-
-async def _in_loop(items: Iterable[pb.LoadPackageRequest]) -> AsyncIterator[pb.LoadPackageRequest]:
-    for item in items:
-        yield item
-
-
-async def _from_disk(path: Path, chunk_bytes: int) -> AsyncIterator[pb.LoadPackageRequest]:
-    # Each read in a thread: a slow disk must not stall the other calls on this loop.
-    with await asyncio.to_thread(open, path, "rb") as source:
-        while chunk := await asyncio.to_thread(source.read, chunk_bytes):
-            yield pb.LoadPackageRequest(chunk=chunk)
+    async def count_registered_module_sources(self) -> int:
+        """C++: manager.countRegisteredModuleSources()."""
+        status = await self.status()
+        return len(status.modules)
 
 
 class AsyncPackage:
-    """client.Package for asyncio."""
+    """A loaded torch.package archive (C++: torch::deploy::Package)."""
 
     def __init__(self, manager: AsyncInterpreterManager, package_id: str) -> None:
         self.manager = manager
         self.id = package_id
 
     def __repr__(self) -> str:
-        return f"<AsyncPackage {self.id[:12]}>"
+        return f"<{type(self).__name__} {self.id[:12]}>"
 
     async def load_pickle(
         self, module: str, file: str, *, name: str | None = None, batching: Batching | None = None
     ) -> AsyncReplicatedObj:
-        """See Package.load_pickle."""
+        """Unpickle an object on every worker and return a handle to its replicas.
+
+        With a name, the object is served as that model's next version (hot swap: new calls go
+        to it at once, calls running on the old version finish there), and the handle follows
+        the name; its `.version` says which version this load made. With batching (and a
+        name), concurrent calls to it are joined into one model call along dim 0."""
         request = requests.load_pickle_request(self.id, module, file, name, batching)
         response = await self.manager.call(self.manager._stub.LoadPickle, request)
         handle = AsyncReplicatedObj(self.manager, response.name or response.object_id)
@@ -207,24 +226,33 @@ class AsyncPackage:
 
     async def load_text(self, module: str, resource: str) -> str:
         request = requests.resource_request(self.id, module, resource)
-        return (await self.manager.call(self.manager._stub.LoadText, request)).text  # type: ignore[no-any-return]
+        response = await self.manager.call(self.manager._stub.LoadText, request)
+        return response.text
 
     async def load_binary(self, module: str, resource: str) -> bytes:
         request = requests.resource_request(self.id, module, resource)
-        return (await self.manager.call(self.manager._stub.LoadBinary, request)).data  # type: ignore[no-any-return]
+        response = await self.manager.call(self.manager._stub.LoadBinary, request)
+        return response.data
 
     async def acquire_session(self) -> AsyncInterpreterSession:
-        """A session whose `self` is the package's importer in that worker."""
-        return await AsyncInterpreterSession(self.manager)._open(pb.OpenSessionRequest(package_id=self.id))
+        """A session whose `self` is the package's importer in that worker (C++: package.acquireSession())."""
+        return await AsyncInterpreterSession(self.manager, pb.OpenSessionRequest(package_id=self.id))._open()
 
     async def unload(self) -> list[str]:
+        """Unload the package and every object loaded from it; returns those objects' ids."""
         await self.manager.refuse_if_replicated("unload")
         request = pb.UnloadPackageRequest(package_id=self.id)
-        return list((await self.manager.call(self.manager._stub.UnloadPackage, request)).object_ids)
+        response = await self.manager.call(self.manager._stub.UnloadPackage, request)
+        return list(response.object_ids)
 
 
 class AsyncReplicatedObj:
-    """client.ReplicatedObj for asyncio: `await obj(x)`, `await obj.call_method(name, ...)`."""
+    """One object replicated on every worker; a call runs on a free worker (C++: ReplicatedObj).
+
+    `id` is what calls name: an object id, or a model name; `pinned_version` (0: none) sends
+    every call to that version of the name instead of the serving one. After load_pickle,
+    `object_id` and `version` say what the load made (version 0 without a name).
+    """
 
     def __init__(
         self,
@@ -240,35 +268,38 @@ class AsyncReplicatedObj:
         self.pinned_version = version
         self.object_id = object_id
         self.version = version
-        self.package_id = ""  # set by create_movable
+        self.package_id = ""  # set by create_movable: the package made for the object
         self._timeout = timeout
         self._retry = retry
 
     def __repr__(self) -> str:
-        return f"<AsyncReplicatedObj {self.id}{f' version {self.pinned_version}' if self.pinned_version else ''}>"
+        pinned = f" version {self.pinned_version}" if self.pinned_version else ""
+        return f"<{type(self).__name__} {self.id}{pinned}>"
 
     def options(self, *, timeout: float | None = None, retry: Retry | None = None) -> AsyncReplicatedObj:
-        """The same object with per-call options (None: the manager's)."""
+        """The same object with per-call options (None: the manager's), e.g. obj.options(timeout=1)(x)."""
         handle = AsyncReplicatedObj(self.manager, self.id, version=self.pinned_version, timeout=timeout, retry=retry)
         handle.object_id, handle.version = self.object_id, self.version
         return handle
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """C++: operator() and callKwargs."""
         return await self.call_method("__call__", *args, **kwargs)
 
     async def call_method(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         request = requests.invoke_request(self.id, self.pinned_version, name, args, kwargs)
-        response = await self.manager.call(self.manager._stub.Invoke, request, self._timeout, self._retry)
+        response = await self.manager.call_object("Invoke", request, self._timeout, self._retry)
         return requests.invoke_result(response)
 
     async def acquire_session(self) -> AsyncInterpreterSession:
-        """A session whose `self` is this object's replica in that worker."""
+        """A session whose `self` is this object's replica in that worker (C++: obj.acquireSession())."""
         request = pb.OpenSessionRequest(object_id=self.id, version=self.pinned_version)
-        return await AsyncInterpreterSession(self.manager)._open(request)
+        return await AsyncInterpreterSession(self.manager, request)._open()
 
     async def hasattr(self, name: str) -> bool:
         request = pb.HasAttrRequest(object_id=self.id, name=name, version=self.pinned_version)
-        return (await self.manager.call(self.manager._stub.HasAttr, request, self._timeout, self._retry)).present  # type: ignore[no-any-return]
+        response = await self.manager.call_object("HasAttr", request, self._timeout, self._retry)
+        return bool(response.present)
 
     async def unload(self) -> None:
         await self.manager.refuse_if_replicated("unload")

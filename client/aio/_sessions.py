@@ -1,9 +1,19 @@
-"""AsyncInterpreterSession and AsyncObj: client._sessions for asyncio. Requests and answers come
-from client._requests, errors from client._errors: only the waiting differs."""
+"""InterpreterSession and Obj: torch::deploy's sessions over gRPC (service deployd.v1.Sessions).
+
+A session holds one worker for a sequence of steps; every Obj it makes is a handle to a Python
+object that stays in that worker until the session ends. Calls and attributes of an Obj give
+Objs; `to_value()` brings one back. See the README's "Sessions and Objs".
+
+Like client/aio/_manager.py, client/aio/_sessions.py is the one source of both clients:
+client/_sessions.py is generated from it by scripts/generate_sync_client.py. What `obj.name`
+is differs (client/aio/_backend.py, client/_backend.py): in the blocking client the attribute,
+fetched at once; in the asyncio one an Attribute that is awaited (`await obj.weight`) or called
+(`await obj.weight.data.fill_(0.5)`, the last name called in one step).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import grpc
 
@@ -12,39 +22,50 @@ from client._errors import DeployError, translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._retry import Retry
 
-if TYPE_CHECKING:
-    from client.aio._manager import AsyncInterpreterManager, AsyncReplicatedObj
+from ._backend import attribute, first_event
 
-_ONCE = Retry(attempts=1)  # a step is never sent twice (client._sessions)
+if TYPE_CHECKING:
+    from ._backend import Attribute
+    from ._manager import AsyncInterpreterManager, AsyncReplicatedObj
+
+# A step is never sent twice: a step that failed UNAVAILABLE lost its worker, and its session with it.
+_ONCE = Retry(attempts=1)
 
 
 class AsyncInterpreterSession:
-    """client.InterpreterSession for asyncio: `async with await manager.acquire_one() as session`."""
+    """One worker, held for a sequence of steps (C++: torch::deploy::InterpreterSession).
 
-    def __init__(self, manager: AsyncInterpreterManager) -> None:
+    Made by manager.acquire_one(), instance.acquire_session(), package.acquire_session() and
+    obj.acquire_session(), and used as a context manager: the session ends when the block does
+    (or on close(), when the manager closes, after pool.session_idle_seconds without a call,
+    or when its worker dies). `self` is the Obj the session was opened on (a ReplicatedObj's
+    replica, a Package's importer), or None. `worker` and `worker_pid` say which worker it holds.
+    """
+
+    def __init__(self, manager: AsyncInterpreterManager, request: pb.OpenSessionRequest) -> None:
         self.manager = manager
         self.id = ""
         self.worker = -1
         self.worker_pid = 0
         self.self: AsyncObj | None = None
+        self._request = request
         self._stream: Any = None
         self._closed = False
 
-    async def _open(self, request: pb.OpenSessionRequest) -> AsyncInterpreterSession:
-        # The stream is the session's lease (see client._sessions.InterpreterSession).
-        self._stream = self.manager._sessions_stub.OpenSession(request, metadata=self.manager._metadata)
+    async def _open(self) -> AsyncInterpreterSession:
+        # The stream is the session's lease: while it is open the session lives, and cancelling
+        # it (or losing the connection) ends the session on the daemon.
+        self._stream = self.manager._sessions_stub.OpenSession(self._request, metadata=self.manager._metadata)
         try:
-            event = await self._stream.read()
+            event = await first_event(self._stream)
         except grpc.RpcError as error:
             raise translate_rpc_error(error) from None
-        if event is grpc.aio.EOF:
-            raise DeployError(grpc.StatusCode.UNAVAILABLE, "the daemon ended the session before it opened")
         self.id, self.worker, self.worker_pid = event.session_id, event.worker, event.worker_pid
         self.self = AsyncObj(self, event.self) if event.HasField("self") else None
         return self
 
     def __repr__(self) -> str:
-        return f"<AsyncInterpreterSession {self.id} on worker {self.worker}>"
+        return f"<{type(self).__name__} {self.id} on worker {self.worker}>"
 
     async def __aenter__(self) -> AsyncInterpreterSession:
         return self
@@ -53,35 +74,48 @@ class AsyncInterpreterSession:
         await self.close()
 
     async def close(self) -> None:
+        """End the session: its objects are released in the worker. Closing twice does nothing."""
         if self._closed:
             return
         self._closed = True
         try:
             await self.step("CloseSession", pb.CloseSessionRequest(session_id=self.id))
         except DeployError:
-            pass  # ended already: nothing is left to release
+            pass  # ended already (idle, its worker died, the daemon stopped): nothing is left to release
         finally:
             self._stream.cancel()
 
     async def step(self, rpc_name: str, request: Any) -> Any:
         return await self.manager.call(getattr(self.manager._sessions_stub, rpc_name), request, retry=_ONCE)
 
+    # ------------------------------------------------------------------ C++ API
+
     async def global_(self, module: str, name: str) -> AsyncObj:
-        return AsyncObj(self, await self.step("Global", pb.GlobalRequest(session_id=self.id, module=module, name=name)))
+        """`from module import name` in the session's worker (C++: session.global(module, name))."""
+        request = pb.GlobalRequest(session_id=self.id, module=module, name=name)
+        return AsyncObj(self, await self.step("Global", request))
 
     async def from_value(self, value: Any) -> AsyncObj:
+        """A value (tensors, lists, dicts, ...) as an object in the worker (C++: fromIValue)."""
         return AsyncObj(self, await self.step("FromValue", requests.from_value_request(self.id, value)))
 
     async def from_movable(self, replicated: AsyncReplicatedObj) -> AsyncObj:
+        """This worker's replica of a ReplicatedObj, as an Obj of this session (C++: fromMovable)."""
         request = pb.FromMovableRequest(session_id=self.id, object_id=replicated.id, version=replicated.pinned_version)
         return AsyncObj(self, await self.step("FromMovable", request))
 
 
 class AsyncObj:
-    """client.Obj for asyncio: every step awaited. `await obj(x)`; `await obj.weight` (or
-    `await obj.attr("weight")`); `await obj.describe("x")` calls the method in one step."""
+    """A Python object living in a session's worker (C++: torch::deploy::Obj).
+
+    obj(*args, **kwargs), obj.call_kwargs(args, kwargs), obj.call_method(name, ...),
+    obj.attr(name) (or obj.name), obj.hasattr(name): each a step in the session, giving an Obj
+    that stays in the worker. obj.to_value() brings it back as a value. Objs and values may both
+    be arguments, but an Obj only within its own session.
+    """
 
     def __init__(self, session: AsyncInterpreterSession, response: pb.ObjResponse) -> None:
+        # Set through __dict__: __getattr__ below makes every other name a remote attribute.
         self.__dict__.update(session=session, id=response.obj_id, type_name=response.type_name)
 
     session: AsyncInterpreterSession
@@ -89,62 +123,55 @@ class AsyncObj:
     type_name: str
 
     def __deployd_ref__(self) -> tuple[str, int]:
+        """What stands for this Obj in an argument (client._values.to_wire)."""
         return self.session.id, self.id
 
     def __repr__(self) -> str:
-        return f"<AsyncObj {self.id} ({self.type_name}) in session {self.session.id}>"
+        return f"<{type(self).__name__} {self.id} ({self.type_name}) in session {self.session.id}>"
 
     async def __call__(self, *args: Any, **kwargs: Any) -> AsyncObj:
+        """C++: operator() and callKwargs."""
         return await self.call_method("", *args, **kwargs)
 
     async def call_kwargs(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> AsyncObj:
+        """C++: callKwargs(args, kwargs)."""
         return await self.call_method("", *args, **dict(kwargs or {}))
 
     async def call_method(self, name: str, /, *args: Any, **kwargs: Any) -> AsyncObj:
+        """obj.name(*args, **kwargs) in one step ("" calls the object itself)."""
         request = requests.obj_call_request(self.session.id, self.id, name, args, kwargs)
         return AsyncObj(self.session, await self.session.step("Call", request))
 
     async def attr(self, name: str) -> AsyncObj:
+        """C++: obj.attr(name)."""
         request = pb.ObjAttrRequest(session_id=self.session.id, obj_id=self.id, name=name)
         return AsyncObj(self.session, await self.session.step("Attr", request))
 
-    def __getattr__(self, name: str) -> _Attribute:
-        if name.startswith("__"):
+    def __getattr__(self, name: str) -> Attribute:
+        if name.startswith("__"):  # Python's own protocols (copy, pickle, ...) are not remote
             raise AttributeError(name)
-        return _Attribute(self, (name,))
+        return attribute(self, name)
 
     async def hasattr(self, name: str) -> bool:
         request = pb.ObjAttrRequest(session_id=self.session.id, obj_id=self.id, name=name)
-        return bool((await self.session.step("HasAttr", request)).present)
+        response = await self.session.step("HasAttr", request)
+        return bool(response.present)
 
     async def to_value(self) -> Any:
+        """The object as a value (C++: toIValue); InvalidArgumentError naming its type if it has none."""
         request = pb.ObjRequest(session_id=self.session.id, obj_id=self.id)
         return requests.value_result(await self.session.step("ToValue", request))
 
 
-class _Attribute:
-    """obj.a.b before it is awaited or called. Awaited, it is the attribute (a step per name);
-    called, the method call (the last name is called in one step: the bound method never
-    becomes an object of the session). So `await obj.weight.data.fill_(0.5)` reads as in Python."""
+class AsyncWorkerInstance:
+    """One worker slot (C++: an element of manager.allInstances()): acquire_session() holds it."""
 
-    def __init__(self, obj: AsyncObj, names: tuple[str, ...]) -> None:
-        self._obj = obj
-        self._names = names
+    def __init__(self, manager: AsyncInterpreterManager, index: int) -> None:
+        self.manager = manager
+        self.index = index
 
-    def __getattr__(self, name: str) -> _Attribute:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Attribute(self._obj, (*self._names, name))
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.index}>"
 
-    async def _resolve(self, names: tuple[str, ...]) -> AsyncObj:
-        obj = self._obj
-        for name in names:
-            obj = await obj.attr(name)
-        return obj
-
-    def __await__(self) -> Generator[Any, None, AsyncObj]:
-        return self._resolve(self._names).__await__()
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> AsyncObj:
-        owner = await self._resolve(self._names[:-1])
-        return await owner.call_method(self._names[-1], *args, **kwargs)
+    async def acquire_session(self) -> AsyncInterpreterSession:
+        return await AsyncInterpreterSession(self.manager, pb.OpenSessionRequest(worker=self.index))._open()
