@@ -66,3 +66,9 @@ class WorkerCount:
 def attribute(obj: Obj, name: str) -> Obj:
     """What `obj.name` is: the attribute, fetched now (one step)."""
     return obj.attr(name)
+
+
+def call_with_trailers(rpc: Any, request: Any, timeout: float | None, metadata: Any) -> tuple[Any, Any]:
+    """One unary call's answer and its trailing metadata."""
+    response, call = rpc.with_call(request, timeout=timeout, metadata=metadata)
+    return response, call.trailing_metadata()

@@ -19,6 +19,7 @@ Endpoints empty, and every call goes through the daemon.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
@@ -27,6 +28,7 @@ import grpc
 
 from client import _requests as requests
 from client._batching import Batching
+from client._direct import DIRECT_ENV, Routes, Worker, direct_wanted, generation_in, never_reached
 from client._errors import translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
@@ -34,13 +36,24 @@ from client._replicas import refuse_change
 from client._retry import Retry
 from client._tls import TLS
 
-from ._backend import Rpc, WorkerCount, channels, file_chunks, replicas_now, request_stream, sleep, stat
+from ._backend import (
+    Rpc,
+    WorkerCount,
+    call_with_trailers,
+    channels,
+    file_chunks,
+    replicas_now,
+    request_stream,
+    sleep,
+    stat,
+)
 from ._sessions import InterpreterSession, Obj, WorkerInstance
 
 DEFAULT_MAX_MESSAGE_BYTES = requests.DEFAULT_MAX_MESSAGE_BYTES
 DEFAULT_CHUNK_BYTES = requests.DEFAULT_CHUNK_BYTES
 
 Response = TypeVar("Response")
+log = logging.getLogger("deployd.client")
 
 
 class InterpreterManager(WorkerCount):
@@ -72,6 +85,7 @@ class InterpreterManager(WorkerCount):
         load_balancing: str = "round_robin",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        direct: bool | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -79,6 +93,10 @@ class InterpreterManager(WorkerCount):
         self._chunk_bytes = chunk_bytes
         self._metadata = requests.auth_metadata(token)
         options = requests.channel_options(max_message_bytes, load_balancing)
+        self._worker_options = requests.channel_options(max_message_bytes, "pick_first")
+        self._tls = tls
+        # Where the workers serve calls themselves (client._direct); asked of the daemon at the first call.
+        self._routes = Routes(direct_wanted(direct, target))
         if tls is None:
             self._channel = channels.insecure_channel(target, options=options)
         else:
@@ -95,6 +113,9 @@ class InterpreterManager(WorkerCount):
 
     def close(self) -> None:
         """Close the channel; the daemon ends every session opened through it (their streams end)."""
+        for worker in self._routes.workers:
+            worker.channel.close()
+        self._routes.workers = []
         self._channel.close()
 
     def call(
@@ -121,9 +142,82 @@ class InterpreterManager(WorkerCount):
         timeout: float | None = None,
         retry: Retry | None = None,
     ) -> Any:
-        """A ReplicatedObj's own unary calls (rpc_name: "Invoke" or "HasAttr"), through the daemon.
-        The one place the direct path goes (see the module docstring)."""
-        return self.call(getattr(self._stub, rpc_name), request, timeout, retry)
+        """A ReplicatedObj's own unary calls (rpc_name: "Invoke" or "HasAttr"): to the worker with
+        the fewest calls in flight when the daemon offers data ports (client._direct), else through
+        the daemon; retried as the policy says, a worker that cannot be reached skipped."""
+        routes = self._routes
+        if not routes.enabled:
+            return self.call(getattr(self._stub, rpc_name), request, timeout, retry)
+        attempts = requests.Attempts(
+            timeout if timeout is not None else self.timeout,
+            retry if retry is not None else self.retry,
+            resendable=True,
+        )
+        unreachable: set[str] = set()
+        while True:
+            if routes.stale:
+                self._refresh_routes()
+            worker = routes.pick(unreachable)
+            stub = self._stub if worker is None else worker.stub
+            if worker is not None:
+                worker.in_flight += 1
+            try:
+                response, trailers = call_with_trailers(
+                    getattr(stub, rpc_name), request, attempts.remaining(), self._metadata
+                )
+                if worker is not None:
+                    routes.reached = True
+                    routes.note_generation(generation_in(trailers))
+                return response
+            except grpc.RpcError as rpc_error:
+                if worker is not None and rpc_error.code() == grpc.StatusCode.UNAVAILABLE:
+                    routes.stale = True  # that worker went away: ask where the workers are now
+                    if never_reached(rpc_error.details()):
+                        unreachable.add(worker.address)
+                        if not routes.reached and len(unreachable) >= len(routes.workers):
+                            log.warning(
+                                "deployd: the workers' data ports (%s) cannot be reached from here; calls go"
+                                " through the daemon at %s (direct=False or %s=0 says so from the start)",
+                                ", ".join(sorted(unreachable)),
+                                self.target,
+                                DIRECT_ENV,
+                            )
+                            routes.enabled = False
+                        continue  # it never reached a worker: another may take it at once
+                error = translate_rpc_error(rpc_error)
+            finally:
+                if worker is not None:
+                    worker.in_flight -= 1
+            sleep(attempts.pause_after(error))
+
+    def _refresh_routes(self) -> None:
+        """Ask the daemon where the workers serve calls now; keep channels to those still there."""
+        routes = self._routes
+        routes.stale = False
+        try:
+            answer = self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
+        except grpc.RpcError:
+            return  # an older daemon, or none now: this call goes through the daemon (or fails there)
+        known = {worker.address: worker for worker in routes.workers}
+        workers = []
+        for endpoint in answer.workers:
+            worker = known.pop(endpoint.address, None)
+            if worker is None:
+                worker = self._worker_channel(endpoint.address)
+            workers.append(worker)
+        for gone in known.values():
+            gone.channel.close()
+        routes.workers = workers
+        routes.generation = answer.generation
+
+    def _worker_channel(self, address: str) -> Worker:
+        if self._tls is None:
+            channel = channels.insecure_channel(address, options=self._worker_options)
+        else:
+            credentials = self._tls.channel_credentials()
+            options = self._worker_options + self._tls.channel_options()
+            channel = channels.secure_channel(address, credentials, options=options)
+        return Worker(address, channel, pb_grpc.DeploydStub(channel))
 
     def refuse_if_replicated(self, what: str) -> None:
         """Raise FailedPreconditionError when this manager's target reaches several daemons."""

@@ -259,3 +259,74 @@ def test_sigterm_drains_calls_on_data_ports(daemon_with: Callable[..., DaemonPro
     thread.join(30)
     assert daemon.process.wait(30) == 0
     assert outcome and isinstance(outcome[0], pb.InvokeResponse), outcome
+
+
+# ---------------------------------------------------------------------------- our clients
+
+
+def daemon_path_calls(manager: InterpreterManager) -> int:
+    return sum(worker.calls_served for worker in manager.status().workers)
+
+
+def test_the_client_calls_workers_directly(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        before = daemon_path_calls(manager)
+        pids = {scale.call_method("pid") for _ in range(20)}
+        assert torch.equal(scale(torch.ones(3)), torch.full((3,), 2.0))
+        assert scale.hasattr("nap") and not scale.hasattr("nothing_here")
+        assert pids == {worker.pid for worker in manager.status().workers}  # both workers, in turn
+        assert daemon_path_calls(manager) == before  # none of them went through the daemon
+    with InterpreterManager(daemon.target, timeout=60, direct=False) as manager:
+        manager.model("scale")(torch.ones(3))
+        assert daemon_path_calls(manager) == before + 1
+
+
+def test_a_client_that_cannot_reach_the_ports_uses_the_daemon(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The ports listen on 127.0.0.1; told to dial 127.0.0.254, the client is refused (as from
+    # outside a container that publishes only the daemon's port).
+    daemon = daemon_with(server={"advertise_host": "127.0.0.254"})
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        before = daemon_path_calls(manager)
+        for _ in range(5):
+            assert torch.equal(scale(torch.ones(2)), torch.full((2,), 2.0))
+        assert daemon_path_calls(manager) == before + 5
+    warnings = [record for record in caplog.records if "cannot be reached" in record.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_direct_calls_survive_killed_workers(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
+    from client import Retry
+
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60, retry=Retry(attempts=5)) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        failures: list[BaseException] = []
+        answered = [0]
+        stop = threading.Event()
+
+        def caller() -> None:
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    scale.call_method("tagged_double", torch.ones(2))
+                    answered[0] += 1
+                except Exception as error:
+                    failures.append(error)
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for _ in range(2):
+            time.sleep(1.0)
+            os.kill(next(iter(endpoints(daemon.target).workers)).pid, signal.SIGKILL)
+        time.sleep(2.0)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert not failures, failures[:3]
+        assert answered[0] > 20

@@ -115,3 +115,10 @@ class Attribute:
     async def __call__(self, *args: Any, **kwargs: Any) -> AsyncObj:
         owner = await self._resolve(self._names[:-1])
         return await owner.call_method(self._names[-1], *args, **kwargs)
+
+
+async def call_with_trailers(rpc: Any, request: Any, timeout: float | None, metadata: Any) -> tuple[Any, Any]:
+    """One unary call's answer and its trailing metadata."""
+    call = rpc(request, timeout=timeout, metadata=metadata)
+    response = await call
+    return response, await call.trailing_metadata()

@@ -1,0 +1,88 @@
+"""The direct path: a model's calls go straight to a worker's data port, not through the daemon.
+
+    manager ──Endpoints (once, and again when told)──> daemon: each worker's host:port
+    obj(x) ──> Routes.pick(): the worker with the fewest calls in flight (torch::deploy's
+               LoadBalancer) ──Invoke/HasAttr──> that worker's own gRPC server
+           <── its answer, whose trailing metadata carries the daemon's endpoints generation:
+               newer than ours, or a worker gone (UNAVAILABLE) ──> ask Endpoints again
+
+A worker that cannot be reached is skipped and the call tried on another; if no worker was
+ever reached (a container that publishes only the daemon's port, a firewall), the manager
+warns once and keeps to the daemon path. direct=False, or DEPLOYD_DIRECT=0, keeps to it from
+the start; so does a target of several replicas (client._replicas).
+
+No I/O here: the managers (client/aio/_manager.py and its generated twin) call and wait.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from client._replicas import replicas_listed
+
+DIRECT_ENV = "DEPLOYD_DIRECT"
+GENERATION_KEY = "deployd-endpoints-generation"
+_OFF = frozenset({"0", "false", "no", "off"})
+
+
+def direct_wanted(direct: bool | None, target: str) -> bool:
+    """Whether a manager tries the direct path: direct=None follows $DEPLOYD_DIRECT (on unless 0)."""
+    if direct is None:
+        direct = os.environ.get(DIRECT_ENV, "1").strip().lower() not in _OFF
+    return direct and replicas_listed(target) <= 1
+
+
+def never_reached(details: str | None) -> bool:
+    """Whether an UNAVAILABLE call never reached the worker (its port refused the connection):
+    trying it on another worker is safe whatever the retry policy."""
+    text = (details or "").lower()
+    return "failed to connect" in text or "connection refused" in text
+
+
+def generation_in(trailers: Any) -> int:
+    for key, value in trailers or ():
+        if key == GENERATION_KEY:
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return -1
+
+
+class Worker:
+    """One data port, as a manager calls it."""
+
+    def __init__(self, address: str, channel: Any, stub: Any) -> None:
+        self.address = address
+        self.channel = channel
+        self.stub = stub
+        self.in_flight = 0
+
+
+class Routes:
+    """The data ports a manager knows, and which one takes the next call."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.workers: list[Worker] = []
+        self.generation = -1
+        self.stale = enabled  # ask Endpoints before the next call
+        self.reached = False  # a worker has answered once: the ports are reachable from here
+        self._turn = 0
+
+    def pick(self, skip: set[str]) -> Worker | None:
+        """The worker with the fewest calls in flight (ties taken in turn); None: the daemon's path."""
+        if not self.enabled:
+            return None
+        candidates = [worker for worker in self.workers if worker.address not in skip]
+        if not candidates:
+            return None
+        self._turn += 1
+        start = self._turn % len(candidates)
+        ordered = candidates[start:] + candidates[:start]
+        return min(ordered, key=lambda worker: worker.in_flight)
+
+    def note_generation(self, generation: int) -> None:
+        if generation > self.generation:
+            self.stale = True
