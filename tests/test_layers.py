@@ -80,14 +80,15 @@ def test_the_static_check_sees_a_wrong_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from server.api.deployd_v1 import DeploydServicer\n")
     assert "server.api.deployd_v1" in _imports(bad)
-    assert "api" not in _ALLOWED[_room("server.pool.worker_pool")]
+    assert "api" not in _ALLOWED[_room("server.pool.supervisor")]
 
 
 @pytest.mark.parametrize(
     ("module", "forbidden"),
     [
         ("server.app.daemon", "torch"),  # hundreds of MB the daemon has no use for
-        ("server.pool.worker_pool", "grpc"),
+        ("server.pool.supervisor", "grpc"),
+        ("server.pool.dispatcher", "grpc"),
         ("server.models.service", "grpc"),
         ("server.worker.main", "grpc"),
         ("server.worker.preload", "grpc"),  # the fork server must never have run grpc

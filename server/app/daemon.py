@@ -1,5 +1,11 @@
 """The composition root: build the pool, the service and the gRPC server; run until a signal.
 
+The pool is two objects joined by the supervisor's events (server.pool.events):
+
+    Supervisor (spawns, prepares, replaces, stops workers) ──events──> Dispatcher (routes calls)
+                                                                ├────> Sessions (end on worker death)
+                                                                └────> the daemon (metrics, health)
+
 Shutdown order (first SIGTERM or SIGINT): health NOT_SERVING -> open sessions end -> stop the gRPC server
 with a grace period (calls in flight finish) -> stop the pool -> remove the package
 store -> exit 0. A second signal skips the grace period.
@@ -38,8 +44,10 @@ from server.models.registry import Registry
 from server.models.repository import ModelLoadFailed, ModelRepository, ReloadReport
 from server.models.service import ModelService
 from server.models.sessions import Sessions
+from server.pool.dispatcher import Dispatcher
+from server.pool.events import WorkerEvent, WorkerExited
+from server.pool.supervisor import Supervisor
 from server.pool.worker_handle import WorkerHandle
-from server.pool.worker_pool import WorkerPool
 from server.worker.entry import WorkerSettings
 
 log = logging.getLogger("deployd")
@@ -74,7 +82,7 @@ class Daemon:
         uid, gid = worker_user(config.worker.user) if config.worker.user else (-1, -1)
         worker_group = gid if uid not in (-1, os.geteuid()) else None
         set_worker_group(worker_group)  # workers of another user map the daemon's segments through it
-        self._pool = WorkerPool(
+        self._supervisor = Supervisor(
             size=config.worker_count,
             settings=WorkerSettings(
                 config.worker.num_threads,
@@ -88,15 +96,15 @@ class Daemon:
             start_timeout=config.pool.start_timeout_seconds,
             stop_timeout=config.pool.stop_timeout_seconds,
             prepare=self._prepare_worker,
+            memory_limit=config.worker.memory_limit_bytes,
+            on_call_timing=self._metrics.observe_worker_call,
+        )
+        self._dispatcher = Dispatcher(
             max_queued_calls=config.pool.max_queued_calls,
             abandoned_call_grace=config.pool.abandoned_call_grace_seconds,
             max_call_seconds=config.pool.max_call_seconds,
-            memory_limit=config.worker.memory_limit_bytes,
-            on_serving_changed=self._on_serving_changed,
-            on_call_timing=self._metrics.observe_worker_call,
             on_queue_wait=self._metrics.queue_wait.observe,
             on_run=self._metrics.observe_run,
-            on_restart=lambda cause: self._metrics.worker_restarts.labels(cause).inc(),
         )
         store = PackageStore(
             self._store_directory,
@@ -107,7 +115,8 @@ class Daemon:
             worker_group,
         )
         self._service = ModelService(
-            self._pool,
+            self._supervisor,
+            self._dispatcher,
             store,
             self._registry,
             on_objects_changed=self._sync_health,
@@ -117,18 +126,23 @@ class Daemon:
             batch_observer=BatchObserver(self._metrics.observe_batch, self._metrics.observe_batch_wait),
         )
         self._sessions = Sessions(
-            self._pool,
+            self._dispatcher,
             self._service,
+            config.worker_count,
             idle_seconds=config.pool.session_idle_seconds,
             max_sessions=limits.max_sessions,
             max_objects=limits.max_session_objects,
         )
+        # In this order: calls stop going to a dead worker before its sessions end.
+        self._supervisor.subscribe(self._dispatcher.on_worker_event)
+        self._supervisor.subscribe(self._sessions.on_worker_event)
+        self._supervisor.subscribe(self._on_worker_event)
         self._metrics.watch(
             queue_depth=lambda: self._service.queued_calls,
-            workers_busy=lambda: self._pool.busy_count,
+            workers_busy=lambda: self._dispatcher.busy_count,
             packages=lambda: len(self._registry.packages),
             objects=lambda: len(self._registry.objects),
-            worker_memory=self._pool.memory,
+            worker_memory=self._supervisor.memory,
             sessions=lambda: self._sessions.open_count,
         )
         self._known_objects: set[str] = set()
@@ -194,14 +208,18 @@ class Daemon:
 
     def _is_ready(self) -> bool:
         """Ready for calls: serving (started, not stopping) with at least one worker that can serve."""
-        return self._started and not self._stop_requested.is_set() and self._pool.serving_count > 0
+        return self._started and not self._stop_requested.is_set() and self._supervisor.serving_count > 0
 
     async def _prepare_worker(self, worker: WorkerHandle) -> None:
-        # The pool is built before the service that replays into its workers; this closes the loop.
+        # The supervisor is built before the service that replays into its workers; this closes the loop.
         await self._service.prepare_worker(worker)
 
-    def _on_serving_changed(self, serving: int) -> None:
-        self._metrics.workers_serving.set(serving)
+    def _on_worker_event(self, event: WorkerEvent) -> None:
+        if isinstance(event, WorkerExited):
+            if event.stopped:
+                return
+            self._metrics.worker_restarts.labels(event.cause).inc()
+        self._metrics.workers_serving.set(self._supervisor.serving_count)
         task = asyncio.ensure_future(self._sync_health())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -217,7 +235,8 @@ class Daemon:
         # Before the whole pool is up, and once stopping, the server's health is set by run() alone.
         if self._started and not self._stop_requested.is_set():
             failing = set(self._repository.errors) - names
-            await self._health.sync(self._pool.serving_count > 0, objects, self._pool.full_capacity, failing)
+            serving = self._supervisor.serving_count > 0
+            await self._health.sync(serving, objects, self._supervisor.full_capacity, failing)
 
     async def reload_models(self) -> ReloadReport:
         """Re-read the config file and bring the served models in line with its `models:`."""
@@ -261,8 +280,8 @@ class Daemon:
                 log.info("metrics on http://%s:%d/metrics", split_address(self.config.metrics.address)[0], metrics_port)
             remove_stale_segments()
             self.port = self._bind(self.config.server.address)
-            log.info("starting %d workers", self._pool.size)
-            await self._pool.start()
+            log.info("starting %d workers", self._supervisor.size)
+            await self._supervisor.start()
             if self.config.models:
                 log.info("loading %d models", len(self.config.models))
                 await self._repository.load_all(self.config.models, self.config.models_on_error)
@@ -277,7 +296,8 @@ class Daemon:
         finally:
             self._sessions.end_all("the daemon is stopping")
             await self._sessions.close()
-            await self._pool.stop()
+            self._dispatcher.close()
+            await self._supervisor.stop("the daemon is stopping")
             self._service.close()
             self._metrics.close()
             if self._owns_store_directory:

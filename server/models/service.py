@@ -1,6 +1,10 @@
 """The daemon's domain API: load, call and unload, over the pool, the store and the registry.
 
-Everything that changes what the workers hold runs under `pool.changes` and is all or
+    load, unload ──> under the supervisor's `changes`: dispatcher.broadcast (every worker) ──> registry
+    invoke, has_attr, load_resource ──> (a batcher ──>) dispatcher.call (one free worker)
+    a new worker ──> prepare_worker (the supervisor holds `changes`): the registry replayed into it
+
+Everything that changes what the workers hold runs under `supervisor.changes` and is all or
 nothing: if any worker fails, the workers that succeeded are told to undo it and the
 registry is left as it was. Imports no grpc.
 
@@ -8,7 +12,7 @@ Models served by name (server.models.names) are objects too: loading a name agai
 version that serves new calls at once, and the version it replaced is unloaded when the
 last call running on it ends (`_in_flight` counts them), so a swap fails no call.
 
-A load that kills workers fails like any other (the pool replaces them and replays only
+A load that kills workers fails like any other (the supervisor replaces them and replays only
 what is still loaded). Something that loaded fine but whose replay kills new workers
 (it depends on state a fresh worker lacks) is evicted after _REPLAY_STRIKES such deaths
 in a row, so the pool recovers instead of restarting workers forever.
@@ -42,8 +46,9 @@ from server.models.names import ModelNames, NamedModel, check_name, is_object_id
 from server.models.packages import PackageStore, StoredPackage
 from server.models.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
 from server.models.weights import SharedWeights, stage_weights
+from server.pool.dispatcher import Dispatcher
+from server.pool.supervisor import Supervisor, WorkerStatus
 from server.pool.worker_handle import WorkerHandle
-from server.pool.worker_pool import WorkerPool, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,8 @@ async def _nothing() -> None:
 class ModelService:
     def __init__(
         self,
-        pool: WorkerPool,
+        supervisor: Supervisor,
+        dispatcher: Dispatcher,
         store: PackageStore,
         registry: Registry,
         on_objects_changed: Callable[[], Awaitable[None]] = _nothing,
@@ -91,7 +97,8 @@ class ModelService:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
         replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
         max_packages, max_objects: how many may be loaded at once (limits.*); 0: no limit."""
-        self._pool = pool
+        self._supervisor = supervisor
+        self._dispatcher = dispatcher
         self._max_packages = max_packages
         self._max_objects = max_objects
         self._replay_step_timeout = replay_step_timeout
@@ -108,7 +115,7 @@ class ModelService:
         self._batch_observer = batch_observer
 
     async def prepare_worker(self, worker: WorkerHandle) -> None:
-        """Replay everything loaded into a new worker, before it takes calls (pool holds `changes`)."""
+        """Replay everything loaded into a new worker, before it takes calls (the supervisor holds `changes`)."""
         for key, request in self._registry.replay_steps():
             try:
                 await self._replay_step(worker, key, request)
@@ -155,7 +162,7 @@ class ModelService:
     # ------------------------------------------------------------------ modules and packages
 
     async def register_module(self, name: str, source: str) -> None:
-        async with self._pool.changes:
+        async with self._supervisor.changes:
             await self._everywhere(protocol.RegisterModule(name, source), None, f"module {name!r}")
             self._registry.modules[name] = source
 
@@ -166,7 +173,7 @@ class ModelService:
         return await self._open_package(await self._store.import_server_path(path))
 
     async def _open_package(self, stored: StoredPackage) -> PackageRecord:
-        async with self._pool.changes:
+        async with self._supervisor.changes:
             existing = self._registry.packages.get(stored.package_id)
             if existing is not None:
                 return existing
@@ -194,7 +201,7 @@ class ModelService:
 
     async def unload_package(self, package_id: str) -> list[str]:
         """Unload a package and every object made from it; returns those objects' ids."""
-        async with self._pool.changes:
+        async with self._supervisor.changes:
             if package_id not in self._registry.packages:
                 raise PackageNotFound(package_id)
             return await self._drop_package(package_id)
@@ -205,7 +212,7 @@ class ModelService:
         self._release_when_unused.discard(package_id)
         objects = self._registry.objects_of(package_id)
         await self._drop_objects(objects, why)
-        await self._pool.broadcast(protocol.ClosePackage(package_id), [])
+        await self._dispatcher.broadcast(protocol.ClosePackage(package_id), [])
         self._store.remove(package_id)
         if record.weights is not None:
             # Workers keep their mappings while replicas use them; the pages go with the last.
@@ -224,7 +231,7 @@ class ModelService:
             if why:
                 self._evicted[loaded.object_id] = why
         for loaded in objects:
-            await self._pool.broadcast(protocol.UnloadObject(loaded.object_id), [])
+            await self._dispatcher.broadcast(protocol.UnloadObject(loaded.object_id), [])
         for package_id in {loaded.package_id for loaded in objects} & self._release_when_unused:
             if package_id in self._registry.packages and not self._registry.objects_of(package_id):
                 self._release_when_unused.discard(package_id)
@@ -235,7 +242,7 @@ class ModelService:
     async def release_package_when_unused(self, package_id: str) -> None:
         """Unload a package now if no object uses it, else once its last object is unloaded
         (a model version that drains)."""
-        async with self._pool.changes:
+        async with self._supervisor.changes:
             if package_id not in self._registry.packages:
                 return
             if self._registry.objects_of(package_id):
@@ -245,7 +252,7 @@ class ModelService:
 
     async def load_resource(self, package_id: str, module: str, resource: str, binary: bool) -> Any:
         self._require_package(package_id)
-        value, _ = await self._pool.call(protocol.LoadResource(package_id, module, resource, binary), [])
+        value, _ = await self._dispatcher.call(protocol.LoadResource(package_id, module, resource, binary), [])
         return value
 
     # ------------------------------------------------------------------ objects
@@ -262,7 +269,7 @@ class ModelService:
                 raise InvalidArgument("batching is for a model with a name: give the object one")
             batching.checked()
         object_id = f"obj-{secrets.token_hex(8)}"
-        async with self._pool.changes:
+        async with self._supervisor.changes:
             self._require_package(package_id)
             if self._max_objects and len(self._registry.objects) >= self._max_objects:
                 raise TooLarge(f"{self._max_objects} objects are loaded, the limit (limits.max_objects)")
@@ -285,7 +292,7 @@ class ModelService:
 
     async def unload_object(self, target: str) -> None:
         """Unload an object, or a model name and every version of it."""
-        async with self._pool.changes:
+        async with self._supervisor.changes:
             if is_object_id(target):
                 self._require_object(target)
                 object_ids = [target]
@@ -331,7 +338,7 @@ class ModelService:
     async def _counted_call(
         self, object_id: str, request: protocol.Request, buffers: list[Any]
     ) -> tuple[Any, list[Any]]:
-        return await self._counted(object_id, self._pool.call(request, buffers))
+        return await self._counted(object_id, self._dispatcher.call(request, buffers))
 
     async def _counted(self, object_id: str, call: Awaitable[tuple[Any, list[Any]]]) -> tuple[Any, list[Any]]:
         # Counted from before the first await: a swap that retires this version meanwhile
@@ -350,7 +357,7 @@ class ModelService:
 
     async def _unload_drained(self, object_id: str) -> None:
         """Unload a version that no longer serves, once its last call has ended."""
-        async with self._pool.changes:
+        async with self._supervisor.changes:
             record = self._registry.objects.get(object_id)
             if record is not None and self._names.is_draining(object_id) and not self._in_flight[object_id]:
                 await self._drop_objects([record])
@@ -358,11 +365,13 @@ class ModelService:
     @property
     def queued_calls(self) -> int:
         """Calls waiting: for a free worker, or in a batcher for their batch to go."""
-        return self._pool.queue_depth + sum(batcher.waiting for batcher in self._batchers.values())
+        return self._dispatcher.queue_depth + sum(batcher.waiting for batcher in self._batchers.values())
 
     def _batch_pool(self) -> BatchPool:
-        pool = self._pool
-        return BatchPool(pool.call, pool.idle_count, pool.max_queued_calls, pool.release_listeners)
+        dispatcher = self._dispatcher
+        return BatchPool(
+            dispatcher.call, dispatcher.idle_count, dispatcher.max_queued_calls, dispatcher.release_listeners
+        )
 
     def close(self) -> None:
         """Stop the batchers; unlink every package's shared weights (after the pool has stopped)."""
@@ -376,7 +385,7 @@ class ModelService:
 
     def status(self) -> StatusSnapshot:
         return StatusSnapshot(
-            self._pool.status(),
+            self._supervisor.status(),
             list(self._registry.packages.values()),
             list(self._registry.objects.values()),
             list(self._registry.modules),
@@ -405,9 +414,9 @@ class ModelService:
 
     async def _everywhere(self, request: protocol.Request, undo: protocol.Request | None, context: str) -> None:
         """Run a request on every serving worker, all or nothing (caller holds `changes`)."""
-        if self._pool.serving_count == 0:
+        if self._dispatcher.serving_count == 0:
             raise WorkerCrashed("no worker is serving; try again once the pool has recovered")
-        outcomes = await self._pool.broadcast(request, [])
+        outcomes = await self._dispatcher.broadcast(request, [])
         succeeded = [worker for worker, outcome in outcomes if not isinstance(outcome, BaseException)]
         # A worker that died before it started this request (it was busy with a call that
         # hung or crashed) says nothing about the request: its replacement gets it by replay,

@@ -2,10 +2,11 @@
 (torch::deploy's InterpreterSession and Obj).
 
     open() ──> a worker slot (the least loaded, or the one asked for) ──> Session
-    step(session, request) ──> pool.call_on(that worker) ──> reply        (any number, any order)
+    step(session, request) ──> dispatcher.call_on(that worker) ──> reply  (any number, any order)
     create_movable(session, obj) ──> ExportObj there ──> the archive loaded as a package,
         the object unpickled on every worker (ModelService): a ReplicatedObj
     end(session, why) ──> SessionClose to the worker: its objects are dropped
+    WorkerExited(its worker) (supervisor event) ──> end(session, worker_died=True)
 
 A session is an object scope, not a lock: each step waits for its worker like any call and
 lets it go after, so other callers keep using the worker between steps, any number of
@@ -32,7 +33,9 @@ from server.errors import FailedPrecondition, InvalidArgument, NotFound, Session
 from server.ipc import protocol
 from server.models.names import check_name
 from server.models.service import LoadedObject, ModelService
-from server.pool.worker_pool import WorkerPool
+from server.pool.dispatcher import Dispatcher
+from server.pool.events import WorkerEvent, WorkerExited
+from server.pool.worker_handle import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +69,15 @@ class ObjInfo:
 class Sessions:
     def __init__(
         self,
-        pool: WorkerPool,
+        dispatcher: Dispatcher,
         service: ModelService,
+        slots: int,
         idle_seconds: float = 300.0,
         max_sessions: int = 1000,
         max_objects: int = 10000,
     ) -> None:
-        self._pool = pool
+        self._dispatcher = dispatcher
+        self._slots = slots  # the pool's size
         self._service = service
         self._idle_seconds = idle_seconds
         self._max_sessions = max_sessions
@@ -81,7 +86,6 @@ class Sessions:
         self._ended_why: OrderedDict[str, tuple[str, bool]] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
-        pool.exit_listeners.add(self._worker_exited)
 
     def start(self) -> None:
         if self._idle_seconds > 0:
@@ -102,10 +106,10 @@ class Sessions:
         return session
 
     def _pick_worker(self, wanted: int | None) -> tuple[int, int]:
-        serving = self._pool.serving_workers()
+        serving = self._dispatcher.serving_workers()
         if wanted is not None:
-            if not 0 <= wanted < self._pool.size:  # never there: no retry can help
-                last = self._pool.size - 1
+            if not 0 <= wanted < self._slots:  # never there: no retry can help
+                last = self._slots - 1
                 raise InvalidArgument(f"there is no worker slot {wanted}: the pool has slots 0 to {last}")
             for slot, pid, _ in serving:
                 if slot == wanted:
@@ -118,7 +122,7 @@ class Sessions:
             if session.worker in held:
                 held[session.worker] += 1
         # Least loaded: fewest sessions held there, then free before busy, then the lowest slot.
-        slot, pid, _ = min(serving, key=lambda worker: (held[worker[0]], worker[2] != "idle", worker[0]))
+        slot, pid, _ = min(serving, key=lambda worker: (held[worker[0]], worker[2] is not WorkerState.IDLE, worker[0]))
         return slot, pid
 
     def get(self, session_id: str) -> Session:
@@ -155,7 +159,7 @@ class Sessions:
 
     async def close(self, timeout: float = 5.0) -> None:
         """At shutdown, after end_all: stop the reaper, wait a little for the releases under way
-        (one queued behind a hung call would wait for it: the pool's stop ends both)."""
+        (one queued behind a hung call would wait for it: the supervisor's stop ends both)."""
         if self._reaper is not None:
             self._reaper.cancel()
         if self._tasks:
@@ -165,13 +169,17 @@ class Sessions:
 
     async def _release_objects(self, session: Session) -> None:
         try:
-            await self._pool.call_on(session.worker, session.pid, protocol.SessionClose(session.id), [])
+            await self._dispatcher.call_on(session.worker, session.pid, protocol.SessionClose(session.id), [])
         except WorkerCrashed:
             pass  # the worker is gone, and its objects with it
         except Exception:  # a release that fails must not take the daemon down
             log.exception("releasing the objects of session %s", session.id)
 
-    def _worker_exited(self, slot: int, pid: int) -> None:
+    def on_worker_event(self, event: WorkerEvent) -> None:
+        """The supervisor's events (subscribe this): sessions on a worker that exited end."""
+        if not isinstance(event, WorkerExited):
+            return
+        slot, pid = event.worker.index, event.worker.pid
         for session in list(self._open.values()):
             if session.worker == slot and session.pid == pid:
                 self.end(session, f"its worker {slot} (pid {pid}) died", worker_died=True)
@@ -221,7 +229,7 @@ class Sessions:
         self.get(session.id)  # ended meanwhile: say why
         session.steps_running += 1
         try:
-            return await self._pool.call_on(session.worker, session.pid, request, buffers)
+            return await self._dispatcher.call_on(session.worker, session.pid, request, buffers)
         except WorkerCrashed:
             if session.ended_by_worker_death:
                 raise WorkerCrashed(f"session {session.id!r} has ended: {session.ended}") from None

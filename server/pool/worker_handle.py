@@ -2,13 +2,17 @@
 
 A handle lives from spawn to exit. Its lifecycle task reads replies until the channel
 closes or the process exits, then fails every request still waiting with
-WorkerCrashed (naming the exit code or signal) and tells the pool, which decides
-whether to replace the worker.
+WorkerCrashed (naming the exit code or signal) and tells the supervisor
+(server.pool.supervisor), which decides whether to replace the worker.
+
+    starting ──(prepared; the supervisor)──> idle <──(a call; the dispatcher)──> busy
+    any of them ──(the process ends; its lifecycle task)──> stopped
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 import signal
@@ -26,6 +30,21 @@ log = logging.getLogger(__name__)
 
 # How long a dead worker's channel may keep delivering replies it wrote before dying.
 _DRAIN_SECONDS = 1.0
+
+# What a worker process runs: it greets the daemon on the channel, then serves its requests.
+WorkerTarget = Callable[[socket.socket, WorkerSettings], None]
+
+
+class WorkerState(enum.StrEnum):
+    """Where a worker is in its life; the value is what Status shows."""
+
+    STARTING = "starting"  # spawned, greeted, being prepared (everything loaded replayed into it)
+    IDLE = "idle"  # serving, and no call holds it
+    BUSY = "busy"  # serving, and a call holds it
+    STOPPED = "stopped"  # its process has ended
+    # Never a handle's own state: what Status shows for a slot whose worker died while the
+    # supervisor starts its replacement.
+    RESTARTING = "restarting"
 
 
 class CallTiming(NamedTuple):
@@ -93,9 +112,10 @@ class WorkerHandle:
         self.index = index
         self.pid = pid
         self.process = process
-        self.state = "starting"  # starting -> idle <-> busy -> stopped
+        self.state = WorkerState.STARTING  # see the module docstring
         self.calls_served = 0
         self.stopping = False  # set when the daemon, not a crash, ends this worker
+        self._stop_reason = ""  # why the daemon stopped it (stop)
         self.exit_reason = ""  # how it ended, in words, for callers and logs
         self.exit_cause = ""  # the same in one word, for metrics (see exit_cause)
         # Set when the daemon kills the worker for a reason of its own (memory limit, a hung
@@ -119,7 +139,7 @@ class WorkerHandle:
 
     @property
     def alive(self) -> bool:
-        return self.state != "stopped"
+        return self.state is not WorkerState.STOPPED
 
     # ------------------------------------------------------------------ start
 
@@ -131,12 +151,13 @@ class WorkerHandle:
         settings: WorkerSettings,
         start_timeout: float,
         on_exit: Callable[[WorkerHandle], None],
+        target: WorkerTarget = run_worker,
     ) -> WorkerHandle:
-        """Start a worker process and wait for its greeting."""
+        """Start a worker process running target(channel, settings) and wait for its greeting."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         process = context.Process(  # type: ignore[attr-defined]
-            target=run_worker, args=(theirs, settings), name=f"deployd-worker-{index}", daemon=True
+            target=target, args=(theirs, settings), name=f"deployd-worker-{index}", daemon=True
         )
         try:
             # The first start also launches the fork server (it imports torch: about a second).
@@ -239,9 +260,11 @@ class WorkerHandle:
         self._kill_reason = (reason, cause, caused_by_call)
         self.process.kill()
 
-    async def stop(self, timeout: float) -> None:
-        """Ask the worker to exit (close its channel), then terminate, then kill."""
+    async def stop(self, timeout: float, reason: str = "") -> None:
+        """Ask the worker to exit (close its channel), then terminate, then kill; reason (why the
+        daemon stops it) becomes its exit_reason, unless it had already ended."""
         self.stopping = True
+        self._stop_reason = self._stop_reason or reason
         self._writer.close()
         for escalate in (self.process.terminate, self.process.kill):
             try:
@@ -276,10 +299,13 @@ class WorkerHandle:
         exitcode = self.process.exitcode
         if self._kill_reason is not None:
             self.exit_reason, self.exit_cause, caused_by_call = self._kill_reason
+        elif self.stopping and self._stop_reason:
+            self.exit_reason, self.exit_cause = f"was stopped ({self._stop_reason})", "stopped"
+            caused_by_call = False
         else:
             self.exit_reason, self.exit_cause = describe_exit(exitcode), exit_cause(exitcode)
             caused_by_call = ended_itself(exitcode)
-        self.state = "stopped"
+        self.state = WorkerState.STOPPED
         # A worker serves its requests one at a time, in the order sent: the oldest one
         # unanswered is the one it was running; the others waited behind it and did not
         # cause its end, whatever it was.

@@ -1,4 +1,4 @@
-"""Imported once by the fork server, before it forks any worker (see server.pool.worker_pool).
+"""Imported once by the fork server, before it forks any worker (see server.pool.supervisor).
 
 Everything a worker needs is imported here, so each fork starts warm and shares these
 pages with its siblings. gc.freeze() moves every object made so far out of the
