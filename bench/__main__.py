@@ -26,6 +26,7 @@ from bench import (
     batching,
     chaos,
     churn,
+    direct,
     hops,
     memory,
     names,
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "v2": v2load.run,
     "batching": batching.run,
     "aio": aio.run,
+    "direct": direct.run,
 }
 
 
