@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2 as v2  # the v2 messages as Triton's client has them
+from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from client import InterpreterManager
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
-from server.proto import grpc_predict_v2_pb2 as v2
-from server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, wait_until
 
@@ -145,6 +147,16 @@ def test_kserve_v2_on_a_data_port(daemon_with: Callable[..., DaemonProcess], pac
         load = v2.RepositoryModelLoadRequest(model_name="scale")
         refused = rpc_error(lambda: stub.RepositoryModelLoad(load, timeout=30))
         assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+    # Triton's own client, pointed at a worker.
+    client = triton.InferenceServerClient(url=address)
+    try:
+        assert client.is_model_ready("scale")
+        infer_input = triton.InferInput("x", [2, 2], "FP32")
+        infer_input.set_data_from_numpy(np.array([[1, 2], [3, 4]], dtype=np.float32))
+        result = client.infer("scale", [infer_input])
+        assert result.as_numpy(result.get_response().outputs[0].name).tolist() == [[2, 4], [6, 8]]
+    finally:
+        client.close()
 
 
 def test_tokens_guard_data_ports(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
