@@ -14,6 +14,7 @@ store -> exit 0. A second signal skips the grace period.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,16 +31,19 @@ from grpc_reflection.v1alpha import reflection
 from server import logs
 from server.api import deployd_v1, kserve_v2, sessions_v1
 from server.api.auth import TokenAuth
+from server.api.dataport import DataPortSettings
+from server.api.deployd_v1 import EndpointsSnapshot
 from server.api.health import Health
 from server.api.metrics import Metrics
 from server.api.tls import server_credentials
 from server.api.values import ValueLimits
-from server.app import eventloop
+from server.app import eventloop, worker_process
 from server.app.config import Config, ConfigError, ServerSection, split_address, worker_user
 from server.batching.batcher import BatchObserver
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
 from server.ipc.shm import remove_stale_segments, set_worker_group
 from server.malloc import tune_malloc
+from server.models.dataports import DataPorts
 from server.models.packages import PackageStore
 from server.models.registry import Registry
 from server.models.repository import ModelLoadFailed, ModelRepository, ReloadReport
@@ -47,8 +52,8 @@ from server.models.sessions import Sessions
 from server.pool.dispatcher import Dispatcher
 from server.pool.events import WorkerEvent, WorkerExited
 from server.pool.supervisor import Supervisor
-from server.pool.worker_handle import WorkerHandle
-from server.worker.entry import WorkerSettings
+from server.pool.worker_handle import WorkerHandle, WorkerTarget
+from server.worker.entry import WorkerSettings, run_worker
 
 log = logging.getLogger("deployd")
 
@@ -82,7 +87,26 @@ class Daemon:
         uid, gid = worker_user(config.worker.user) if config.worker.user else (-1, -1)
         worker_group = gid if uid not in (-1, os.geteuid()) else None
         set_worker_group(worker_group)  # workers of another user map the daemon's segments through it
+        value_limits = ValueLimits(
+            limits.max_value_depth, limits.max_tensor_rank, limits.max_tensor_elements, limits.max_container_items
+        )
+        # With pool.data_ports, each worker serves calls itself too (server.app.worker_process).
+        self._data_ports: DataPorts | None = None
+        target: WorkerTarget = run_worker
+        if config.pool.data_ports >= 0:
+            self._data_ports = DataPorts(
+                config.worker_count,
+                config.pool.data_ports,
+                config.data_host,
+                config.server.advertise_host,
+                config.pool.max_call_seconds,
+                config.pool.abandoned_call_grace_seconds,
+            )
+            target = functools.partial(
+                worker_process.run_worker, data=_data_port_settings(config, self._data_ports, value_limits)
+            )
         self._supervisor = Supervisor(
+            target=target,
             size=config.worker_count,
             settings=WorkerSettings(
                 config.worker.num_threads,
@@ -124,6 +148,8 @@ class Daemon:
             max_packages=limits.max_packages,
             max_objects=limits.max_objects,
             batch_observer=BatchObserver(self._metrics.observe_batch, self._metrics.observe_batch_wait),
+            routes_to_workers=self._data_ports is not None,
+            signatures=self._declared_signatures,
         )
         self._sessions = Sessions(
             self._dispatcher,
@@ -171,9 +197,6 @@ class Daemon:
                 *_connection_age_options(config.server),
             ],
         )
-        value_limits = ValueLimits(
-            limits.max_value_depth, limits.max_tensor_rank, limits.max_tensor_elements, limits.max_container_items
-        )
         self._repository = ModelRepository(self._service, Path(config.packages.directory))
         servicer = deployd_v1.DeploydServicer(
             self._service,
@@ -183,6 +206,7 @@ class Daemon:
             repository=self._repository,
             reload=self.reload_models,
             sessions=self._sessions.snapshot,
+            endpoints=self._endpoints if self._data_ports is not None else None,
         )
         deployd_v1.add_to_server(servicer, self._server, self._metrics)
         sessions_servicer = sessions_v1.SessionsServicer(
@@ -213,6 +237,25 @@ class Daemon:
     async def _prepare_worker(self, worker: WorkerHandle) -> None:
         # The supervisor is built before the service that replays into its workers; this closes the loop.
         await self._service.prepare_worker(worker)
+        if self._data_ports is not None:
+            await self._data_ports.open(worker)
+
+    def _declared_signatures(self) -> dict[str, Any]:
+        """name -> (inputs, outputs) its model entry declares, for the data ports' v2 answers."""
+        return {
+            entry.name: (
+                [(spec.name, spec.datatype, list(spec.shape)) for spec in entry.inputs],
+                [(spec.name, spec.datatype, list(spec.shape)) for spec in entry.outputs],
+            )
+            for entry in self._repository.entries
+            if entry.inputs or entry.outputs
+        }
+
+    def _endpoints(self) -> EndpointsSnapshot:
+        assert self._data_ports is not None
+        serving = [(slot, pid) for slot, pid, _ in self._dispatcher.serving_workers()]
+        models = sorted(self._service.served_names()) + sorted(self._registry.objects)
+        return EndpointsSnapshot(self._service.generation, self._data_ports.endpoints(serving), models)
 
     def _on_worker_event(self, event: WorkerEvent) -> None:
         if isinstance(event, WorkerExited):
@@ -221,6 +264,10 @@ class Daemon:
             self._metrics.worker_restarts.labels(event.cause).inc()
         self._metrics.workers_serving.set(self._supervisor.serving_count)
         task = asyncio.ensure_future(self._sync_health())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        # Clients of the data ports learn of it from the next answer's generation.
+        task = asyncio.ensure_future(self._service.publish_routes())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -282,6 +329,8 @@ class Daemon:
             self.port = self._bind(self.config.server.address)
             log.info("starting %d workers", self._supervisor.size)
             await self._supervisor.start()
+            if self._data_ports is not None:
+                self._data_ports.start_watch(self._supervisor.workers)
             if self.config.models:
                 log.info("loading %d models", len(self.config.models))
                 await self._repository.load_all(self.config.models, self.config.models_on_error)
@@ -298,6 +347,8 @@ class Daemon:
             await self._sessions.close()
             self._dispatcher.close()
             await self._supervisor.stop("the daemon is stopping")
+            if self._data_ports is not None:
+                self._data_ports.unlink()
             self._service.close()
             self._metrics.close()
             if self._owns_store_directory:
@@ -321,19 +372,43 @@ class Daemon:
             raise StartupError(f"cannot bind {address}")
         return port
 
+    async def _stop_serving(self, grace: float) -> None:
+        """Stop taking calls, on the daemon's port and every data port; calls in flight get grace."""
+        closing = [self._server.stop(grace)]
+        if self._data_ports is not None:
+            closing.append(self._data_ports.close(self._supervisor.workers(), grace))
+        await asyncio.gather(*closing)
+
     async def _shutdown(self) -> None:
         log.info("shutting down: draining calls for up to %.1fs", self.config.server.shutdown_grace_seconds)
         await self._health.shutdown()
         # Open sessions end now (their steps in flight finish): their streams would otherwise
         # hold the drain for its whole grace.
         self._sessions.end_all("the daemon is stopping")
-        stopping = asyncio.ensure_future(self._server.stop(self.config.server.shutdown_grace_seconds))
+        grace = self.config.server.shutdown_grace_seconds
+        stopping = asyncio.ensure_future(self._stop_serving(grace))
         fast = asyncio.ensure_future(self._fast_stop.wait())
         await asyncio.wait({stopping, fast}, return_when=asyncio.FIRST_COMPLETED)
         if not stopping.done():
-            await self._server.stop(0)
+            await self._stop_serving(0)
         fast.cancel()
         await stopping
+
+
+def _data_port_settings(config: Config, ports: DataPorts, value_limits: ValueLimits) -> DataPortSettings:
+    return DataPortSettings(
+        host=config.data_host,
+        board=ports.board.name,
+        admin_tokens=config.auth.admin_tokens,
+        invoke_tokens=config.auth.invoke_tokens,
+        tls_cert_file=config.tls.cert_file,
+        tls_key_file=config.tls.key_file,
+        tls_client_ca_file=config.tls.client_ca_file,
+        max_message_bytes=config.server.max_message_bytes,
+        value_limits=value_limits,
+        log_calls=config.server.log_calls,
+        event_loop=config.server.event_loop,
+    )
 
 
 def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None) -> int:

@@ -93,10 +93,15 @@ class ModelService:
         max_packages: int = 0,
         max_objects: int = 0,
         batch_observer: BatchObserver = _NO_BATCH_OBSERVER,
+        routes_to_workers: bool = False,
+        signatures: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
         replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
-        max_packages, max_objects: how many may be loaded at once (limits.*); 0: no limit."""
+        max_packages, max_objects: how many may be loaded at once (limits.*); 0: no limit.
+        routes_to_workers: the workers serve calls themselves (data ports): each is told what
+        names and ids serve (SetRoutes) whenever that changes, before any unload reaches it.
+        signatures: name -> (inputs, outputs) declared by the model entries, for those routes."""
         self._supervisor = supervisor
         self._dispatcher = dispatcher
         self._max_packages = max_packages
@@ -113,6 +118,11 @@ class ModelService:
         self._release_when_unused: set[str] = set()  # packages to unload with their last object
         self._batchers: dict[str, Batcher] = {}  # object id -> its batcher (models with batching on)
         self._batch_observer = batch_observer
+        self._routes_to_workers = routes_to_workers
+        self._signatures = signatures
+        # Grows with every change of what the workers serve or of which workers serve: what a
+        # client's list of data ports is checked against (deployd.v1 Endpoints).
+        self.generation = 0
 
     async def prepare_worker(self, worker: WorkerHandle) -> None:
         """Replay everything loaded into a new worker, before it takes calls (the supervisor holds `changes`)."""
@@ -129,6 +139,8 @@ class ModelService:
                 await self._evict(key, f"evicted: replaying {key.kind} {key.name!r} into a new worker failed: {error}")
                 raise
         self._replay_strikes.clear()
+        if self._routes_to_workers:
+            await asyncio.wait_for(worker.request(self.routes(), []), self._replay_step_timeout)
 
     async def _replay_step(self, worker: WorkerHandle, key: ReplayKey, request: protocol.Request) -> None:
         # A replay that hangs would hold `changes`, and so every load, for ever: past the
@@ -282,11 +294,11 @@ class ModelService:
             if batching is not None:
                 self._batchers[object_id] = Batcher(object_id, name, batching, self._batch_pool(), self._batch_observer)
             self._release_when_unused.discard(package_id)  # in use again
-            version = 0
-            if name:
-                version, replaced = self._names.add_version(name, object_id)
-                if replaced is not None and not self._in_flight[replaced]:
-                    await self._drop_objects([self._registry.objects[replaced]])
+            version, replaced = self._names.add_version(name, object_id) if name else (0, None)
+            # Every worker serves the new version before the old one is unloaded anywhere.
+            await self.publish_routes()
+            if replaced is not None and not self._in_flight[replaced]:
+                await self._drop_objects([self._registry.objects[replaced]])
             await self._on_objects_changed()
         return LoadedObject(object_id, name, version)
 
@@ -361,6 +373,21 @@ class ModelService:
             record = self._registry.objects.get(object_id)
             if record is not None and self._names.is_draining(object_id) and not self._in_flight[object_id]:
                 await self._drop_objects([record])
+
+    # ------------------------------------------------------------------ routes (data ports)
+
+    def routes(self) -> protocol.SetRoutes:
+        """What names and ids serve now, as a worker with a data port needs to know it."""
+        models = {name: (model.serving, dict(model.versions)) for name, model in self._names.models.items()}
+        return protocol.SetRoutes(self.generation, models, list(self._registry.objects), self._signatures())
+
+    async def publish_routes(self) -> None:
+        """Tell every serving worker what serves now, under a new generation (callers that
+        change what workers hold hold `changes`; a pool change may publish at any time: a
+        worker keeps the newest generation it was sent)."""
+        self.generation += 1
+        if self._routes_to_workers and self._supervisor.serving_count:
+            await self._dispatcher.broadcast(self.routes(), [])
 
     @property
     def queued_calls(self) -> int:

@@ -243,6 +243,10 @@ class Supervisor:
     def _live_workers(self) -> list[WorkerHandle]:
         return [slot.worker for slot in self._slots if slot.worker is not None and slot.worker.alive]
 
+    def workers(self) -> list[WorkerHandle]:
+        """Every live worker, by slot (those being prepared too)."""
+        return self._live_workers()
+
     def _check_memory(self, worker: WorkerHandle) -> None:
         used = anonymous_resident_bytes(worker.pid)
         if used > self._memory_limit:
