@@ -7,6 +7,7 @@ source imports its own (see client/aio/_backend.py): the same names, each waitin
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, TypeVar
@@ -31,6 +32,7 @@ Rpc = Callable[..., T]  # a stub's method: called, it returns its answer
 
 channels = grpc  # insecure_channel, secure_channel
 sleep = time.sleep
+Lock = threading.Lock  # held while one caller asks the daemon where the workers are
 file_chunks = chunks_of_file  # a package file as LoadPackage chunks, read as they are sent
 
 

@@ -37,6 +37,7 @@ from client._retry import Retry
 from client._tls import TLS
 
 from ._backend import (
+    Lock,
     Rpc,
     WorkerCount,
     call_with_trailers,
@@ -97,6 +98,7 @@ class InterpreterManager(WorkerCount):
         self._tls = tls
         # Where the workers serve calls themselves (client._direct); asked of the daemon at the first call.
         self._routes = Routes(direct_wanted(direct, target))
+        self._routes_lock = Lock()
         if tls is None:
             self._channel = channels.insecure_channel(target, options=options)
         else:
@@ -156,7 +158,9 @@ class InterpreterManager(WorkerCount):
         unreachable: set[str] = set()
         while True:
             if routes.stale:
-                self._refresh_routes()
+                with self._routes_lock:  # one caller asks; the others wait for its answer
+                    if routes.stale:
+                        self._refresh_routes()
             worker = routes.pick(unreachable)
             stub = self._stub if worker is None else worker.stub
             if worker is not None:
@@ -193,11 +197,12 @@ class InterpreterManager(WorkerCount):
     def _refresh_routes(self) -> None:
         """Ask the daemon where the workers serve calls now; keep channels to those still there."""
         routes = self._routes
-        routes.stale = False
         try:
             answer = self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
-        except grpc.RpcError:
-            return  # an older daemon, or none now: this call goes through the daemon (or fails there)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                routes.enabled = False  # a daemon from before data ports: its path it is
+            return  # none reachable now: this call goes through the daemon (or fails there)
         known = {worker.address: worker for worker in routes.workers}
         workers = []
         for endpoint in answer.workers:
@@ -209,6 +214,7 @@ class InterpreterManager(WorkerCount):
             gone.channel.close()
         routes.workers = workers
         routes.generation = answer.generation
+        routes.stale = False
 
     def _worker_channel(self, address: str) -> Worker:
         if self._tls is None:

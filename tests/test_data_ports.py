@@ -342,3 +342,45 @@ def test_direct_calls_survive_killed_workers(daemon_with: Callable[..., DaemonPr
             thread.join(60)
         assert not failures, failures[:3]
         assert answered[0] > 20
+
+
+def test_calls_that_meet_at_a_worker_are_batched_there(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+) -> None:
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        from client import Batching
+
+        package = manager.load_package(package_dir / "models.pt")
+        probe = package.load_pickle(
+            "models", "batch_probe.pkl", name="probe", batching=Batching(max_batch_size=16, max_queue_delay_ms=5)
+        )
+        before = daemon_path_calls(manager)
+        largest: list[int] = []
+        failures: list[BaseException] = []
+
+        def caller(index: int) -> None:
+            for call in range(15):
+                x = torch.full((1, 3), float(index * 100 + call))
+                try:
+                    y, rows = probe(x)
+                except Exception as error:
+                    failures.append(error)
+                    continue
+                if not torch.equal(y, x * 2):
+                    failures.append(AssertionError(f"caller {index} got {y} for {x}"))
+                largest.append(int(rows[0]))
+
+        threads = [threading.Thread(target=caller, args=(index,)) for index in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not failures, failures[:3]
+        assert len(largest) == 12 * 15
+        assert max(largest) > 1  # calls joined in a worker
+        assert daemon_path_calls(manager) == before  # and none went through the daemon
+        # A swap of a batched model drains its batches first: it fails no call.
+        package.load_pickle("models", "batch_probe.pkl", name="probe", batching=Batching(max_batch_size=4))
+        y, _ = probe(torch.ones(1, 3))
+        assert torch.equal(y, torch.full((1, 3), 2.0))

@@ -32,6 +32,7 @@ Rpc = Callable[..., Awaitable[T]]  # a stub's method: called, it is awaited for 
 
 channels = grpc.aio  # insecure_channel, secure_channel: a channel of this event loop
 sleep = asyncio.sleep
+Lock = asyncio.Lock  # held while one caller asks the daemon where the workers are
 
 
 async def stat(path: Path) -> os.stat_result:

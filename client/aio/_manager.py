@@ -35,6 +35,7 @@ from client._retry import Retry
 from client._tls import TLS
 
 from ._backend import (
+    Lock,
     Rpc,
     WorkerCount,
     call_with_trailers,
@@ -95,6 +96,7 @@ class AsyncInterpreterManager(WorkerCount):
         self._tls = tls
         # Where the workers serve calls themselves (client._direct); asked of the daemon at the first call.
         self._routes = Routes(direct_wanted(direct, target))
+        self._routes_lock = Lock()
         if tls is None:
             self._channel = channels.insecure_channel(target, options=options)
         else:
@@ -154,7 +156,9 @@ class AsyncInterpreterManager(WorkerCount):
         unreachable: set[str] = set()
         while True:
             if routes.stale:
-                await self._refresh_routes()
+                async with self._routes_lock:  # one caller asks; the others wait for its answer
+                    if routes.stale:
+                        await self._refresh_routes()
             worker = routes.pick(unreachable)
             stub = self._stub if worker is None else worker.stub
             if worker is not None:
@@ -191,11 +195,12 @@ class AsyncInterpreterManager(WorkerCount):
     async def _refresh_routes(self) -> None:
         """Ask the daemon where the workers serve calls now; keep channels to those still there."""
         routes = self._routes
-        routes.stale = False
         try:
             answer = await self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
-        except grpc.RpcError:
-            return  # an older daemon, or none now: this call goes through the daemon (or fails there)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                routes.enabled = False  # a daemon from before data ports: its path it is
+            return  # none reachable now: this call goes through the daemon (or fails there)
         known = {worker.address: worker for worker in routes.workers}
         workers = []
         for endpoint in answer.workers:
@@ -207,6 +212,7 @@ class AsyncInterpreterManager(WorkerCount):
             await gone.channel.close()
         routes.workers = workers
         routes.generation = answer.generation
+        routes.stale = False
 
     def _worker_channel(self, address: str) -> Worker:
         if self._tls is None:

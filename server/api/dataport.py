@@ -19,6 +19,7 @@ Imports no torch: the function that runs a request is given.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from server.api.calls import Context
 from server.api.metrics import Metrics
 from server.api.tls import server_credentials
 from server.api.values import DEFAULT_LIMITS, ValueLimits
+from server.batching.batcher import Batcher, BatchObserver, BatchPolicy
+from server.batching.batcher import Pool as BatchPool
 from server.errors import InvalidArgument, NotFound, ObjectNotFound, error_from_failure
 from server.ipc import protocol
 from server.ipc.call_board import WorkerRow
@@ -41,6 +44,8 @@ from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
 from server.proto import grpc_predict_v2_pb2 as v2
 from server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
+
+_NO_OBSERVER = BatchObserver(lambda model, rows: None, lambda model, seconds: None)
 
 # Trailing metadata of every answer: the endpoints generation the port was last told of. A
 # client whose list of ports is older asks the daemon again (deployd.v1 Endpoints).
@@ -67,19 +72,59 @@ class DataPortSettings(NamedTuple):
     value_limits: ValueLimits = DEFAULT_LIMITS
     log_calls: bool = True
     event_loop: str = "auto"
+    max_queued_calls: int = 1000  # pool.max_queued_calls: calls a batcher may hold
+
+
+class LocalPool:
+    """This worker, as a batcher (server.batching) sees a pool: one worker, free unless a call
+    is on its way to the model. A call yields to the loop once before it runs, so requests that
+    arrived meanwhile reach their handlers and line up behind it: a batcher joins them."""
+
+    def __init__(self, run: Callable[[protocol.Request, list[Any]], tuple[Any, list[Any]]], max_queued: int) -> None:
+        self._run = run
+        self._calls = 0  # calls between their start and their answer
+        self.max_queued_calls = max_queued
+        self.release_listeners: set[Callable[[], None]] = set()
+
+    def idle_count(self) -> int:
+        return 0 if self._calls else 1
+
+    async def call(
+        self, message: protocol.Request, buffers: list[Any], on_start: Callable[[], None] | None = None
+    ) -> tuple[Any, list[Any]]:
+        self._calls += 1
+        try:
+            await asyncio.sleep(0)
+            if on_start is not None:
+                on_start()
+            # A batch's tensors come as their callers' rows (protocol.Gathered), which a socket
+            # writes end to end; here they are joined once into the tensor the model gets.
+            joined = [b"".join(buffer.parts) if type(buffer) is protocol.Gathered else buffer for buffer in buffers]
+            return self._run(message, joined)
+        finally:
+            self._calls -= 1
+            for listener in list(self.release_listeners):
+                listener()
 
 
 class LocalModels:
     """What this worker serves by name and id, as the daemon last said (SetRoutes), and the
-    calls on it: the models side of the handlers (server.api.calls.ModelCalls)."""
+    calls on it: the models side of the handlers (server.api.calls.ModelCalls). A version with
+    batching gets a batcher here, as on the daemon: calls that meet at this worker are joined."""
 
-    def __init__(self, run: Run, row: WorkerRow | None) -> None:
+    def __init__(self, run: Run, row: WorkerRow | None, metrics: Metrics | None = None, max_queued: int = 1000) -> None:
         self.generation = 0
         self._run_request = run
         self._row = row
         self._names = ModelNames()
         self._objects: set[str] = set()
         self._signatures: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
+        self._batchers: dict[str, Batcher] = {}
+        local = LocalPool(self._run, max_queued)
+        self._pool = BatchPool(local.call, local.idle_count, local.max_queued_calls, local.release_listeners)
+        self._observer = (
+            BatchObserver(metrics.observe_batch, metrics.observe_batch_wait) if metrics is not None else _NO_OBSERVER
+        )
 
     def set_routes(self, routes: protocol.SetRoutes) -> None:
         if routes.generation < self.generation:
@@ -90,18 +135,32 @@ class LocalModels:
         self._names = names
         self._objects = set(routes.objects)
         self._signatures = {
-            name: (
-                tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),
-                tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
-            )
-            for name, (inputs, outputs) in routes.signatures.items()
+            name: (_specs(inputs), _specs(outputs)) for name, (inputs, outputs) in routes.signatures.items()
         }
+        for object_id, (size, delay, preferred) in routes.batching.items():
+            if object_id not in self._batchers:
+                label = next((name for name, model in names.models.items() if object_id in model.versions.values()), "")
+                policy = BatchPolicy(size, delay, tuple(preferred))
+                self._batchers[object_id] = Batcher(object_id, label, policy, self._pool, self._observer)
         self.generation = routes.generation
+
+    async def retire(self, object_id: str, timeout: float = 30.0) -> None:
+        """Before an object is unloaded here: the calls its batcher holds finish first."""
+        batcher = self._batchers.pop(object_id, None)
+        if batcher is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not batcher.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        batcher.close()
 
     async def invoke(
         self, target: str, version: int, method: str, args: list[Any], kwargs: dict[str, Any], buffers: list[Any]
     ) -> tuple[Any, list[Any]]:
         object_id = self._resolve(target, version)
+        batcher = self._batchers.get(object_id)
+        if batcher is not None:
+            return await batcher.call(method, args, kwargs, buffers)
         return self._run(protocol.Invoke(object_id, method, args, kwargs), buffers)
 
     async def has_attr(self, target: str, version: int, name: str) -> bool:
@@ -207,8 +266,8 @@ class DataPort:
 
     def __init__(self, settings: DataPortSettings, run: Run) -> None:
         self._settings = settings
-        self._row_source = settings.board
-        self.models = LocalModels(run, None)
+        self._metrics = Metrics()
+        self.models = LocalModels(run, None, self._metrics, settings.max_queued_calls)
         self._server: Any = None
         self._stopping = False
 
@@ -219,7 +278,7 @@ class DataPort:
         settings = self._settings
         if settings.board:
             self.models._row = WorkerRow(settings.board, request.slot)
-        metrics = Metrics()
+        metrics = self._metrics
         interceptors = []
         if settings.admin_tokens or settings.invoke_tokens:
             methods = {

@@ -408,6 +408,7 @@ def _data_port_settings(config: Config, ports: DataPorts, value_limits: ValueLim
         value_limits=value_limits,
         log_calls=config.server.log_calls,
         event_loop=config.server.event_loop,
+        max_queued_calls=config.pool.max_queued_calls,
     )
 
 

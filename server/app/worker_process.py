@@ -52,6 +52,8 @@ async def _serve(channel: socket.socket, runtime: Any, settings: WorkerSettings,
             if isinstance(message, protocol.SetRoutes):
                 port.models.set_routes(message)
                 return protocol.Result(None), []
+            if isinstance(message, protocol.UnloadObject):
+                await port.models.retire(message.object_id)  # its batched calls finish first
         except DeploydError as error:
             return protocol.Failure(protocol.FAILURE_INVALID_ARGUMENT, "", str(error), ""), []
         reply: tuple[protocol.Reply, list[Any]] = runtime.handle(message, buffers)

@@ -166,6 +166,11 @@ class Batcher:
         """Calls waiting for their batch to go."""
         return len(self._pending)
 
+    @property
+    def idle(self) -> bool:
+        """No call waits, and no batch or lone call runs."""
+        return not self._pending and not self._running
+
     def close(self) -> None:
         """Stop dispatching (the model is unloaded, or the daemon stops)."""
         self._pool.release_listeners.discard(self._wakeup.set)

@@ -175,6 +175,8 @@ class SetRoutes(NamedTuple):
     objects: list[str]  # object ids loaded
     # name -> (inputs, outputs) a model's config entry declares, each (name, datatype, shape)
     signatures: dict[str, tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]]
+    # object id -> (max_batch_size, max_queue_delay_ms, preferred_batch_sizes) of the versions that batch
+    batching: dict[str, tuple[int, float, list[int]]]
 
 
 # ------------------------------------------------------------------ replies (worker -> daemon)

@@ -379,7 +379,15 @@ class ModelService:
     def routes(self) -> protocol.SetRoutes:
         """What names and ids serve now, as a worker with a data port needs to know it."""
         models = {name: (model.serving, dict(model.versions)) for name, model in self._names.models.items()}
-        return protocol.SetRoutes(self.generation, models, list(self._registry.objects), self._signatures())
+        batching = {
+            object_id: (
+                batcher.policy.max_batch_size,
+                batcher.policy.max_queue_delay_ms,
+                list(batcher.policy.preferred_batch_sizes),
+            )
+            for object_id, batcher in self._batchers.items()
+        }
+        return protocol.SetRoutes(self.generation, models, list(self._registry.objects), self._signatures(), batching)
 
     async def publish_routes(self) -> None:
         """Tell every serving worker what serves now, under a new generation (callers that
