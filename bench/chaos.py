@@ -6,6 +6,10 @@ thread SIGKILLs a random worker every `kill_every` seconds. Printed: calls made,
 failed (target with retries: 0), the longest stall (the slowest call, retries included),
 and the resident memory of the daemon and of its workers at the start and the end
 (target: flat, end <= 1.1x start, so a restart leaks nothing).
+
+Twice: through the daemon, and on the direct path (pool.data_ports: the client calls the
+workers' own ports, so a SIGKILL cuts its connection to that worker, and the replacement
+comes back on the same port).
 """
 
 from __future__ import annotations
@@ -34,24 +38,35 @@ FULL = Params(seconds=60.0, kill_every=5.0)
 SMOKE = Params(seconds=3.0, kill_every=1.0)
 
 
+PATHS = {"daemon path": {}, "direct": {"DEPLOYD_POOL_DATA_PORTS": "0"}}
+
+
 def run(ctx: Context) -> None:
     params = SMOKE if ctx.smoke else FULL
     package = build_packages(ctx.workdir / "packages", {"identity": {"kind": "identity"}})["identity"]
-    with Daemon(ctx.workdir, ctx.cpu_count) as daemon:
-        spec = {"target": daemon.target, "daemon_pid": daemon.pid, "package": str(package), **asdict(params)}
-        result = run_in_child("bench.chaos:callers_and_killer", spec, timeout=300 + params.seconds)
-    ctx.report.add(Row.from_samples("chaos", "deployd-retry", CALLERS, result["latencies"], result["elapsed"]))
+    for path, env in PATHS.items():
+        with Daemon(ctx.workdir, ctx.cpu_count, env=env) as daemon:
+            spec = {"target": daemon.target, "daemon_pid": daemon.pid, "package": str(package), **asdict(params)}
+            result = run_in_child("bench.chaos:callers_and_killer", spec, timeout=300 + params.seconds)
+        report(ctx, path, result)
+
+
+def report(ctx: Context, path: str, result: dict[str, Any]) -> None:
+    name = "deployd-retry" if path == "daemon path" else "deployd-retry-direct"
+    ctx.report.add(Row.from_samples("chaos", name, CALLERS, result["latencies"], result["elapsed"]))
     ctx.report.line(
-        f"chaos: {CALLERS} callers for {result['elapsed']:.0f}s, {result['kills']} workers SIGKILLed:"
+        f"chaos ({path}): {CALLERS} callers for {result['elapsed']:.0f}s, {result['kills']} workers SIGKILLed:"
         f" {len(result['latencies'])} calls made, longest stall {max(result['latencies']) * 1000:.0f} ms"
     )
     for failure in result["failures"][:3]:
-        ctx.report.line(f"chaos: a failed call: {failure}")
-    ctx.report.check("chaos: calls failed, with client retries", result["failed"], "<=", 0, unit="calls")
+        ctx.report.line(f"chaos ({path}): a failed call: {failure}")
+    ctx.report.check(f"chaos ({path}): calls failed, with client retries", result["failed"], "<=", 0, unit="calls")
     for who in ("daemon", "workers"):
         start, end = result["rss"][who]
-        ctx.report.line(f"chaos: {who} RSS {start / 2**20:.0f} MiB at the start, {end / 2**20:.0f} MiB at the end")
-        ctx.report.check(f"chaos: {who} RSS end / start", end / start if start else 0.0, "<=", 1.1)
+        ctx.report.line(
+            f"chaos ({path}): {who} RSS {start / 2**20:.0f} MiB at the start, {end / 2**20:.0f} MiB at the end"
+        )
+        ctx.report.check(f"chaos ({path}): {who} RSS end / start", end / start if start else 0.0, "<=", 1.1)
 
 
 # ---------------------------------------------------------------------------- load and killer (child)
