@@ -72,8 +72,14 @@ def run(ctx: Context) -> None:
         timeout = 300 + params.rounds * 2 * (params.window_seconds + 30)
         by_name = run_in_child("bench.names:name_and_id_load", spec, timeout)
         swapping = run_in_child("bench.names:swap_load", spec, 300 + params.swaps * (params.calm_seconds + 30))
+    # The same swaps on the direct path: the callers call the workers' own ports, which resolve
+    # the name from the table the daemon sends them.
+    with Daemon(ctx.workdir, ctx.cpu_count, env={"DEPLOYD_POOL_DATA_PORTS": "0"}) as daemon:
+        spec = {"target": daemon.target, "packages": packages, **asdict(params)}
+        direct = run_in_child("bench.names:swap_load", spec, 300 + params.swaps * (params.calm_seconds + 30))
     report_by_name(ctx, by_name)
     report_swaps(ctx, swapping, params)
+    report_swaps(ctx, direct, params, path="direct")
 
 
 def report_by_name(ctx: Context, results: dict[str, Any]) -> None:
@@ -84,18 +90,21 @@ def report_by_name(ctx: Context, results: dict[str, Any]) -> None:
     ctx.report.check(what, paired_ratios(by_name.p50s(), by_id.p50s()), "<=", 1.05)
 
 
-def report_swaps(ctx: Context, result: dict[str, Any], params: Params) -> None:
+def report_swaps(ctx: Context, result: dict[str, Any], params: Params, path: str = "") -> None:
+    """path: "" through the daemon, "direct" on the workers' data ports."""
     before, after, loading = result["before"], result["after"], result["loading"]
+    benchmark = f"names_swap_{path}" if path else "names_swap"
+    label = f"names ({path})" if path else "names"
     ms = f"{params.window_ms:g} ms"
     span = f"{params.window_ms:g}ms"
-    ctx.report.add(windows_row("names_swap", f"before-{span}", before))
-    ctx.report.add(windows_row("names_swap", f"from-load-{span}", after))
-    ctx.report.add(windows_row("names_swap", "during-load", loading))
+    ctx.report.add(windows_row(benchmark, f"before-{span}", before))
+    ctx.report.add(windows_row(benchmark, f"from-load-{span}", after))
+    ctx.report.add(windows_row(benchmark, "during-load", loading))
     rates = paired_ratios([rate(window) for window in after], [rate(window) for window in before])
     loaded_for = sum(window["seconds"] for window in loading)
     during_load = ratio(sum(len(window["latencies"]) for window in loading), loaded_for)
     ctx.report.line(
-        f"names: {CALLERS} callers, {len(after)} hot swaps: calls/s in the {ms} from the load call / the {ms}"
+        f"{label}: {CALLERS} callers, {len(after)} hot swaps: calls/s in the {ms} from the load call / the {ms}"
         f" before = {statistics.median(rates):.2f}x (median of {len(rates)} swaps, {min(rates):.2f}-{max(rates):.2f};"
         f" no target); during the load call itself {during_load:.0f} calls/s against"
         f" {statistics.median(rate(window) for window in before):.0f} calls/s before;"
@@ -103,13 +112,15 @@ def report_swaps(ctx: Context, result: dict[str, Any], params: Params) -> None:
         f" {result['calls']} calls in all"
     )
     for failure in result["failures"][:3]:
-        ctx.report.line(f"names: a failed call: {failure}")
-    ctx.report.check("names: calls failed during hot swaps", result["failed"], "<=", 0, "calls")
-    ctx.report.check("names: stale answers (begun after the load returned, old tag)", result["stale"], "<=", 0, "calls")
+        ctx.report.line(f"{label}: a failed call: {failure}")
+    ctx.report.check(f"{label}: calls failed during hot swaps", result["failed"], "<=", 0, "calls")
+    ctx.report.check(
+        f"{label}: stale answers (begun after the load returned, old tag)", result["stale"], "<=", 0, "calls"
+    )
     loads = [window["seconds"] * 1000 for window in loading]
     serving = [ms for ms in result["to_serving_ms"] if ms is not None]
     ctx.report.line(
-        f"names: load_pickle(name=) under load took {percentile(loads, 50):.1f} ms p50, {max(loads):.1f} ms slowest;"
+        f"{label}: load_pickle(name=) under load took {percentile(loads, 50):.1f} ms p50, {max(loads):.1f} ms slowest;"
         f" from the load call to the new version's first answer {percentile(serving, 50):.1f} ms p50,"
         f" {max(serving, default=float('nan')):.1f} ms slowest ({len(serving)} of {params.swaps} swaps seen answering)"
     )
