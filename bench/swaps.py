@@ -12,6 +12,9 @@ from the end of the first swap to the end of the last), the ratio of RSS after t
 swap to after the first (target <= 1.10), deleted deployd segments still mapped in a
 worker after the last swap (target 0), and the fds and /dev/shm segments gained from the
 first swap to the last (target 0).
+
+Twice: through the daemon, and with data ports (pool.data_ports), where every swap also sends
+each worker the new routes and the calls go to the workers' own ports.
 """
 
 from __future__ import annotations
@@ -43,19 +46,25 @@ def run(ctx: Context) -> None:
     params = SMOKE if ctx.smoke else FULL
     specs = {f"swap_{tag}": {"kind": "big", "width": params.width, "layers": 1, "label": tag} for tag in TAGS}
     packages = build_packages(ctx.workdir / "packages", specs)
+    for path, env in (("", {}), ("direct", {"DEPLOYD_POOL_DATA_PORTS": "0"})):
+        with Daemon(ctx.workdir, WORKERS, env=env) as daemon:
+            child_spec = {
+                "target": daemon.target,
+                "daemon_pid": daemon.pid,
+                "packages": [str(packages[f"swap_{tag}"]) for tag in TAGS],
+                **asdict(params),
+            }
+            result = run_in_child("bench.swaps:swap_call_unload", child_spec, timeout=120 + 5 * params.swaps)
+        report(ctx, result, params, path)
+
+
+def report(ctx: Context, result: dict[str, Any], params: Params, path: str) -> None:
     weights = 4 * params.width * (params.width + 1)  # float32 weight and bias
-    with Daemon(ctx.workdir, WORKERS) as daemon:
-        child_spec = {
-            "target": daemon.target,
-            "daemon_pid": daemon.pid,
-            "packages": [str(packages[f"swap_{tag}"]) for tag in TAGS],
-            **asdict(params),
-        }
-        result = run_in_child("bench.swaps:swap_call_unload", child_spec, timeout=120 + 5 * params.swaps)
+    label = f"swaps ({path})" if path else "swaps"
     swaps, latencies = result["swaps"], result["latencies"]
-    ctx.report.add(Row.from_samples("swaps", "deployd", 1, latencies, sum(latencies)))
+    ctx.report.add(Row.from_samples("swaps", f"deployd-{path}" if path else "deployd", 1, latencies, sum(latencies)))
     ctx.report.line(
-        f"swaps: {swaps} hot swaps of a name, nn.Linear({params.width}, {params.width}) ="
+        f"{label}: {swaps} hot swaps of a name, nn.Linear({params.width}, {params.width}) ="
         f" {weights / KB:,.0f} KB of weights, {WORKERS} workers: {sum(latencies) / swaps * 1000:.0f} ms a swap"
         f" (stream the package, load_pickle(name=), a call on each worker, unload the previous package)"
     )
@@ -64,15 +73,17 @@ def run(ctx: Context) -> None:
         start, end = first["rss"][who], last["rss"][who]
         per_swap = (end - start) / KB / max(swaps - 1, 1)
         ctx.report.line(
-            f"swaps: {who} RSS {start / MIB:.1f} MiB after the first swap, {end / MIB:.1f} MiB after the last:"
+            f"{label}: {who} RSS {start / MIB:.1f} MiB after the first swap, {end / MIB:.1f} MiB after the last:"
             f" {per_swap:+.1f} KB/swap"
         )
-        ctx.report.check(f"swaps: {who} RSS after the last swap / after the first", end / start, "<=", 1.1)
-    ctx.report.check("swaps: deleted deployd segments still mapped in workers", last["deleted_maps"], "<=", 0, "maps")
+        ctx.report.check(f"{label}: {who} RSS after the last swap / after the first", end / start, "<=", 1.1)
+    ctx.report.check(f"{label}: deleted deployd segments still mapped in workers", last["deleted_maps"], "<=", 0, "maps")
     for what, unit in (("daemon fds", "fds"), ("worker fds", "fds"), ("shm segments", "segments")):
         key = what.replace(" ", "_")
-        ctx.report.line(f"swaps: {what} after the first swap / after the last: {first[key]} / {last[key]}")
-        ctx.report.check(f"swaps: {what} gained from the first swap to the last", last[key] - first[key], "<=", 0, unit)
+        ctx.report.line(f"{label}: {what} after the first swap / after the last: {first[key]} / {last[key]}")
+        ctx.report.check(
+            f"{label}: {what} gained from the first swap to the last", last[key] - first[key], "<=", 0, unit
+        )
 
 
 # ---------------------------------------------------------------------------- client (child)
