@@ -77,7 +77,8 @@ def report(ctx: Context, result: dict[str, Any], params: Params, path: str) -> N
             f" {per_swap:+.1f} KB/swap"
         )
         ctx.report.check(f"{label}: {who} RSS after the last swap / after the first", end / start, "<=", 1.1)
-    ctx.report.check(f"{label}: deleted deployd segments still mapped in workers", last["deleted_maps"], "<=", 0, "maps")
+    deleted = last["deleted_maps"]
+    ctx.report.check(f"{label}: deleted deployd segments still mapped in workers", deleted, "<=", 0, "maps")
     for what, unit in (("daemon fds", "fds"), ("worker fds", "fds"), ("shm segments", "segments")):
         key = what.replace(" ", "_")
         ctx.report.line(f"{label}: {what} after the first swap / after the last: {first[key]} / {last[key]}")
