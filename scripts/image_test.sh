@@ -11,8 +11,10 @@
 #   3. a wheelhouse (build/wheelhouse, ignored by git, sent in the build context): torch, deployd's
 #      runtime dependencies and setuptools, downloaded here with pip.
 #   4. docker build --network none with BASE_IMAGE and WHEELHOUSE: no step can reach anything.
-#   5. docker run as a user would (token, --shm-size, ports on 127.0.0.1), wait for health,
-#      scripts/image_smoke.py, docker stop, exit code 0 and a clean shutdown in the log.
+#   5. docker run as a user would (token, --shm-size, ports on 127.0.0.1: the daemon's, metrics,
+#      and the two workers' data ports on the numbers the image gives them), wait for health,
+#      scripts/image_smoke.py (the daemon path, then straight to the workers' ports), docker stop,
+#      exit code 0 and a clean shutdown in the log.
 # The images are kept so that the next run's build is cached (seconds); the container is always
 # removed. First run on a fresh machine: a few minutes (debootstrap, installing torch in the image).
 #   scripts/image_test.sh          (make image-test, which makes .venv first)
@@ -26,6 +28,7 @@ WHEELHOUSE=build/wheelhouse            # relative: the Dockerfile copies it from
 SUITE=bookworm                         # Debian 12: its python3 is 3.11, as python:3.11-slim's
 CONTAINER=deployd-image-test-$$
 TOKEN=image-test-$$-$RANDOM$RANDOM     # the image binds 0.0.0.0, so it refuses to start without one
+WORKERS=2                              # and as many data ports published
 WORK=$(mktemp -d -t deployd-image-test-XXXXXX)
 DOCKERD_PID=                           # set when this script started dockerd: it stops only that one
 DOCKER=(docker)
@@ -191,21 +194,59 @@ image() {
         "$(grep -c ' ---> Using cache' "$WORK/build.log" || true) steps cached"
 }
 
+# The first of COUNT consecutive ports free on this host's loopback: FIRST's if those are free.
+free_ports() {
+    "$BIN/python" - "$1" "$2" <<'EOF'
+import socket
+import sys
+
+
+def free(first: int, count: int) -> bool:
+    for port in range(first, first + count):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+first, count = int(sys.argv[1]), int(sys.argv[2])
+while not free(first, count):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        first = min(probe.getsockname()[1], 65536 - count)
+print(first)
+EOF
+}
+
 # 5. The container as a user runs it (README, deploy/Dockerfile's header): a token, shared
 # memory, the ports on this host's loopback (port 0: any free one), the packages as a volume.
+# The workers' data ports are published on the numbers the daemon advertises (the image's
+# config: 127.0.0.1 and 50100 + slot), so they are the image's own unless taken on this host.
 run() {
     mkdir -p "$WORK/packages"
     "$BIN/python" -W "ignore:TypedStorage is deprecated:UserWarning" scripts/export_seed.py "$WORK/packages/seed.pt"
     chmod 755 "$WORK/packages"  # the daemon runs as uid 10001 (the mount's parents do not matter)
     chmod 644 "$WORK/packages/seed.pt"
+    local image_ports data_env=()
+    image_ports=$("$BIN/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["pool"]["data_ports"])' \
+        deploy/config.yaml)
+    DATA_FIRST=$(free_ports "$image_ports" "$WORKERS")
+    DATA_LAST=$((DATA_FIRST + WORKERS - 1))
+    if [ "$DATA_FIRST" != "$image_ports" ]; then
+        say "the image's data ports $image_ports-$((image_ports + WORKERS - 1)) are taken here: using $DATA_FIRST-$DATA_LAST"
+        data_env=(-e DEPLOYD_POOL_DATA_PORTS="$DATA_FIRST")
+    fi
     dk run -d --name "$CONTAINER" --shm-size 512m \
-        -e DEPLOYD_AUTH_ADMIN_TOKENS="$TOKEN" \
+        -e DEPLOYD_AUTH_ADMIN_TOKENS="$TOKEN" -e DEPLOYD_POOL_WORKERS="$WORKERS" "${data_env[@]}" \
         -v "$WORK/packages:/var/lib/deployd/packages:ro" \
         -p 127.0.0.1::50051 -p 127.0.0.1::9464 \
+        -p "127.0.0.1:$DATA_FIRST-$DATA_LAST:$DATA_FIRST-$DATA_LAST" \
         "$IMAGE" >/dev/null
     ADDRESS=$(dk port "$CONTAINER" 50051/tcp | head -n 1)
     METRICS=$(dk port "$CONTAINER" 9464/tcp | head -n 1)
-    say "container $CONTAINER: gRPC on $ADDRESS, metrics on $METRICS"
+    say "container $CONTAINER: gRPC on $ADDRESS, metrics on $METRICS, data ports on 127.0.0.1:$DATA_FIRST-$DATA_LAST"
 }
 
 # Up: `deployd health` from here says SERVING through the published port, then Docker's own
@@ -227,7 +268,8 @@ wait_healthy() {
 
 smoke() {
     DEPLOYD_TOKEN=$TOKEN timeout 300 "$BIN/python" scripts/image_smoke.py --address "$ADDRESS" \
-        --metrics-url "http://$METRICS/metrics" --package "$WORK/packages/seed.pt" --server-path seed.pt
+        --metrics-url "http://$METRICS/metrics" --package "$WORK/packages/seed.pt" --server-path seed.pt \
+        --data-ports "$DATA_FIRST-$DATA_LAST"
 }
 
 # docker stop sends SIGTERM to PID 1, tini, which passes it on: the daemon drains and exits 0

@@ -1,5 +1,6 @@
-"""deploy/: the Dockerfile's command run outside Docker, the compose file, Prometheus and
-Grafana's files. No Docker engine needed: docker-compose and promtool only parse."""
+"""deploy/: the Dockerfile's command run outside Docker, the compose file, the data ports the
+image serves and publishes, Prometheus and Grafana's files. No Docker engine needed:
+docker-compose and promtool only parse."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client import InterpreterManager
+from client._proto import deployd_pb2 as pb
+from client._proto import deployd_pb2_grpc as pb_grpc
+from server.app.config import load_config
 from tests.daemon_process import REPO, DaemonProcess
 from tests.tools import require_program
 
@@ -119,17 +125,24 @@ class ImageDaemon(DaemonProcess):
         return self._command
 
 
+def loopback_env(packages: Path, workers: int = 1) -> dict[str, str]:
+    """The image's daemon on loopback and any free ports, although its config binds 0.0.0.0
+    (the data ports too: 0.0.0.0:50100 + slot)."""
+    return {
+        "DEPLOYD_SERVER_ADDRESS": "127.0.0.1:0",
+        "DEPLOYD_METRICS_ADDRESS": "127.0.0.1:0",
+        "DEPLOYD_POOL_DATA_PORTS": "0",
+        "DEPLOYD_POOL_DATA_HOST": "127.0.0.1",
+        "DEPLOYD_PACKAGES_DIRECTORY": str(packages),
+        "DEPLOYD_POOL_WORKERS": str(workers),
+        "DEPLOYD_AUTH_ADMIN_TOKENS": "test-admin-token",
+    }
+
+
 @pytest.fixture
 def image_daemon(tmp_path: Path) -> ImageDaemon:
     """Started on loopback and port 0 although the image's config binds 0.0.0.0."""
-    env = {
-        "DEPLOYD_SERVER_ADDRESS": "127.0.0.1:0",
-        "DEPLOYD_METRICS_ADDRESS": "127.0.0.1:0",
-        "DEPLOYD_PACKAGES_DIRECTORY": str(tmp_path),
-        "DEPLOYD_POOL_WORKERS": "1",
-        "DEPLOYD_AUTH_ADMIN_TOKENS": "test-admin-token",
-    }
-    return ImageDaemon(image_command(), env)
+    return ImageDaemon(image_command(), loopback_env(tmp_path))
 
 
 def health(target: str) -> int:
@@ -179,7 +192,7 @@ def test_dockerfile_choices() -> None:
     instructions = dockerfile_instructions()
     assert dockerfile("FROM") == "${BASE_IMAGE}"
     assert dockerfile("USER") == "deployd"
-    assert set(dockerfile("EXPOSE").split()) == {"50051", "9464"}
+    assert set(dockerfile("EXPOSE").split()) == {"50051", "9464", "50100-50107"}
     assert "/var/lib/deployd/packages" in dockerfile("VOLUME")
     assert any(
         name == "ARG" and args.startswith("TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu")
@@ -198,6 +211,76 @@ def test_dockerfile_choices() -> None:
     included = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     copied = {source for copy in copies for source in copy[:-1]}
     assert {pattern.rstrip("*") for pattern in included} <= copied
+
+
+def image_config(**environ: str) -> object:
+    """deploy/config.yaml through the daemon's own parser, with a token (it binds 0.0.0.0)."""
+    return load_config(DEPLOY / "config.yaml", environ={"DEPLOYD_AUTH_ADMIN_TOKENS": "token", **environ})
+
+
+def published_data_ports() -> tuple[int, int]:
+    """The first and last data port docker-compose.yml publishes (HOST_IP:FIRST-LAST:FIRST-LAST)."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["deployd"]
+    ranges = [port for port in compose["ports"] if "-" in port]
+    assert len(ranges) == 1, f"docker-compose.yml should publish one range of data ports: {compose['ports']}"
+    host_ip, host_range, container_range = ranges[0].split(":")
+    assert host_ip == "127.0.0.1", "the data ports on the host's loopback, as the daemon's port"
+    assert host_range == container_range, "the daemon advertises the container's port numbers: publish the same"
+    first, last = (int(part) for part in host_range.split("-"))
+    return first, last
+
+
+def test_image_data_ports_line_up_with_what_is_published() -> None:
+    """Worker slot i serves on pool.data_ports + i, bound as the daemon's own address; the image
+    EXPOSEs and compose publishes the same range, on the numbers the daemon advertises, at the
+    host (127.0.0.1) where compose publishes them; DEPLOYD_POOL_WORKERS beyond the range is documented."""
+    first, last = published_data_ports()
+    config = image_config(DEPLOYD_POOL_WORKERS=str(last - first + 1))
+    assert config.pool.data_ports == first, "compose publishes from the image's first data port"
+    assert config.data_host == "0.0.0.0" == config.server.address.rpartition(":")[0]
+    assert config.server.advertise_host == "127.0.0.1"
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["deployd"]
+    assert "127.0.0.1:50051:50051" in compose["ports"]
+    assert f"{first}-{last}" in dockerfile("EXPOSE").split()
+    # The env file's overrides name the count that fits the published range.
+    example = (DEPLOY / "deployd.env.example").read_text()
+    assert "DEPLOYD_POOL_WORKERS" in example and f"{first}-{last}" in example
+    assert "DEPLOYD_SERVER_ADVERTISE_HOST" in example
+
+
+def test_image_command_serves_data_ports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The image's config with two workers: Endpoints tells a client on the host 127.0.0.1 and a
+    port per worker, each answers Invoke as the daemon does, and the Python client takes them."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "export_seed.py"), str(tmp_path / "seed.pt")], check=True)
+    daemon = ImageDaemon(image_command(), loopback_env(tmp_path, workers=2)).start()
+    metadata = (("authorization", "Bearer test-admin-token"),)
+    try:
+        assert len(re.findall(r"worker \d serves calls on 127\.0\.0\.1:\d+", daemon.log)) == 2, daemon.log
+        with InterpreterManager(daemon.target, token="test-admin-token", timeout=60) as manager:
+            manager.load_package(server_path="seed.pt").load_pickle("model", "model.pkl", name="seed")
+            x = torch.rand(1, 1, 10, 10)
+            request = pb.InvokeRequest(object_id="seed", args=[tensor_value(x)])
+            with grpc.insecure_channel(daemon.target) as channel:
+                stub = pb_grpc.DeploydStub(channel)
+                answer = stub.Endpoints(pb.EndpointsRequest(), timeout=30, metadata=metadata)
+                by_daemon = stub.Invoke(request, timeout=60, metadata=metadata).result
+            assert len(answer.workers) == 2
+            assert all(worker.address.startswith("127.0.0.1:") for worker in answer.workers), answer
+            for worker in answer.workers:
+                with grpc.insecure_channel(worker.address) as channel:
+                    direct = pb_grpc.DeploydStub(channel).Invoke(request, timeout=60, metadata=metadata).result
+                assert direct == by_daemon, f"{worker.address} answered otherwise than the daemon"
+            expected = torch.frombuffer(bytearray(by_daemon.tensor_value.data), dtype=torch.float32)
+            for _ in range(4):
+                assert torch.equal(manager.model("seed")(x).flatten(), expected)
+        assert not [record for record in caplog.records if "cannot be reached" in record.getMessage()]
+    finally:
+        daemon.assert_clean_stop()
+
+
+def tensor_value(tensor: torch.Tensor) -> pb.Value:
+    data = tensor.numpy().tobytes()
+    return pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(tensor.shape), data=data))
 
 
 def test_dockerfile_builds_offline_only_when_asked() -> None:
@@ -257,7 +340,10 @@ def test_compose_file(tmp_path: Path) -> None:
     assert deployd["build"] == {"context": str(tmp_path), "dockerfile": "deploy/Dockerfile"}
     assert deployd["shm_size"] == "2gb"
     assert deployd["environment"]["DEPLOYD_AUTH_ADMIN_TOKENS"]  # from deployd.env
-    assert any(port.endswith(":50051:50051/tcp") for port in deployd["ports"])
+    assert "127.0.0.1:50051:50051/tcp" in deployd["ports"]
+    # The data ports, one entry each in docker-compose's view, on the host's loopback.
+    first, last = published_data_ports()
+    assert {f"127.0.0.1:{port}:{port}/tcp" for port in range(first, last + 1)} <= set(deployd["ports"])
     assert any(volume.startswith("packages:/var/lib/deployd/packages") for volume in deployd["volumes"])
     assert "healthcheck" not in deployd  # the image's HEALTHCHECK applies
     # Every file the services mount exists in deploy/.

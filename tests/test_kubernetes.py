@@ -2,7 +2,8 @@
 strict: unknown fields fail), and what a schema cannot see: that the manifests agree with each
 other, with the daemon (its config parser, health names, shutdown) and with the image. The last
 test runs the pod's two commands outside Kubernetes: the seed-model initContainer, then the
-daemon with the ConfigMap's config and the Deployment's environment. No cluster needed."""
+daemon with the ConfigMap's config and the Deployment's environment, called through its port and
+straight on its workers' data ports as a client in the cluster would. No cluster needed."""
 
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ from typing import Any
 import grpc
 import kubernetes_validate
 import pytest
+import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client import InterpreterManager
+from client._proto import deployd_pb2 as pb
+from client._proto import deployd_pb2_grpc as pb_grpc
 from server import logs
 from server.api.deployd_v1 import SERVICE_NAME
 from server.api.health import Health
@@ -37,6 +42,9 @@ KUBE = REPO / "deploy" / "kubernetes"
 KUSTOMIZATION = "kustomization.yaml"
 CONTAINER = "deployd"
 SECRET = "deployd-tokens"
+# A pod IP, standing in for the kubelet's status.podIP (DEPLOYD_SERVER_ADVERTISE_HOST).
+POD_IP = "10.244.1.7"
+DATA_PORT_PREFIX = "data-"
 # What the daemon and its fork server hold beside the workers and /dev/shm (torch imported once).
 DAEMON_MEMORY_BYTES = 512 * 1024**2
 
@@ -115,6 +123,11 @@ def container_ports(item: dict[str, Any] | None = None) -> dict[str, int]:
     return {port["name"]: port["containerPort"] for port in (item or container())["ports"]}
 
 
+def data_ports_declared(ports: dict[str, int]) -> dict[str, int]:
+    """The workers' data ports among named ports (data-0, data-1, ...)."""
+    return {name: port for name, port in ports.items() if name.startswith(DATA_PORT_PREFIX)}
+
+
 def volume(name: str) -> dict[str, Any]:
     found = [item for item in pod_spec()["volumes"] if item["name"] == name]
     assert len(found) == 1, f"no volume {name!r} in the pod"
@@ -138,6 +151,7 @@ def pod_environment(**extra: str) -> dict[str, str]:
     """The daemon's DEPLOYD_* environment in the pod, with tokens standing in for the Secret's."""
     return {
         "DEPLOYD_POOL_WORKERS": kubelet_cpu_value(),
+        "DEPLOYD_SERVER_ADVERTISE_HOST": POD_IP,
         "DEPLOYD_AUTH_INVOKE_TOKENS": "invoke-token",
         "DEPLOYD_AUTH_ADMIN_TOKENS": "admin-token",
         **extra,
@@ -282,6 +296,37 @@ def test_workers_follow_the_cpu_limit(tmp_path: Path) -> None:
     assert load_config(write_config(tmp_path), environ=pod_environment(DEPLOYD_POOL_WORKERS="2")).pool.workers == 2
 
 
+def test_data_ports_line_up_with_the_workers(tmp_path: Path) -> None:
+    """pool.data_ports gives worker slot i the port P + i: the pod declares exactly those, for the
+    worker count the CPU limit gives, the headless Service names each, and Endpoints tells
+    clients the pod's IP (the downward API), not the 0.0.0.0 the ports are bound to."""
+    config = pod_config(tmp_path)
+    first = config.pool.data_ports
+    assert first > 0, "declared containerPorts need fixed data ports (pool.data_ports P, not 0 or -1)"
+    wanted = {f"{DATA_PORT_PREFIX}{slot}": first + slot for slot in range(config.worker_count)}
+    assert data_ports_declared(container_ports()) == wanted, (
+        f"{config.worker_count} workers (limits.cpu) serve on {sorted(wanted.values())}: one containerPort each"
+    )
+    assert all(port["protocol"] == "TCP" for port in container()["ports"])
+    ports = sorted(container_ports().values())
+    assert len(ports) == len(set(ports)), f"a port is declared twice: {ports}"
+    # Bound on every interface of the pod, like the daemon's own address.
+    assert config.data_host == "0.0.0.0" == split_address(config.server.address)[0]
+    # The headless Service lists every data port by its name.
+    headless = resource("Service", "deployd-headless")
+    listed = {port["name"]: (port["port"], port["targetPort"]) for port in headless["spec"]["ports"]}
+    assert {name: listed.get(name) for name in wanted} == {name: (port, name) for name, port in wanted.items()}
+    # Endpoints advertises the pod's IP: the kubelet's status.podIP, through the environment.
+    source = env_source("DEPLOYD_SERVER_ADVERTISE_HOST")
+    assert source == {"fieldRef": {"fieldPath": "status.podIP"}}, source
+    assert config.server.advertise_host == POD_IP
+    written = yaml.safe_load(config_map()["data"][Path(config_path()).name])
+    assert not written["server"].get("advertise_host"), "the pod's IP comes from the environment, not the ConfigMap"
+    # A CPU limit of 3 would need a third port: the check above is what fails then.
+    three = load_config(write_config(tmp_path), environ=pod_environment(DEPLOYD_POOL_WORKERS="3"))
+    assert len(data_ports_declared(container_ports())) != three.worker_count
+
+
 def test_seed_model_init_container_exports_what_models_serves(tmp_path: Path) -> None:
     exporter = config_map()["data"]["export_seed.py"]
     assert exporter == (REPO / "scripts" / "export_seed.py").read_text(), (
@@ -315,7 +360,7 @@ def test_services_and_budgets_select_the_pods() -> None:
     headless = resource("Service", "deployd-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert not headless["spec"].get("publishNotReadyAddresses"), "only ready pods may be in DNS"
-    assert [port["name"] for port in headless["spec"]["ports"]] == ["grpc"]
+    assert [port["name"] for port in headless["spec"]["ports"]] == ["grpc", *data_ports_declared(container_ports())]
     budget = resource("PodDisruptionBudget")
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels().items()
     assert budget["spec"].get("maxUnavailable") == 1 or budget["spec"].get("minAvailable") == 1
@@ -436,7 +481,39 @@ def health(target: str, service: str) -> int:
     return status
 
 
-def test_pod_commands_serve_the_seed_model_and_stop_within_the_grace_period(tmp_path: Path) -> None:
+def seed_input() -> pb.Value:
+    x = torch.arange(100, dtype=torch.float32).reshape(1, 1, 10, 10) / 100
+    return pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(x.shape), data=x.numpy().tobytes()))
+
+
+def check_data_ports(target: str, workers: int) -> None:
+    """A client in the cluster with the invoke token: Endpoints names a port per worker at the
+    advertised host, and the seed model answers there as through the daemon; the Python client
+    takes them too (it would warn if it could not)."""
+    metadata = (("authorization", "Bearer invoke-token"),)
+    request = pb.InvokeRequest(object_id="seed", args=[seed_input()])
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.DeploydStub(channel)
+        answer = stub.Endpoints(pb.EndpointsRequest(), timeout=30, metadata=metadata)
+        by_daemon = stub.Invoke(request, timeout=60, metadata=metadata).result
+        assert len(answer.workers) == workers, answer
+        assert all(worker.address.startswith("127.0.0.1:") for worker in answer.workers), answer
+        assert all("seed" in worker.models for worker in answer.workers), answer
+        for worker in answer.workers:
+            with grpc.insecure_channel(worker.address) as direct:
+                result = pb_grpc.DeploydStub(direct).Invoke(request, timeout=60, metadata=metadata).result
+            assert result == by_daemon, f"{worker.address} answered otherwise than the daemon"
+        with InterpreterManager(target, token="invoke-token", timeout=60) as manager:
+            seed = manager.model("seed")
+            x = torch.frombuffer(bytearray(seed_input().tensor_value.data), dtype=torch.float32).reshape(1, 1, 10, 10)
+            expected = torch.frombuffer(bytearray(by_daemon.tensor_value.data), dtype=torch.float32)
+            for _ in range(2 * workers):
+                assert torch.equal(seed(x).flatten(), expected)
+
+
+def test_pod_commands_serve_the_seed_model_and_stop_within_the_grace_period(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The initContainer's export, then the daemon as the pod runs it: the ConfigMap's config
     and the Deployment's environment, with addresses on loopback and the packages in tmp_path."""
     packages = tmp_path / "packages"
@@ -450,7 +527,14 @@ def test_pod_commands_serve_the_seed_model_and_stop_within_the_grace_period(tmp_
     subprocess.run([sys.executable, str(config_dir / Path(script).name), str(package)], check=True, timeout=120)
     assert package.is_file()
 
-    env = pod_environment(DEPLOYD_PACKAGES_DIRECTORY=str(packages), DEPLOYD_METRICS_ADDRESS="127.0.0.1:0")
+    # Loopback here: the data ports on any free ports of 127.0.0.1, which stands in for the pod's IP.
+    env = pod_environment(
+        DEPLOYD_PACKAGES_DIRECTORY=str(packages),
+        DEPLOYD_METRICS_ADDRESS="127.0.0.1:0",
+        DEPLOYD_POOL_DATA_PORTS="0",
+        DEPLOYD_POOL_DATA_HOST="127.0.0.1",
+        DEPLOYD_SERVER_ADVERTISE_HOST="127.0.0.1",
+    )
     daemon = DaemonProcess(config_dir / Path(config_path()).name, env=env)
     daemon.env = {key: value for key, value in daemon.env.items() if not key.startswith("DEPLOYD_")} | env
     daemon.start()
@@ -461,6 +545,8 @@ def test_pod_commands_serve_the_seed_model_and_stop_within_the_grace_period(tmp_
             assert health(daemon.target, service) == serving, f"{kind} probe ({service!r}) on a serving pod"
         assert health(daemon.target, "seed") == serving, daemon.log
         assert f"starting {kubelet_cpu_value()} workers" in daemon.log
+        check_data_ports(daemon.target, workers=int(kubelet_cpu_value()))
+        assert not [record for record in caplog.records if "cannot be reached" in record.getMessage()]
     finally:
         started = time.monotonic()
         daemon.assert_clean_stop()

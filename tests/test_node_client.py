@@ -1,4 +1,5 @@
-"""The Node.js example (examples/node) against the real daemon: the Python client's numbers and errors."""
+"""The Node.js example (examples/node) against the real daemon: the Python client's numbers and
+errors, and, with data ports, its calls straight to the workers (round_robin over ipv4:...)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
 from client import InterpreterManager, RemoteError
+from client._proto import deployd_pb2 as pb
+from client._proto import deployd_pb2_grpc as pb_grpc
 from tests.conftest import write_config
 from tests.daemon_process import REPO, DaemonProcess
 
@@ -144,6 +148,7 @@ def test_node_example_gets_the_python_clients_answer_and_error(
     assert error["remote_type"] == python_error.remote_type == "RuntimeError"
     assert "Traceback" in error["remote_traceback"]
     assert error["call_killed_worker"] is False
+    assert "direct" not in output, "a daemon without data ports offers no direct path"
 
 
 def test_node_example_defaults_and_token(node: str, package_dir: Path, tmp_path: Path) -> None:
@@ -161,6 +166,32 @@ def test_node_example_defaults_and_token(node: str, package_dir: Path, tmp_path:
         assert output["result"]["shape"] == [1, 64, 2, 2]
         assert output["error"]["remote_type"] == "RuntimeError"
         with InterpreterManager(daemon.target, token=TOKEN, timeout=60) as manager:
+            assert loaded(manager) == (set(), set()), "the example should unload what it loaded"
+    finally:
+        daemon.assert_clean_stop()
+
+
+def test_node_example_calls_the_workers_directly(node: str, package_dir: Path, tmp_path: Path) -> None:
+    """With pool.data_ports, the example asks Endpoints and sends its calls over one channel to
+    ipv4:HOST:P1,HOST:P2 with round_robin: every call is answered by a worker's own port (grpc-js's
+    getPeer()), both workers take some, none goes through the daemon, and the answers are the
+    daemon path's, byte for byte."""
+    config = write_config(tmp_path / "config.yaml", package_dir, pool={"data_ports": 0})
+    daemon = DaemonProcess(config).start()
+    try:
+        output = printed(run_example(node, daemon.target, str(package_dir / "conv.pt")))
+        with grpc.insecure_channel(daemon.target) as channel:
+            workers = pb_grpc.DeploydStub(channel).Endpoints(pb.EndpointsRequest(), timeout=30).workers
+        addresses = [worker.address for worker in workers]
+        assert len(addresses) == 2 and all(address.startswith("127.0.0.1:") for address in addresses), addresses
+        direct = output["direct"]
+        assert direct["target"] == "ipv4:" + ",".join(addresses)
+        assert set(direct["peers"]) == set(addresses), f"round_robin over both workers: {direct['peers']}"
+        assert sum(direct["peers"].values()) == direct["calls"] == 10
+        assert direct["same_as_daemon"] is True
+        assert output["result"]["shape"] == [1, 64, 2, 2]  # the daemon path, as before
+        assert output["error"]["remote_type"] == "RuntimeError"
+        with InterpreterManager(daemon.target, timeout=60) as manager:
             assert loaded(manager) == (set(), set()), "the example should unload what it loaded"
     finally:
         daemon.assert_clean_stop()

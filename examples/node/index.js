@@ -1,12 +1,15 @@
 'use strict';
 // The README's quick-start example from Node.js: upload a torch.package, load its model, call it
-// with a float32 tensor, then show what a failed call carries.
+// with a float32 tensor, then show what a failed call carries. When the daemon's workers serve
+// calls themselves (pool.data_ports), it also calls them there, round robin, not through the daemon.
 //
 //   node examples/node/index.js [ADDRESS] [PACKAGE]
 //
-// Prints one JSON object per line on stdout: {"result": ...}, then {"error": ...}.
+// Prints one JSON object per line on stdout: {"result": ...}, then {"error": ...}, then, with
+// data ports, {"direct": ...}.
 
 const fs = require('node:fs');
+const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const { once } = require('node:events');
@@ -26,6 +29,8 @@ const PROTO_FILE = 'deployd/v1/deployd.proto';
 const CHUNK_BYTES = 1024 * 1024;
 const TIMEOUT_MS = 60_000;
 const ERROR_DETAIL_KEY = 'deployd-error-detail-bin';
+const DIRECT_CALLS = 10;
+const CHANNEL_OPTIONS = { 'grpc.max_receive_message_length': 256 * 1024 * 1024 }; // grpc-js's default is 4 MiB
 
 const definition = protoLoader.loadSync(PROTO_FILE, {
   includeDirs: [PROTOS],
@@ -88,6 +93,53 @@ function unary(client, method, request) {
   });
 }
 
+// The same, with the address of the server that answered (grpc-js's call.getPeer()).
+function unaryWithPeer(client, method, request) {
+  return new Promise((resolve, reject) => {
+    const call = client[method](request, metadata(), options(), (error, response) =>
+      error ? reject(error) : resolve({ response, peer: call.getPeer() }),
+    );
+  });
+}
+
+// One target for every worker's data port: grpc-js's ipv4: (or ipv6:) scheme lists several
+// addresses, and round_robin spreads the calls over them. Host names have no such scheme.
+function workersTarget(addresses) {
+  const hosts = addresses.map((address) => address.slice(0, address.lastIndexOf(':')));
+  if (hosts.every((host) => net.isIPv4(host))) return `ipv4:${addresses.join(',')}`;
+  if (hosts.every((host) => host.startsWith('[') && net.isIPv6(host.slice(1, -1)))) {
+    return `ipv6:${addresses.join(',')}`;
+  }
+  return null;
+}
+
+// The direct path: with pool.data_ports, every worker serves Invoke and HasAttr (and KServe
+// v2's ModelInfer) on a port of its own, with the daemon's tokens. Endpoints says where (the
+// host is server.advertise_host); a channel over all of them then skips the daemon altogether.
+async function callWorkers(client, request, byDaemon) {
+  const { workers } = await unary(client, 'Endpoints', {});
+  if (workers.length === 0) return null; // no data ports (pool.data_ports -1): the daemon path only
+  const addresses = workers.map((worker) => worker.address);
+  const target = workersTarget(addresses);
+  if (!target) return { skipped: `not IP addresses, set server.advertise_host to one: ${addresses}` };
+  const direct = new Deployd(target, grpc.credentials.createInsecure(), {
+    ...CHANNEL_OPTIONS,
+    'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ round_robin: {} }] }),
+  });
+  try {
+    const peers = {};
+    let sameAsDaemon = true;
+    for (let i = 0; i < DIRECT_CALLS; i++) {
+      const { response, peer } = await unaryWithPeer(direct, 'Invoke', request);
+      peers[peer] = (peers[peer] || 0) + 1;
+      sameAsDaemon &&= response.result.kind === 'tensor_value' && response.result.tensor_value.data.equals(byDaemon);
+    }
+    return { target, calls: DIRECT_CALLS, peers, same_as_daemon: sameAsDaemon };
+  } finally {
+    direct.close();
+  }
+}
+
 // Streams the local file in chunks, as the Python client's load_package(path) does: the daemon
 // need not see the caller's disk (server_path would name a file in its package directory).
 async function loadPackage(client, file) {
@@ -130,9 +182,7 @@ function describeError(error) {
 }
 
 async function main() {
-  const client = new Deployd(ADDRESS, grpc.credentials.createInsecure(), {
-    'grpc.max_receive_message_length': 256 * 1024 * 1024, // grpc-js's default is 4 MiB
-  });
+  const client = new Deployd(ADDRESS, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
   // Remembered so that unloading leaves a package another caller had loaded (same bytes, same id).
   const before = new Set((await unary(client, 'Status', {})).packages.map((entry) => entry.package_id));
   const { package_id } = await loadPackage(client, PACKAGE);
@@ -156,6 +206,9 @@ async function main() {
       if (!isRpcError(error)) throw error;
       console.log(JSON.stringify({ error: describeError(error) }));
     }
+
+    const direct = await callWorkers(client, request, result.tensor_value.data);
+    if (direct) console.log(JSON.stringify({ direct }));
   } finally {
     if (object_id) await unary(client, 'UnloadObject', { object_id });
     if (!before.has(package_id)) await unary(client, 'UnloadPackage', { package_id });
