@@ -9,7 +9,8 @@
 A worker that cannot be reached is skipped and the call tried on another; if no worker was
 ever reached (a container that publishes only the daemon's port, a firewall), the manager
 warns once and keeps to the daemon path. direct=False, or DEPLOYD_DIRECT=0, keeps to it from
-the start; so does a target of several replicas (client._replicas).
+the start; so does a target of several replicas (client._replicas): an ipv4: list at once, a
+dns: name that resolves to several addresses when the manager first asks for Endpoints.
 
 No I/O here: the managers (client/aio/_manager.py and its generated twin) call and wait.
 """

@@ -197,6 +197,11 @@ class InterpreterManager(WorkerCount):
     def _refresh_routes(self) -> None:
         """Ask the daemon where the workers serve calls now; keep channels to those still there."""
         routes = self._routes
+        if routes.generation < 0 and replicas_now(self.target) > 1:
+            # Several daemons behind one name (dns:///...): each would list only its own
+            # workers, and the others would get none of these calls. The balancer spreads them.
+            routes.enabled = False
+            return
         try:
             answer = self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
         except grpc.RpcError as error:

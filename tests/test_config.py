@@ -110,6 +110,20 @@ def test_a_remote_bind_without_tokens_is_refused(address: str) -> None:
     assert load_config(environ=allowed).auth.allow_unauthenticated_remote
 
 
+def test_remote_data_ports_without_tokens_are_refused() -> None:
+    remote_ports = {"DEPLOYD_POOL_DATA_PORTS": "50100", "DEPLOYD_POOL_DATA_HOST": "0.0.0.0"}
+    with pytest.raises(ConfigError, match=r"pool\.data_host '0\.0\.0\.0' .* no auth tokens"):
+        load_config(environ=remote_ports)
+    assert load_config(environ={**remote_ports, "DEPLOYD_AUTH_INVOKE_TOKENS": "t"}).pool.data_ports == 50100
+    allowed = {**remote_ports, "DEPLOYD_AUTH_ALLOW_UNAUTHENTICATED_REMOTE": "true"}
+    assert load_config(environ=allowed).data_host == "0.0.0.0"
+    # Off, the host says nothing; on loopback (server.address's host by default), no tokens needed.
+    assert load_config(environ={"DEPLOYD_POOL_DATA_HOST": "0.0.0.0"}).pool.data_ports == -1
+    assert load_config(environ={"DEPLOYD_POOL_DATA_PORTS": "0"}).data_host == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"bad value for pool\.data_ports: -2"):
+        load_config(environ={"DEPLOYD_POOL_DATA_PORTS": "-2"})
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:0", "localhost:50051", "[::1]:50051"])
 def test_loopback_needs_no_tokens(address: str) -> None:
     assert load_config(environ={"DEPLOYD_SERVER_ADDRESS": address}).server.address == address

@@ -276,23 +276,36 @@ def test_sigterm_drains_calls_on_data_ports(daemon_with: Callable[..., DaemonPro
 # ---------------------------------------------------------------------------- our clients
 
 
-def daemon_path_calls(manager: InterpreterManager) -> int:
+def invoke_lines(daemon: DaemonProcess) -> tuple[int, int]:
+    """Invoke calls logged (deployd.calls): (through the daemon, on a data port: tagged worker=)."""
+    lines = [line for line in list(daemon.lines) if "deployd.calls" in line and "method=Invoke " in line]
+    direct = sum(1 for line in lines if " worker=" in line)
+    return len(lines) - direct, direct
+
+
+def served(manager: InterpreterManager) -> int:
     return sum(worker.calls_served for worker in manager.status().workers)
+
+
+def wait_for_lines(daemon: DaemonProcess, through_daemon: int, direct: int) -> None:
+    """The call lines are written after the answers (by a thread): wait for the counts."""
+    assert wait_until(lambda: invoke_lines(daemon) == (through_daemon, direct), 10), invoke_lines(daemon)
 
 
 def test_the_client_calls_workers_directly(daemon_with: Callable[..., DaemonProcess], package_dir: Path) -> None:
     daemon = daemon_with()
     with InterpreterManager(daemon.target, timeout=60) as manager:
         scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
-        before = daemon_path_calls(manager)
+        before = served(manager)
         pids = {scale.call_method("pid") for _ in range(20)}
         assert torch.equal(scale(torch.ones(3)), torch.full((3,), 2.0))
         assert scale.hasattr("nap") and not scale.hasattr("nothing_here")
         assert pids == {worker.pid for worker in manager.status().workers}  # both workers, in turn
-        assert daemon_path_calls(manager) == before  # none of them went through the daemon
+        wait_for_lines(daemon, 0, 21)  # none of them went through the daemon
+        assert served(manager) == before + 21 + 2  # Status counts the calls served on the ports too
     with InterpreterManager(daemon.target, timeout=60, direct=False) as manager:
         manager.model("scale")(torch.ones(3))
-        assert daemon_path_calls(manager) == before + 1
+        wait_for_lines(daemon, 1, 21)
 
 
 def test_a_client_that_cannot_reach_the_ports_uses_the_daemon(
@@ -303,10 +316,9 @@ def test_a_client_that_cannot_reach_the_ports_uses_the_daemon(
     daemon = daemon_with(server={"advertise_host": "127.0.0.254"})
     with InterpreterManager(daemon.target, timeout=60) as manager:
         scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
-        before = daemon_path_calls(manager)
         for _ in range(5):
             assert torch.equal(scale(torch.ones(2)), torch.full((2,), 2.0))
-        assert daemon_path_calls(manager) == before + 5
+        wait_for_lines(daemon, 5, 0)
     warnings = [record for record in caplog.records if "cannot be reached" in record.getMessage()]
     assert len(warnings) == 1
 
@@ -355,7 +367,6 @@ def test_calls_that_meet_at_a_worker_are_batched_there(
         probe = package.load_pickle(
             "models", "batch_probe.pkl", name="probe", batching=Batching(max_batch_size=16, max_queue_delay_ms=5)
         )
-        before = daemon_path_calls(manager)
         largest: list[int] = []
         failures: list[BaseException] = []
 
@@ -379,8 +390,33 @@ def test_calls_that_meet_at_a_worker_are_batched_there(
         assert not failures, failures[:3]
         assert len(largest) == 12 * 15
         assert max(largest) > 1  # calls joined in a worker
-        assert daemon_path_calls(manager) == before  # and none went through the daemon
+        wait_for_lines(daemon, 0, 12 * 15)  # and none went through the daemon
         # A swap of a batched model drains its batches first: it fails no call.
         package.load_pickle("models", "batch_probe.pkl", name="probe", batching=Batching(max_batch_size=4))
         y, _ = probe(torch.ones(1, 3))
         assert torch.equal(y, torch.full((1, 3), 2.0))
+
+
+def test_the_asyncio_client_calls_workers_directly(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+) -> None:
+    import asyncio
+
+    from client.aio import AsyncInterpreterManager
+
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        pids = {worker.pid for worker in manager.status().workers}
+
+    async def calls() -> tuple[set[int], list[Any]]:
+        async with AsyncInterpreterManager(daemon.target, timeout=60) as aio_manager:
+            model = aio_manager.model("scale")
+            seen = set(await asyncio.gather(*(model.call_method("pid") for _ in range(16))))
+            answers = await asyncio.gather(*(model(torch.full((2,), float(i))) for i in range(32)))
+            return seen, answers
+
+    seen, answers = asyncio.run(calls())
+    assert seen == pids
+    assert all(torch.equal(answer, torch.full((2,), 2.0 * i)) for i, answer in enumerate(answers))
+    wait_for_lines(daemon, 0, 16 + 32)

@@ -195,6 +195,11 @@ class AsyncInterpreterManager(WorkerCount):
     async def _refresh_routes(self) -> None:
         """Ask the daemon where the workers serve calls now; keep channels to those still there."""
         routes = self._routes
+        if routes.generation < 0 and await replicas_now(self.target) > 1:
+            # Several daemons behind one name (dns:///...): each would list only its own
+            # workers, and the others would get none of these calls. The balancer spreads them.
+            routes.enabled = False
+            return
         try:
             answer = await self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
         except grpc.RpcError as error:

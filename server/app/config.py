@@ -350,11 +350,19 @@ def _validate(config: Config) -> None:
         worker_user(config.worker.user)  # refuses an unknown user, or one the daemon cannot become
     host = split_address(config.server.address)[0]
     has_tokens = bool(config.auth.admin_tokens or config.auth.invoke_tokens)
-    if not _is_loopback(host) and not has_tokens and not config.auth.allow_unauthenticated_remote:
+    remote_ok = config.auth.allow_unauthenticated_remote
+    if not _is_loopback(host) and not has_tokens and not remote_ok:
         raise ConfigError(
             f"server.address {config.server.address!r} is reachable from other machines but no auth tokens are"
             " set: anyone could load code into the workers. Set auth.admin_tokens (and auth.invoke_tokens),"
             " or auth.allow_unauthenticated_remote: true if something else guards the port"
+        )
+    data_host = config.data_host
+    if config.pool.data_ports >= 0 and not _is_loopback(data_host) and not has_tokens and not remote_ok:
+        raise ConfigError(
+            f"pool.data_host {data_host!r} (the workers' data ports) is reachable from other machines but no auth"
+            " tokens are set: anyone could call the models. Set auth.invoke_tokens (and auth.admin_tokens),"
+            " or auth.allow_unauthenticated_remote: true if something else guards the ports"
         )
 
 
