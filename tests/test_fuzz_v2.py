@@ -10,9 +10,15 @@ back and how a result becomes outputs), and an OK answer must carry exactly the 
 outputs: echo's output is its input, bytes and shape. After the rounds the daemon must still
 answer tritonclient, have its workers, and stop with no leaked process or /dev/shm segment.
 
-Bounded in time by DEPLOYD_FUZZ_SECONDS (default 10 here, shared by the two fuzz tests) and in
-count; seeded from DEPLOYD_FUZZ_SEED like tests/test_fuzz.py (random when unset): a failure
-prints the seed, and the same seed replays the same requests.
+Each test runs on two paths, as in tests/test_fuzz.py: [daemon], and [data_port], the requests
+to the workers' own ports of a daemon started with `pool: {data_ports: 0}`. A port must answer
+as the rules say, except RepositoryIndex, which it does not serve: UNIMPLEMENTED. Where the
+rules allow more than one status, and for every refusal, the daemon is sent the same bytes and
+its answer (status, message, error detail) must be the port's.
+
+Bounded in time by DEPLOYD_FUZZ_SECONDS (default 10 here, shared by the two fuzz tests and their
+two paths) and in count; seeded from DEPLOYD_FUZZ_SEED like tests/test_fuzz.py (random when
+unset): a failure prints the seed, and the same seed replays the same requests.
 
 Bugs the fuzz found are kept as strict xfail tests (the section "Found by the fuzz"), and the
 fuzz tolerates exactly those bugs' answers (KNOWN_BUGS: status and message) for exactly the
@@ -50,7 +56,18 @@ from tritonclient.grpc import service_pb2 as v2
 from server.pool.procinfo import descendants_of
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until
-from tests.test_fuzz import CALL_TIMEOUT, SEED, Answer, answer_of, mutate, rng_for, rounds
+from tests.test_fuzz import (
+    CALL_TIMEOUT,
+    PATHS,
+    SEED,
+    Answer,
+    answer_of,
+    data_port_addresses,
+    mutate,
+    path_rng,
+    rounds,
+    same_answers,
+)
 
 FUZZ_SECONDS = float(os.environ.get("DEPLOYD_FUZZ_SECONDS", "10"))
 SERVICE = "/inference.GRPCInferenceService/"
@@ -58,6 +75,10 @@ Code = grpc.StatusCode
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MESSAGE_LIMIT = 64 * 1024 * 1024  # the raw channel's: echo of several big tensors is over grpc's 4 MiB
+# What a worker's data port serves of the v2 service (the fuzzed methods but RepositoryIndex).
+DATA_PORT_METHODS = frozenset(
+    {"ModelInfer", "ModelReady", "ModelMetadata", "ServerLive", "ServerReady", "ServerMetadata"}
+)
 
 MODELS: list[dict[str, Any]] = [
     {"name": "echo", "package": "models.pt", "pickle": "models:echo.pkl"},
@@ -546,27 +567,60 @@ class _Context:
 
 @dataclass
 class Target:
+    """The daemon under fuzz; on the data_port path also its workers' data ports, taken in turn,
+    where the requests go (call) and tritonclients of them."""
+
     daemon: DaemonProcess
     channel: grpc.Channel
     client: triton.InferenceServerClient
     pool_workers: int
+    path: str = "daemon"
+    port_channels: list[grpc.Channel] = field(default_factory=list, repr=False)
+    port_clients: list[triton.InferenceServerClient] = field(default_factory=list, repr=False)
     descendants: int = 0  # the fork server and the workers
     segments: int = 0  # the daemon's /dev/shm segments at the start (weights)
     codes: collections.Counter[str] = field(default_factory=collections.Counter)
+    _turn: int = 0
 
     def call(self, method: str, payload: bytes) -> Answer:
+        """On this test's path: the daemon, or a data port (in turn)."""
+        if self.path == "daemon":
+            return self.daemon_call(method, payload)
+        self._turn += 1
+        rpc = self.port_channels[self._turn % len(self.port_channels)].unary_unary(SERVICE + method)
+        return answer_of(lambda: rpc(payload, timeout=CALL_TIMEOUT))
+
+    def daemon_call(self, method: str, payload: bytes) -> Answer:
         rpc = self.channel.unary_unary(SERVICE + method)
         return answer_of(lambda: rpc(payload, timeout=CALL_TIMEOUT))
+
+    def seconds(self, share: float) -> float:
+        """This test's time on this path: its share of DEPLOYD_FUZZ_SECONDS, times the path's."""
+        return FUZZ_SECONDS * share * PATHS[self.path]
+
+    def test_id(self, test: str) -> str:
+        return f"{test}[{self.path}]"
 
     def send(
         self, method: str, payload: bytes, what: str | Callable[[], str], test: str, tolerate_known_bugs: bool = True
     ) -> None:
         """Send payload, and check the answer against what the rules predict. what: the request
-        in words for a failure (a function: words cost time, and only a failure needs them)."""
+        in words for a failure (a function: words cost time, and only a failure needs them).
+        On a data port, a method it does not serve must answer UNIMPLEMENTED; for one it serves,
+        where the rules allow more than one status, or the answer is a refusal, the daemon's
+        answer to the same bytes must be the same."""
         request, expect = predict(method, payload)
+        on_port = self.path == "data_port"
+        if on_port and method not in DATA_PORT_METHODS:
+            expect = Expect({Code.UNIMPLEMENTED})
         answer = self.call(method, payload)
         self.codes[f"{method} {answer.code.name}"] += 1
         context = _Context(what, answer, test)
+        undetermined = len(expect.codes - {Code.RESOURCE_EXHAUSTED}) > 1
+        if on_port and method in DATA_PORT_METHODS and (answer.code != Code.OK or undetermined):
+            self.codes["compared with the daemon"] += 1
+            daemon = self.daemon_call(method, payload)
+            assert same_answers(answer, daemon), f"the daemon answered {daemon}, a data port: {context}"
         known_bug = any(
             answer.code == KNOWN_BUGS[bug][0] and KNOWN_BUGS[bug][1] in answer.details for bug in expect.bugs
         )
@@ -600,6 +654,11 @@ class Target:
         output = result.as_numpy("output0")
         assert output is not None and output.tobytes() == values.tobytes(), context
         assert self.client.is_model_ready("echo"), context
+        for client in self.port_clients:  # each data port's worker serves too
+            result = client.infer("echo", [tensor], client_timeout=CALL_TIMEOUT)
+            output = result.as_numpy("output0")
+            assert output is not None and output.tobytes() == values.tobytes(), f"a data port after {context}"
+            assert client.is_model_ready("echo"), f"a data port after {context}"
         assert wait_until(lambda: len(descendants_of(self.daemon.pid)) == self.descendants, 30), (
             f"{context}: the daemon has {len(descendants_of(self.daemon.pid))} descendants,"
             f" {self.descendants} at the start"
@@ -612,29 +671,43 @@ class Target:
         return {name for name in shm_segments() if name.startswith(f"deployd-{self.daemon.pid}-")}
 
 
-@pytest.fixture(scope="module")
-def v2_target(package_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    path = write_config(tmp_path_factory.mktemp("fuzz_v2") / "config.yaml", package_dir)
+@pytest.fixture(scope="module", params=list(PATHS))
+def v2_target(
+    request: pytest.FixtureRequest, package_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Target]:
+    on_path = request.param
+    sections: dict[str, dict[str, object]] = {"pool": {"data_ports": 0}} if on_path == "data_port" else {}
+    path = write_config(tmp_path_factory.mktemp("fuzz_v2") / "config.yaml", package_dir, **sections)
     config = yaml.safe_load(path.read_text())
     config["models"] = MODELS
     path.write_text(yaml.safe_dump(config))
     daemon = DaemonProcess(path).start()
-    print(f"v2 fuzz seed {SEED}, {FUZZ_SECONDS:g} s")
+    print(f"v2 fuzz seed {SEED}, {FUZZ_SECONDS:g} s, {on_path} path")
+    ports: list[grpc.Channel] = []
+    clients: list[triton.InferenceServerClient] = []
     try:
         options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.max_send_message_length", MESSAGE_LIMIT)]
         with grpc.insecure_channel(daemon.target, options=options) as channel:
             client = triton.InferenceServerClient(daemon.target)
             try:
-                fuzzed = Target(daemon, channel, client, pool_workers=config["pool"]["workers"])
+                workers = config["pool"]["workers"]
+                if on_path == "data_port":
+                    addresses = data_port_addresses(daemon, workers)
+                    ports = [grpc.insecure_channel(address, options=options) for address in addresses]
+                    clients = [triton.InferenceServerClient(address) for address in addresses]
+                fuzzed = Target(daemon, channel, client, workers, on_path, ports, clients)
                 fuzzed.descendants = len(descendants_of(daemon.pid))
                 fuzzed.segments = len(fuzzed.daemon_segments())
                 fuzzed.assert_serving("the start")
                 yield fuzzed
                 fuzzed.assert_serving("the last test")
-                print(f"v2 fuzz answers: {dict(sorted(fuzzed.codes.items()))}")
+                print(f"v2 fuzz answers ({on_path} path): {dict(sorted(fuzzed.codes.items()))}")
             finally:
-                client.close()
+                for each in (client, *clients):
+                    each.close()
     finally:
+        for port in ports:
+            port.close()
         daemon.assert_clean_stop()
 
 
@@ -850,9 +923,9 @@ def _round_words(number: int, request: v2.ModelInferRequest) -> str:
 
 def test_random_infer_requests(v2_target: Target) -> None:
     """Random ModelInferRequests (and metadata and readiness requests), each answer as the rules say."""
-    test = "test_random_infer_requests"
-    rng = rng_for(test)
-    for number in rounds(FUZZ_SECONDS * 0.55, 20_000):
+    test = v2_target.test_id("test_random_infer_requests")
+    rng = path_rng("test_random_infer_requests", v2_target.path)
+    for number in rounds(v2_target.seconds(0.55), 20_000):
         if rng.random() < 0.85:
             request = random_request(rng)
             words = functools.partial(_round_words, number, request)
@@ -916,7 +989,8 @@ def test_valid_requests_are_answered_as_predicted(v2_target: Target) -> None:
         for payload in payloads:
             request, expect = predict(method, payload)
             assert expect.codes >= {Code.OK} and Code.INVALID_ARGUMENT not in expect.codes, (method, request)
-            v2_target.send(method, payload, f"{method} {request}", "test_valid_requests_are_answered_as_predicted")
+            test = v2_target.test_id("test_valid_requests_are_answered_as_predicted")
+            v2_target.send(method, payload, f"{method} {request}", test)
 
 
 def _bytes_words(number: int, method: str, payload: bytes) -> str:
@@ -925,11 +999,11 @@ def _bytes_words(number: int, method: str, payload: bytes) -> str:
 
 def test_mutated_request_bytes(v2_target: Target) -> None:
     """Random and mutated bytes of valid requests (and of random ones) through a raw channel."""
-    test = "test_mutated_request_bytes"
-    rng = rng_for(test)
+    test = v2_target.test_id("test_mutated_request_bytes")
+    rng = path_rng("test_mutated_request_bytes", v2_target.path)
     bases = valid_requests()
     every_base = [payload for payloads in bases.values() for payload in payloads]
-    for number in rounds(FUZZ_SECONDS * 0.45, 20_000):
+    for number in rounds(v2_target.seconds(0.45), 20_000):
         method = rng.choices(sorted(bases), [1 if name != "ModelInfer" else 6 for name in sorted(bases)])[0]
         if rng.random() < 0.1:
             payload = rng.randbytes(rng.randint(0, 64))
