@@ -38,7 +38,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf.message import DecodeError
 
 from client import InterpreterManager, NotFoundError
 from client._proto import deployd_pb2 as pb
@@ -95,15 +94,14 @@ def replay_hint(test: str) -> str:
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
 
-def same_answers(port: Answer, daemon: Answer, messages: bool = True) -> bool:
+def same_answers(port: Answer, daemon: Answer) -> bool:
     """A data port's answer is the daemon's: status, message, error detail (object addresses aside).
 
     Where a worker died under the call the two paths' messages differ (the daemon names the
-    exit, the port's caller loses the connection): then the status alone must be the same;
-    so too where messages=False (the message depends on the process: kwargs_order_bug)."""
+    exit, the port's caller loses the connection): then the status alone must be the same."""
     if port.code != daemon.code:
         return False
-    if port.code == Code.UNAVAILABLE or not messages:
+    if port.code == Code.UNAVAILABLE:
         return True
     return (
         _ADDRESS.sub("0x", port.details) == _ADDRESS.sub("0x", daemon.details)
@@ -111,18 +109,6 @@ def same_answers(port: Answer, daemon: Answer, messages: bool = True) -> bool:
         and port.call_killed_worker == daemon.call_killed_worker
         and _ADDRESS.sub("0x", port.remote_traceback) == _ADDRESS.sub("0x", daemon.remote_traceback)
     )
-
-
-def kwargs_order_bug(method: str, payload: bytes) -> bool:
-    """Whether an Invoke request meets the known bug of test_kwargs_meet_the_model_in_one_order:
-    two or more kwargs, which a process iterates in an order of its own (so the message names
-    the first bad one of that order)."""
-    if method != "Invoke":
-        return False
-    try:
-        return len(pb.InvokeRequest.FromString(payload).kwargs) > 1
-    except DecodeError:
-        return False
 
 
 def data_port_addresses(daemon: DaemonProcess, workers: int) -> list[str]:
@@ -236,21 +222,17 @@ class Target:
         port = self.call_port(method, payload)
         answer = self.call(method, payload)
         if method in DATA_PORT_METHODS:
-            self.check_same(port, answer, allowed, what, test, not kwargs_order_bug(method, payload))
+            self.check_same(port, answer, allowed, what, test)
         else:
             self.check(port, {Code.UNIMPLEMENTED}, f"{what} on a data port", test)
             self.check(answer, allowed, what, test)
         return answer
 
-    def check_same(
-        self, port: Answer, daemon: Answer, allowed: set[grpc.StatusCode], what: str, test: str, messages: bool = True
-    ) -> None:
-        """The daemon's answer is proper and the data port's the same (messages: word for word)."""
+    def check_same(self, port: Answer, daemon: Answer, allowed: set[grpc.StatusCode], what: str, test: str) -> None:
+        """The daemon's answer is proper and the data port's the same, word for word."""
         self.check(daemon, allowed, f"{what} (through the daemon)", test)
         self.log.append(f"{what} on a data port: {port}")
-        if not messages and not same_answers(port, daemon):
-            self.port_codes["message of a process's kwargs order (known bug)"] += 1
-        assert same_answers(port, daemon, messages), (
+        assert same_answers(port, daemon), (
             f"{what}\n  a data port answered {port}\n  the daemon answered {daemon}"
             + (
                 f"\n  tracebacks:\n{port.remote_traceback}\n  vs\n{daemon.remote_traceback}"
@@ -595,8 +577,7 @@ def test_random_wire_values(target: Target) -> None:
             what += " on a data port"
             answer = target.call_port("Invoke", payload)
             if valid is None or answer.code != Code.OK:
-                messages = not kwargs_order_bug("Invoke", payload)
-                target.check_same(answer, target.call("Invoke", payload), PROPER, what, test, messages)
+                target.check_same(answer, target.call("Invoke", payload), PROPER, what, test)
         if valid is None:
             target.check(answer, {Code.OK, Code.INVALID_ARGUMENT}, what, test)
         elif valid:
@@ -755,14 +736,6 @@ def _kwargs_names(value: pb.Value) -> list[str]:
     return [name for item in items for name in _kwargs_names(item)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="InvokeRequest.kwargs is a protobuf map, and upb iterates a map in an order of the process"
-    " (its hash seed is an address: ASLR); the handler unpacks kwargs in that order, so the daemon and"
-    " the workers (the fork server's children) give a model its kwargs in different orders, and of"
-    " two bad kwargs name a different one. Fix: unpack sorted(request.kwargs.items())",
-)
 @pytest.mark.parametrize("target", ["data_port"], indirect=True)
 def test_kwargs_meet_the_model_in_one_order(target: Target) -> None:
     """Found by the fuzz (test_random_wire_values[data_port], DEPLOYD_FUZZ_SEED=4236632620): one

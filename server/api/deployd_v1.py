@@ -48,7 +48,9 @@ class InvokeHandlers(Servicer):
         buffers: list[Any] = []
         limits = self._value_limits
         args = [unpack_value(value, buffers, limits) for value in request.args]
-        kwargs = {name: unpack_value(value, buffers, limits) for name, value in request.kwargs.items()}
+        # A protobuf map has no order (upb's differs from process to process): by name, so a
+        # model meets its kwargs in one order on every path, and of bad ones the same is named.
+        kwargs = {name: unpack_value(value, buffers, limits) for name, value in sorted(request.kwargs.items())}
         result, result_buffers = await self._service.invoke(
             request.object_id, request.version, request.method or "__call__", args, kwargs, buffers
         )

@@ -115,7 +115,7 @@ class SessionsServicer(pb_grpc.SessionsServicer, Servicer):  # type: ignore[misc
         target = self._sessions.check_object(session, session.id, request.obj_id)
         buffers: list[Any] = []
         args = [self._unpack(session, value, buffers) for value in request.args]
-        kwargs = {name: self._unpack(session, value, buffers) for name, value in request.kwargs.items()}
+        kwargs = {name: self._unpack(session, value, buffers) for name, value in sorted(request.kwargs.items())}
         made = await self._sessions.make(
             session,
             lambda number: protocol.ObjCall(session.id, number, target, request.method, args, kwargs),
