@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
+import signal
+import stat
 import subprocess
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +29,7 @@ from client import (
 from client._proto import deployd_pb2 as pb
 from client._proto.deployd_pb2 import StatusRequest
 from tests.conftest import write_config
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, wait_until
 
 ADMIN_TOKEN = "admin-token-3f9a7c"
 INVOKE_TOKEN = "invoke-token-81be2d"
@@ -98,6 +103,93 @@ def test_metrics_cover_calls_workers_loads_and_memory(metrics_daemon: DaemonProc
         # An unloaded object's series go with it.
         scale.unload()
         assert f'model="{scale.id}"' not in scrape(metrics_daemon)
+
+
+def test_direct_calls_count_on_the_daemons_metrics(package_dir: Path, tmp_path: Path) -> None:
+    """With data ports, each worker counts the calls it answers in files of its own
+    (prometheus_client's multiprocess mode), in a directory of the daemon's; /metrics adds them
+    to the daemon's own series: a call counts once, in the same series, whichever path it took."""
+    config = write_config(
+        tmp_path / "config.yaml", package_dir, pool={"data_ports": 0}, metrics={"address": "127.0.0.1:0"}
+    )
+    daemon = DaemonProcess(config, env={"TMPDIR": str(tmp_path)}).start()
+    try:
+        [directory] = tmp_path.glob("deployd-metrics-*")
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+        def invokes() -> float:
+            return sample(scrape(daemon), "deployd_calls_total", method="Invoke", model="scale", code="OK")
+
+        manager = InterpreterManager(daemon.target, timeout=60)
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        for _ in range(5):
+            manager.model("scale")(torch.ones(4))  # straight to a worker
+        with InterpreterManager(daemon.target, timeout=60, direct=False) as through_daemon:
+            for _ in range(3):
+                through_daemon.model("scale")(torch.ones(4))
+        text = scrape(daemon)
+        assert sample(text, "deployd_calls_total", method="Invoke", model="scale", code="OK") == 5 + 3
+        # The daemon's dispatcher ran 3 (by object id): the other 5 went straight to a worker.
+        runs = [line for line in text.splitlines() if line.startswith("deployd_run_seconds_count{")]
+        assert sum(float(line.rpartition(" ")[2]) for line in runs) == 3, runs
+        assert sample(text, "deployd_call_duration_seconds_count", method="Invoke") == 5 + 3
+        assert sample(text, "deployd_calls_in_flight") == 0
+        assert sample(text, "deployd_message_bytes_total", direction="received") > 8 * 16
+        assert text.count("# TYPE deployd_calls_total counter") == 1  # one family, not one per process
+
+        # Killed workers: their counts stay, and their files do not pile up.
+        counted = 8
+        with manager:
+            for _ in range(10):
+                victim = manager.status().workers[0].pid
+                os.kill(victim, signal.SIGKILL)
+                assert invokes() >= counted
+                assert wait_until(lambda v=victim: _serving_without(manager, v), 60)
+                manager.model("scale")(torch.ones(4))
+                counted += 1
+                assert invokes() == counted
+                live = {str(worker.pid) for worker in manager.status().workers} | {"archive"}
+                files = os.listdir(directory)
+                assert {name.rpartition("_")[2].removesuffix(".db") for name in files} <= live, files
+            assert sample(scrape(daemon), "deployd_calls_in_flight") == 0
+            # An unloaded model's series go, the workers' with the daemon's.
+            scale.unload()
+            assert 'model="scale"' not in scrape(daemon)
+    finally:
+        daemon.assert_clean_stop()
+    assert not directory.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run workers as another user")
+def test_workers_of_another_user_count_their_calls(package_dir: Path, tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    config = write_config(
+        tmp_path / "config.yaml",
+        package_dir,
+        pool={"workers": 1, "data_ports": 0},
+        worker={"user": "nobody"},
+        metrics={"address": "127.0.0.1:0"},
+    )
+    daemon = DaemonProcess(config).start()  # its directory in /tmp: nobody cannot reach into tmp_path
+    try:
+        [directory] = Path(tempfile.gettempdir()).glob(f"deployd-metrics-{daemon.pid}-*")
+        mode = directory.stat()
+        assert (stat.S_IMODE(mode.st_mode), mode.st_gid) == (0o770, nobody.pw_gid)
+        with InterpreterManager(daemon.target, timeout=60) as manager:
+            manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+            for _ in range(3):
+                manager.model("scale")(torch.ones(4))
+            text = scrape(daemon)
+            assert sample(text, "deployd_calls_total", method="Invoke", model="scale", code="OK") == 3
+            assert {path.stat().st_uid for path in directory.iterdir()} == {nobody.pw_uid}
+    finally:
+        daemon.assert_clean_stop()
+    assert not directory.exists()
+
+
+def _serving_without(manager: InterpreterManager, pid: int) -> bool:
+    workers = manager.status().workers
+    return len(workers) == 2 and all(worker.state == "idle" and worker.pid != pid for worker in workers)
 
 
 def test_health_per_object_follows_loads(daemon: DaemonProcess, package_dir: Path) -> None:

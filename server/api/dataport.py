@@ -73,6 +73,7 @@ class DataPortSettings(NamedTuple):
     log_calls: bool = True
     event_loop: str = "auto"
     max_queued_calls: int = 1000  # pool.max_queued_calls: calls a batcher may hold
+    metrics_directory: str = ""  # where the call series go for the daemon's /metrics ("": nowhere)
 
 
 class LocalPool:
@@ -266,7 +267,7 @@ class DataPort:
 
     def __init__(self, settings: DataPortSettings, run: Run) -> None:
         self._settings = settings
-        self._metrics = Metrics()
+        self._metrics = Metrics(settings.metrics_directory)
         self.models = LocalModels(run, None, self._metrics, settings.max_queued_calls)
         self._server: Any = None
         self._stopping = False

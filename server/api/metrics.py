@@ -1,19 +1,39 @@
-"""Prometheus metrics, kept in the daemon process only and served at /metrics.
+"""Prometheus metrics, served at the daemon's /metrics.
 
 Names follow deployd_<noun>_<unit>. Observed where calls enter and leave the daemon
 (the servicer) and where the pool's capacity changes.
+
+With data ports (pool.data_ports), workers answer calls the daemon never sees. Each worker's
+handlers observe the same call series into a Metrics of its own, in prometheus_client's
+multiprocess mode: every value is a slot in a file of that process's, in a directory private to
+this daemon. The daemon keeps its own series in memory (no file write on its calls) and, when
+scraped, adds what the workers' files hold (MultiProcessCollector) series by series:
+
+    worker ──observe──> counter_<pid>.db, histogram_<pid>.db, gauge_livesum_<pid>.db ─┐
+    daemon ──observe──> its registry ──────────────────────────────────────────────────┴─> /metrics
+    worker exits ──> its live gauges go (mark_process_dead); its counters and histograms are
+                     folded into counter_archive.db, histogram_archive.db (totals never drop,
+                     and files do not pile up with replacements)
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
-from collections.abc import Callable, Iterator
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from server import logs
 from server.pool.procinfo import MemoryUsage
@@ -30,22 +50,12 @@ _FINE_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, directory: str = "") -> None:
+        """directory: in a worker, where its call series go for the daemon's /metrics
+        (_write_to_directory); "": they stay in this process's memory, as all the others do."""
         self.registry = CollectorRegistry()
         r = self.registry
-        self.calls = Counter(
-            "deployd_calls",
-            "gRPC calls handled, by method, model (a model's name, or an object's id) and status code",
-            ["method", "model", "code"],
-            registry=r,
-        )
-        self.call_duration = Histogram(
-            "deployd_call_duration_seconds",
-            "Time from a call's arrival to its answer, by method",
-            ["method"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
+        # The daemon's own series: in memory, made before the switch to files in a worker.
         self.queue_wait = Histogram(
             "deployd_queue_wait_seconds", "Time a call waited for a free worker", buckets=_FINE_BUCKETS, registry=r
         )
@@ -57,21 +67,6 @@ class Metrics:
             buckets=_FINE_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
-            "deployd_batch_size",
-            "Rows (dim 0) of each batch a model with batching on ran, by model",
-            ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-            registry=r,
-        )
-        self.batch_queue_delay = Histogram(
-            "deployd_batch_queue_delay_seconds",
-            "Time a call waited in its model's batcher before its batch was sent, by model",
-            ["model"],
-            buckets=_FINE_BUCKETS,
-            registry=r,
-        )
-        self._batched: set[str] = set()  # models with batch series
         self.worker_call = Histogram(
             "deployd_worker_call_seconds",
             "Where a call to a worker spends its time: to_worker (the daemon writes -> the worker has read),"
@@ -81,7 +76,6 @@ class Metrics:
             registry=r,
         )
         self._phases = tuple(self.worker_call.labels(phase) for phase in ("to_worker", "in_worker", "to_daemon"))
-        self.calls_in_flight = Gauge("deployd_calls_in_flight", "gRPC calls being handled now", registry=r)
         self.queue_depth = Gauge("deployd_queue_depth", "Calls waiting for a free worker now", registry=r)
         self.workers_serving = Gauge("deployd_workers_serving", "Worker processes ready to take calls", registry=r)
         self.workers_busy = Gauge("deployd_workers_busy", "Worker processes running a call now", registry=r)
@@ -102,13 +96,51 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        if directory:
+            _write_to_directory(directory)
+        # The series a worker's data port observes too: kept apart, for the workers' files to be added.
+        shared = CollectorRegistry()
+        self.calls = Counter(
+            "deployd_calls",
+            "gRPC calls handled, by method, model (a model's name, or an object's id) and status code",
+            ["method", "model", "code"],
+            registry=shared,
+        )
+        self.call_duration = Histogram(
+            "deployd_call_duration_seconds",
+            "Time from a call's arrival to its answer, by method",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=shared,
+        )
+        # livesum: in a worker's file, counted while that worker lives.
+        self.calls_in_flight = Gauge(
+            "deployd_calls_in_flight", "gRPC calls being handled now", multiprocess_mode="livesum", registry=shared
+        )
         self.message_bytes = Counter(
             "deployd_message_bytes",
             "Bytes of gRPC messages, by direction (received, sent)",
             ["direction"],
-            registry=r,
+            registry=shared,
         )
         self._received, self._sent = self.message_bytes.labels("received"), self.message_bytes.labels("sent")
+        self.batch_size = Histogram(
+            "deployd_batch_size",
+            "Rows (dim 0) of each batch a model with batching on ran, by model",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=shared,
+        )
+        self.batch_queue_delay = Histogram(
+            "deployd_batch_queue_delay_seconds",
+            "Time a call waited in its model's batcher before its batch was sent, by model",
+            ["model"],
+            buckets=_FINE_BUCKETS,
+            registry=shared,
+        )
+        self._batched: set[str] = set()  # models with batch series
+        self._with_workers = _WithWorkers(shared)
+        r.register(self._with_workers)
         r.register(_LogDropsCollector(logs.records_dropped))
         self._http: Any = None
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -122,8 +154,12 @@ class Metrics:
         objects: Callable[[], int],
         worker_memory: Callable[[], list[tuple[int, MemoryUsage]]],
         sessions: Callable[[], int] = lambda: 0,
+        models: Callable[[], Collection[str]] | None = None,
     ) -> None:
-        """Gauges read from the daemon's state when scraped, not kept up to date on every change."""
+        """Gauges read from the daemon's state when scraped, not kept up to date on every change.
+        models: the names and object ids loaded now; the workers' series of others are not shown
+        (a worker cannot forget a series, see forget_object)."""
+        self._with_workers.models = models
         self.sessions_open.set_function(sessions)
         self.queue_depth.set_function(queue_depth)
         self.workers_busy.set_function(workers_busy)
@@ -163,8 +199,29 @@ class Metrics:
         self._batched.add(model)
         self.batch_queue_delay.labels(model).observe(seconds)
 
+    def share_with_workers(self, worker_group: int | None) -> str:
+        """Have the workers' call series added to this registry's: a directory of this daemon's
+        for their files (mode 0700; 0770 with worker_group, for workers of another user), which
+        each worker is given (Metrics(directory)). Removed by close()."""
+        directory = tempfile.mkdtemp(prefix=f"deployd-metrics-{os.getpid()}-")
+        if worker_group is not None:
+            os.chown(directory, -1, worker_group)
+            os.chmod(directory, 0o770)
+        self._with_workers.directory = directory
+        return directory
+
+    def on_worker_exit(self, pid: int) -> None:
+        """A worker's process ended: its calls in flight stop counting, its totals stay."""
+        if not self._with_workers.directory:
+            return
+        try:
+            self._with_workers.fold(pid)
+        except Exception:  # metrics must never stop what else follows a worker's death
+            log.exception("metrics: cannot fold the files of worker pid %d", pid)
+
     def forget_object(self, object_id: str) -> None:
-        """Drop an unloaded object's series, so that loads and unloads do not grow /metrics forever."""
+        """Drop an unloaded object's series, so that loads and unloads do not grow /metrics forever.
+        The workers' series of it are hidden instead (watch's models), and dropped as their workers end."""
         if object_id in self._batched:
             self._batched.discard(object_id)
             for histogram in (self.batch_size, self.batch_queue_delay):
@@ -190,6 +247,120 @@ class Metrics:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self._with_workers.directory:
+            shutil.rmtree(self._with_workers.directory, ignore_errors=True)
+
+
+def _write_to_directory(directory: str) -> None:
+    """In a worker: every metric value made from now on in this process is kept in files of this
+    process's in directory (prometheus_client's multiprocess mode), for the daemon to add to its
+    own. prometheus_client picks the mode when it is imported, from PROMETHEUS_MULTIPROC_DIR; the
+    worker imported it already (it was forked before it was given the directory), so the mode is
+    set here as well as the variable (which says where the files go)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+
+
+class _WithWorkers(Collector):
+    """The series a worker's data port observes too (calls, durations, bytes, calls in flight,
+    batches): the daemon's own, plus what the workers' files hold (prometheus_client's
+    MultiProcessCollector), summed series by series, so that a call counts the same whichever
+    path it came by. Labels stay as they are: a series is the same series on both paths."""
+
+    def __init__(self, own: CollectorRegistry) -> None:
+        self._own = own
+        self.directory = ""  # the workers' files; "": none
+        self.models: Callable[[], Collection[str]] | None = None
+        # A scrape never reads a dead worker's files while they are being folded.
+        self._files = threading.Lock()
+        self._names = frozenset(family.name for family in own.collect())  # its families, made before it
+
+    def describe(self) -> Iterable[Metric]:
+        return self._own.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        own = list(self._own.collect())
+        if not self.directory:
+            yield from own
+            return
+        with self._files:
+            theirs = {family.name: family for family in MultiProcessCollector.merge(self._files_now())}
+        models = self.models() if self.models is not None else None
+        for family in own:
+            workers = theirs.get(family.name)
+            if workers is not None:
+                _add_samples(family, [sample for sample in workers.samples if _shown(sample, models)])
+            yield family
+
+    def fold(self, pid: int) -> None:
+        """A dead worker's files: its live gauges removed (mark_process_dead), its counters and
+        histograms added to one archive file per type (series of models gone left out), the rest
+        removed. prometheus_client keeps a dead process's counts in its own files by default; one
+        archive instead keeps the directory as large as the pool, however often workers are replaced."""
+        directory = self.directory
+        models = self.models() if self.models is not None else None
+        with self._files:
+            mark_process_dead(pid, directory)
+            dead = glob.glob(os.path.join(directory, f"*_{pid}.db"))
+            for kind in ("counter", "histogram"):
+                files = [path for path in dead if os.path.basename(path).startswith(f"{kind}_")]
+                if not files:
+                    continue
+                archive = os.path.join(directory, f"{kind}_archive.db")
+                if os.path.exists(archive):
+                    files.append(archive)
+                # Not yet read (no .db) until it replaces the archive whole.
+                partial = os.path.join(directory, f"{kind}_archive.partial")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial)
+                out = MmapedDict(partial)
+                try:
+                    for family in MultiProcessCollector.merge(files, accumulate=False):
+                        if family.name not in self._names:
+                            continue  # a series of the daemon's alone, or model code's own metrics
+                        for sample in family.samples:
+                            if _shown(sample, models):
+                                labels = sample.labels
+                                key = mmap_key(
+                                    family.name, sample.name, list(labels), list(labels.values()), family.documentation
+                                )
+                                out.write_value(key, sample.value, 0.0)
+                finally:
+                    out.close()
+                os.replace(partial, archive)
+            for path in dead:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+    def _files_now(self) -> list[str]:
+        return glob.glob(os.path.join(self.directory, "*.db"))
+
+
+def _shown(sample: Sample, models: Collection[str] | None) -> bool:
+    """Not a series of a model that is not loaded (None: every model is)."""
+    model = sample.labels.get("model", "")
+    return not model or models is None or model in models
+
+
+def _add_samples(family: Metric, samples: list[Sample]) -> None:
+    """Add samples to family's: to the sample of the same name and labels, else as a new one."""
+    index = {(sample.name, tuple(sorted(sample.labels.items()))): i for i, sample in enumerate(family.samples)}
+    new = []
+    for sample in samples:
+        i = index.get((sample.name, tuple(sorted(sample.labels.items()))))
+        if i is None:
+            new.append(sample)
+        else:
+            mine = family.samples[i]
+            family.samples[i] = mine._replace(value=mine.value + sample.value)
+    family.samples.extend(sorted(new, key=_exposition_order))
+
+
+def _exposition_order(sample: Sample) -> tuple[tuple[tuple[str, str], ...], int, float]:
+    """A series' samples as prometheus_client writes its own: buckets by le, then _count, _sum."""
+    labels = tuple(sorted((name, value) for name, value in sample.labels.items() if name != "le"))
+    rank = 1 if sample.name.endswith("_count") else 2 if sample.name.endswith("_sum") else 0
+    return labels, rank, float(sample.labels.get("le", "0"))
 
 
 class _WorkerMemoryCollector(Collector):

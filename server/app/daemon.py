@@ -102,8 +102,11 @@ class Daemon:
                 config.pool.max_call_seconds,
                 config.pool.abandoned_call_grace_seconds,
             )
+            # Their call series join the daemon's on /metrics (server.api.metrics).
+            metrics_directory = self._metrics.share_with_workers(worker_group) if config.metrics.address else ""
             target = functools.partial(
-                worker_process.run_worker, data=_data_port_settings(config, self._data_ports, value_limits)
+                worker_process.run_worker,
+                data=_data_port_settings(config, self._data_ports, value_limits, metrics_directory),
             )
         self._supervisor = Supervisor(
             target=target,
@@ -170,6 +173,7 @@ class Daemon:
             objects=lambda: len(self._registry.objects),
             worker_memory=self._supervisor.memory,
             sessions=lambda: self._sessions.open_count,
+            models=lambda: self._known_objects,
         )
         self._known_objects: set[str] = set()
         message_limit = config.server.max_message_bytes
@@ -259,6 +263,7 @@ class Daemon:
 
     def _on_worker_event(self, event: WorkerEvent) -> None:
         if isinstance(event, WorkerExited):
+            self._metrics.on_worker_exit(event.worker.pid)
             if event.stopped:
                 return
             self._metrics.worker_restarts.labels(event.cause).inc()
@@ -395,7 +400,9 @@ class Daemon:
         await stopping
 
 
-def _data_port_settings(config: Config, ports: DataPorts, value_limits: ValueLimits) -> DataPortSettings:
+def _data_port_settings(
+    config: Config, ports: DataPorts, value_limits: ValueLimits, metrics_directory: str
+) -> DataPortSettings:
     return DataPortSettings(
         host=config.data_host,
         board=ports.board.name,
@@ -409,6 +416,7 @@ def _data_port_settings(config: Config, ports: DataPorts, value_limits: ValueLim
         log_calls=config.server.log_calls,
         event_loop=config.server.event_loop,
         max_queued_calls=config.pool.max_queued_calls,
+        metrics_directory=metrics_directory,
     )
 
 
