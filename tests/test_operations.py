@@ -219,7 +219,8 @@ def test_one_log_line_per_call(package_dir: Path, tmp_path: Path, log_format: st
     finally:
         process.assert_clean_stop()
     calls = [line for line in process.lines if "deployd.calls" in line]
-    assert len(calls) == 4, calls  # LoadPackage, LoadPickle, Invoke, Status
+    # LoadPackage, LoadPickle, Endpoints (the client asks once where the workers serve), Invoke, Status
+    assert len(calls) == 5, calls
     if log_format == "json":
         entries = [json.loads(line) for line in calls]
         invoke = next(entry for entry in entries if entry["method"] == "Invoke")

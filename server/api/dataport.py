@@ -73,6 +73,8 @@ class DataPortSettings(NamedTuple):
     log_calls: bool = True
     event_loop: str = "auto"
     max_queued_calls: int = 1000  # pool.max_queued_calls: calls a batcher may hold
+    log_format: str = "plain"  # server.log_format
+    log_level: int = 20  # the daemon's (INFO): the call lines of a data port are logged as the daemon's
     metrics_directory: str = ""  # where the call series go for the daemon's /metrics ("": nowhere)
 
 

@@ -153,6 +153,7 @@ class Daemon:
             batch_observer=BatchObserver(self._metrics.observe_batch, self._metrics.observe_batch_wait),
             routes_to_workers=self._data_ports is not None,
             signatures=self._declared_signatures,
+            direct_calls=self._data_ports.row if self._data_ports is not None else None,
         )
         self._sessions = Sessions(
             self._dispatcher,
@@ -168,7 +169,7 @@ class Daemon:
         self._supervisor.subscribe(self._on_worker_event)
         self._metrics.watch(
             queue_depth=lambda: self._service.queued_calls,
-            workers_busy=lambda: self._dispatcher.busy_count,
+            workers_busy=self._busy_workers,
             packages=lambda: len(self._registry.packages),
             objects=lambda: len(self._registry.objects),
             worker_memory=self._supervisor.memory,
@@ -243,6 +244,10 @@ class Daemon:
         await self._service.prepare_worker(worker)
         if self._data_ports is not None:
             await self._data_ports.open(worker)
+
+    def _busy_workers(self) -> int:
+        """Workers running a call, whichever path it came by."""
+        return sum(1 for worker in self._service.status().workers if worker.state == "busy")
 
     def _declared_signatures(self) -> dict[str, Any]:
         """name -> (inputs, outputs) its model entry declares, for the data ports' v2 answers."""
@@ -416,6 +421,8 @@ def _data_port_settings(
         log_calls=config.server.log_calls,
         event_loop=config.server.event_loop,
         max_queued_calls=config.pool.max_queued_calls,
+        log_format=config.server.log_format,
+        log_level=logging.getLogger().getEffectiveLevel(),
         metrics_directory=metrics_directory,
     )
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import Any
 
+from server import logs
 from server.api.dataport import DataPort, DataPortSettings
 from server.app import eventloop
 from server.errors import DeploydError
@@ -33,7 +35,29 @@ def run_worker(channel: socket.socket, settings: WorkerSettings, data: DataPortS
     from server.worker.main import start_worker_process
 
     runtime = start_worker_process(settings)
-    eventloop.run(_serve(channel, runtime, settings, data), data.event_loop)
+    # The data port logs its calls as the daemon logs its own, each line tagged with the worker.
+    logs.start(data.log_level)
+    logs.use_format(data.log_format)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_tag)
+    try:
+        eventloop.run(_serve(channel, runtime, settings, data), data.event_loop)
+    finally:
+        logs.stop()
+
+
+class _WorkerTag(logging.Filter):
+    """Adds the worker's slot and pid to a record's fields (plain: key=value; JSON: keys)."""
+
+    slot = -1
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None) or {}
+        record.fields = {**fields, "worker": self.slot, "pid": os.getpid()}
+        return True
+
+
+_tag = _WorkerTag()
 
 
 async def _serve(channel: socket.socket, runtime: Any, settings: WorkerSettings, data: DataPortSettings) -> None:
@@ -45,6 +69,7 @@ async def _serve(channel: socket.socket, runtime: Any, settings: WorkerSettings,
     async def handle(message: protocol.Request, buffers: list[Any]) -> tuple[protocol.Reply, list[Any]]:
         try:
             if isinstance(message, protocol.OpenDataPort):
+                _tag.slot = message.slot
                 return protocol.Result(await port.open(message)), []
             if isinstance(message, protocol.CloseDataPort):
                 await port.close(message.grace)

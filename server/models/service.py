@@ -21,6 +21,7 @@ in a row, so the pool recovers instead of restarting workers forever.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import zipfile
@@ -41,6 +42,7 @@ from server.errors import (
     WorkerCrashed,
 )
 from server.ipc import protocol
+from server.ipc.call_board import Row
 from server.malloc import release_free_memory
 from server.models.names import ModelNames, NamedModel, check_name, is_object_id
 from server.models.packages import PackageStore, StoredPackage
@@ -48,7 +50,7 @@ from server.models.registry import ObjectRecord, PackageRecord, Registry, Replay
 from server.models.weights import SharedWeights, stage_weights
 from server.pool.dispatcher import Dispatcher
 from server.pool.supervisor import Supervisor, WorkerStatus
-from server.pool.worker_handle import WorkerHandle
+from server.pool.worker_handle import WorkerHandle, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +97,15 @@ class ModelService:
         batch_observer: BatchObserver = _NO_BATCH_OBSERVER,
         routes_to_workers: bool = False,
         signatures: Callable[[], dict[str, Any]] = dict,
+        direct_calls: Callable[[int], Row] | None = None,
     ) -> None:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
         replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
         max_packages, max_objects: how many may be loaded at once (limits.*); 0: no limit.
         routes_to_workers: the workers serve calls themselves (data ports): each is told what
         names and ids serve (SetRoutes) whenever that changes, before any unload reaches it.
-        signatures: name -> (inputs, outputs) declared by the model entries, for those routes."""
+        signatures: name -> (inputs, outputs) declared by the model entries, for those routes.
+        direct_calls: a worker slot's calls on its data port (the call board), for Status."""
         self._supervisor = supervisor
         self._dispatcher = dispatcher
         self._max_packages = max_packages
@@ -120,6 +124,7 @@ class ModelService:
         self._batch_observer = batch_observer
         self._routes_to_workers = routes_to_workers
         self._signatures = signatures
+        self._direct_calls = direct_calls
         # Grows with every change of what the workers serve or of which workers serve: what a
         # client's list of data ports is checked against (deployd.v1 Endpoints).
         self.generation = 0
@@ -420,7 +425,7 @@ class ModelService:
 
     def status(self) -> StatusSnapshot:
         return StatusSnapshot(
-            self._supervisor.status(),
+            self._worker_status(),
             list(self._registry.packages.values()),
             list(self._registry.objects.values()),
             list(self._registry.modules),
@@ -429,6 +434,24 @@ class ModelService:
             dict(self._in_flight),
             {object_id: batcher.policy for object_id, batcher in self._batchers.items()},
         )
+
+    def _worker_status(self) -> list[WorkerStatus]:
+        """The supervisor's view of each worker, with the calls its data port served and runs."""
+        workers = self._supervisor.status()
+        if self._direct_calls is None:
+            return workers
+        merged = []
+        for worker in workers:
+            row = self._direct_calls(worker.index)
+            busy = worker.state == WorkerState.IDLE and row.in_flight > 0
+            merged.append(
+                dataclasses.replace(
+                    worker,
+                    state=WorkerState.BUSY if busy else worker.state,
+                    calls_served=worker.calls_served + row.finished,
+                )
+            )
+        return merged
 
     # ------------------------------------------------------------------ helpers
 
