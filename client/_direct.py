@@ -18,12 +18,17 @@ No I/O here: the managers (client/aio/_manager.py and its generated twin) call a
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Any
 
 from client._replicas import replicas_listed
 
 DIRECT_ENV = "DEPLOYD_DIRECT"
 GENERATION_KEY = "deployd-endpoints-generation"
+# Each call on a data port is named, so that if its worker dies the daemon can say whether this
+# call was the one running (Endpoints' exits): such a call is not tried again (it would end
+# another worker), as on the daemon path.
+CALL_ID_KEY = "deployd-call-id"
 _OFF = frozenset({"0", "false", "no", "off"})
 
 
@@ -51,11 +56,16 @@ def generation_in(trailers: Any) -> int:
     return -1
 
 
+def new_call_id() -> int:
+    return secrets.randbits(63) or 1
+
+
 class Worker:
     """One data port, as a manager calls it."""
 
-    def __init__(self, address: str, channel: Any, stub: Any) -> None:
+    def __init__(self, address: str, pid: int, channel: Any, stub: Any) -> None:
         self.address = address
+        self.pid = pid
         self.channel = channel
         self.stub = stub
         self.in_flight = 0

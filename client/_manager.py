@@ -28,8 +28,17 @@ import grpc
 
 from client import _requests as requests
 from client._batching import Batching
-from client._direct import DIRECT_ENV, Routes, Worker, direct_wanted, generation_in, never_reached
-from client._errors import translate_rpc_error
+from client._direct import (
+    CALL_ID_KEY,
+    DIRECT_ENV,
+    Routes,
+    Worker,
+    direct_wanted,
+    generation_in,
+    never_reached,
+    new_call_id,
+)
+from client._errors import UnavailableError, translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
 from client._replicas import refuse_change
@@ -55,6 +64,9 @@ DEFAULT_CHUNK_BYTES = requests.DEFAULT_CHUNK_BYTES
 
 Response = TypeVar("Response")
 log = logging.getLogger("deployd.client")
+# How long a client whose call lost its worker waits for the daemon to record that worker's end.
+_EXIT_POLLS = 20
+_EXIT_POLL_SECONDS = 0.05
 
 
 class InterpreterManager(WorkerCount):
@@ -163,11 +175,15 @@ class InterpreterManager(WorkerCount):
                         self._refresh_routes()
             worker = routes.pick(unreachable)
             stub = self._stub if worker is None else worker.stub
+            metadata = self._metadata
+            call_id = 0
             if worker is not None:
                 worker.in_flight += 1
+                call_id = new_call_id()
+                metadata = (*metadata, (CALL_ID_KEY, str(call_id)))
             try:
                 response, trailers = call_with_trailers(
-                    getattr(stub, rpc_name), request, attempts.remaining(), self._metadata
+                    getattr(stub, rpc_name), request, attempts.remaining(), metadata
                 )
                 if worker is not None:
                     routes.reached = True
@@ -189,10 +205,34 @@ class InterpreterManager(WorkerCount):
                             routes.enabled = False
                         continue  # it never reached a worker: another may take it at once
                 error = translate_rpc_error(rpc_error)
+                if worker is not None and error.code == grpc.StatusCode.UNAVAILABLE:
+                    # The worker went away under the call: if the call itself ended it, the
+                    # daemon says so (Endpoints' exits), and it is not sent again.
+                    why = self._why_it_ended(worker, call_id)
+                    if why is not None:
+                        error = UnavailableError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"worker {why.slot} (pid {why.pid}) {why.reason} while serving this call",
+                            call_killed_worker=True,
+                        )
             finally:
                 if worker is not None:
                     worker.in_flight -= 1
             sleep(attempts.pause_after(error))
+
+    def _why_it_ended(self, worker: Worker, call_id: int) -> Any:
+        """The daemon's record of the end of the worker a call lost (WorkerExit), if this call
+        ended it; None if something else did, or the daemon cannot tell (in about a second)."""
+        for _ in range(_EXIT_POLLS):
+            try:
+                answer = self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
+            except grpc.RpcError:
+                return None
+            for gone in answer.exits:
+                if gone.pid == worker.pid:
+                    return gone if gone.call_killed_worker and gone.call_id == call_id else None
+            sleep(_EXIT_POLL_SECONDS)  # its end not recorded yet (or it lives: a GOAWAY, a drain)
+        return None
 
     def _refresh_routes(self) -> None:
         """Ask the daemon where the workers serve calls now; keep channels to those still there."""
@@ -212,8 +252,10 @@ class InterpreterManager(WorkerCount):
         workers = []
         for endpoint in answer.workers:
             worker = known.pop(endpoint.address, None)
-            if worker is None:
-                worker = self._worker_channel(endpoint.address)
+            if worker is None or worker.pid != endpoint.pid:
+                if worker is not None:
+                    known[endpoint.address] = worker  # a replacement on the same port: closed below
+                worker = self._worker_channel(endpoint.address, endpoint.pid)
             workers.append(worker)
         for gone in known.values():
             gone.channel.close()
@@ -221,14 +263,14 @@ class InterpreterManager(WorkerCount):
         routes.generation = answer.generation
         routes.stale = False
 
-    def _worker_channel(self, address: str) -> Worker:
+    def _worker_channel(self, address: str, pid: int) -> Worker:
         if self._tls is None:
             channel = channels.insecure_channel(address, options=self._worker_options)
         else:
             credentials = self._tls.channel_credentials()
             options = self._worker_options + self._tls.channel_options()
             channel = channels.secure_channel(address, credentials, options=options)
-        return Worker(address, channel, pb_grpc.DeploydStub(channel))
+        return Worker(address, pid, channel, pb_grpc.DeploydStub(channel))
 
     def refuse_if_replicated(self, what: str) -> None:
         """Raise FailedPreconditionError when this manager's target reaches several daemons."""

@@ -420,3 +420,27 @@ def test_the_asyncio_client_calls_workers_directly(
     assert seen == pids
     assert all(torch.equal(answer, torch.full((2,), 2.0 * i)) for i, answer in enumerate(answers))
     wait_for_lines(daemon, 0, 16 + 32)
+
+
+def test_a_call_that_kills_its_worker_is_not_sent_again(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+) -> None:
+    """On the direct path the client cannot see why a worker's connection dropped; the daemon
+    can (the call board names the call it ran): a poison call kills one worker, not one per try,
+    while a worker killed from outside is retried away (test_direct_calls_survive_killed_workers)."""
+    from client import Retry, UnavailableError
+
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60, retry=Retry(attempts=5)) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        scale.call_method("pid")
+        before = {worker.pid for worker in endpoints(daemon.target).workers}
+        with pytest.raises(UnavailableError) as caught:
+            scale.call_method("segfault")
+        assert caught.value.call_killed_worker
+        assert "while serving this call" in caught.value.details
+        time.sleep(1.0)
+        exits = endpoints(daemon.target).exits
+        assert len([gone for gone in exits if gone.pid in before]) == 1, exits  # one worker, not five
+        assert exits[-1].call_killed_worker and exits[-1].call_id
+        assert scale.call_method("pid") > 0  # and the pool serves on

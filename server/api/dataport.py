@@ -20,6 +20,7 @@ Imports no torch: the function that runs a request is given.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections.abc import Callable
@@ -53,9 +54,14 @@ GENERATION_KEY = "deployd-endpoints-generation"
 
 Run = Callable[[protocol.Request, list[Any]], tuple[protocol.Reply, list[Any]]]
 
-# The deadline of the call a handler serves, as monotonic nanoseconds (0: none). Each grpc.aio
-# call runs in a task of its own, so this is per call.
+# Our clients name each call (a random 63-bit id): if the worker dies running it, the daemon
+# says so in Endpoints (WorkerExit.call_id), and the client does not send it again.
+CALL_ID_KEY = "deployd-call-id"
+
+# The deadline of the call a handler serves (monotonic nanoseconds, 0: none) and its id (0:
+# none). Each grpc.aio call runs in a task of its own, so these are per call.
 _caller_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("caller_deadline", default=0)
+_call_id: contextvars.ContextVar[int] = contextvars.ContextVar("call_id", default=0)
 
 
 class DataPortSettings(NamedTuple):
@@ -195,7 +201,7 @@ class LocalModels:
     def _run(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
         row = self._row
         if row is not None:
-            row.begin(_caller_deadline.get())
+            row.begin(_caller_deadline.get(), _call_id.get())
         try:
             reply, out_buffers = self._run_request(message, buffers)
         finally:
@@ -211,9 +217,18 @@ def _specs(wire: list[tuple[str, str, list[int]]]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(name, datatype, tuple(shape)) for name, datatype, shape in wire)
 
 
-def _note_deadline(context: Context) -> None:
+def _note_call(context: Context) -> None:
+    """The call's deadline and id, for the call board."""
     remaining = context.time_remaining()
     _caller_deadline.set(0 if remaining is None else time.monotonic_ns() + int(remaining * 1e9))
+    for key, value in context.invocation_metadata() or ():
+        if key == CALL_ID_KEY:
+            with contextlib.suppress(ValueError):  # not one of ours: the call simply has no id
+                _call_id.set(int(value) & _CALL_ID_MASK)
+            break
+
+
+_CALL_ID_MASK = (1 << 63) - 1  # a board word is a signed 64-bit integer
 
 
 class DataPortV1(deployd_v1.InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[misc]
@@ -227,13 +242,13 @@ class DataPortV1(deployd_v1.InvokeHandlers, pb_grpc.DeploydServicer):  # type: i
         self._value_limits = settings.value_limits
 
     async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
-        _note_deadline(context)
+        _note_call(context)
         response = await super().Invoke(request, context)
         context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
         return response
 
     async def HasAttr(self, request: pb.HasAttrRequest, context: Context) -> pb.HasAttrResponse:
-        _note_deadline(context)
+        _note_call(context)
         response = await super().HasAttr(request, context)
         context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
         return response
@@ -257,7 +272,7 @@ class DataPortV2(kserve_v2.InferHandlers, v2_grpc.GRPCInferenceServiceServicer):
         return self._models.declared(name)
 
     async def ModelInfer(self, request: v2.ModelInferRequest, context: Context) -> v2.ModelInferResponse:
-        _note_deadline(context)
+        _note_call(context)
         response = await super().ModelInfer(request, context)
         context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
         return response

@@ -15,7 +15,7 @@ from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
-from server.models.dataports import Endpoint
+from server.models.dataports import Endpoint, Exit
 from server.models.names import NamedModel
 from server.models.repository import ModelRepository, ReloadReport
 from server.models.service import ModelService, StatusSnapshot
@@ -69,6 +69,7 @@ class EndpointsSnapshot(NamedTuple):
     generation: int
     workers: list[Endpoint]
     models: list[str]  # what each of them serves: names with a serving version, and object ids
+    exits: list[Exit]  # the latest workers that ended, newest last
 
 
 # The methods a worker's data port serves of this service (server.api.dataport).
@@ -219,6 +220,16 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
                     models=snapshot.models,
                 )
                 for point in snapshot.workers
+            ],
+            exits=[
+                pb.WorkerExit(
+                    slot=gone.slot,
+                    pid=gone.pid,
+                    reason=gone.reason,
+                    call_killed_worker=gone.call_killed_worker,
+                    call_id=gone.call_id,
+                )
+                for gone in snapshot.exits
             ],
         )
 

@@ -166,6 +166,8 @@ class Daemon:
         # In this order: calls stop going to a dead worker before its sessions end.
         self._supervisor.subscribe(self._dispatcher.on_worker_event)
         self._supervisor.subscribe(self._sessions.on_worker_event)
+        if self._data_ports is not None:  # before the daemon's own: an exit is kept before it is told
+            self._supervisor.subscribe(self._data_ports.on_worker_event)
         self._supervisor.subscribe(self._on_worker_event)
         self._metrics.watch(
             queue_depth=lambda: self._service.queued_calls,
@@ -264,7 +266,8 @@ class Daemon:
         assert self._data_ports is not None
         serving = [(slot, pid) for slot, pid, _ in self._dispatcher.serving_workers()]
         models = sorted(self._service.served_names()) + sorted(self._registry.objects)
-        return EndpointsSnapshot(self._service.generation, self._data_ports.endpoints(serving), models)
+        exits = list(self._data_ports.exits)
+        return EndpointsSnapshot(self._service.generation, self._data_ports.endpoints(serving), models, exits)
 
     def _on_worker_event(self, event: WorkerEvent) -> None:
         if isinstance(event, WorkerExited):

@@ -2,9 +2,10 @@
 what they are running, without a message per call.
 
     worker slot i (writes its own row)          daemon (reads every row, ~10 times a second)
-    begin(deadline): started += 1, since = now   -> calls in flight = started - finished
+    begin(deadline, id): started += 1, since = now -> calls in flight = started - finished
     end():           finished += 1, since = 0    -> since != 0 for over max_call_seconds: kill
                                                  -> past the caller's deadline + grace: kill
+                                                 -> a worker that died: which call it ran
 
 One small shared-memory segment the daemon creates (server.ipc.shm.Segment) and names to
 every worker; a worker maps it and writes only its own row. Each field is an aligned 8-byte
@@ -20,9 +21,11 @@ import os
 import time
 from typing import NamedTuple
 
-_FIELDS = 4  # started, finished, running since (monotonic ns, 0: idle), caller's deadline (ns, 0: none)
+# started, finished, running since (monotonic ns, 0: idle), caller's deadline (ns, 0: none),
+# the running call's id (its caller's "deployd-call-id", 0: none), one spare word
+_FIELDS = 6
 ROW_BYTES = _FIELDS * 8
-_STARTED, _FINISHED, _SINCE, _DEADLINE = range(_FIELDS)
+_STARTED, _FINISHED, _SINCE, _DEADLINE, _CALL_ID, _ = range(_FIELDS)
 
 
 def board_bytes(slots: int) -> int:
@@ -36,6 +39,7 @@ class Row(NamedTuple):
     finished: int
     running_since_ns: int  # 0 while no call runs
     deadline_ns: int  # the running call's caller's deadline; 0: none or idle
+    call_id: int  # the running call's id, as its caller gave it; 0: none or idle
 
     @property
     def in_flight(self) -> int:
@@ -45,7 +49,7 @@ class Row(NamedTuple):
 def read_row(board: memoryview, slot: int) -> Row:
     """A slot's row, from the daemon's mapping of the board."""
     words = board[slot * ROW_BYTES : (slot + 1) * ROW_BYTES].cast("q")
-    return Row(words[_STARTED], words[_FINISHED], words[_SINCE], words[_DEADLINE])
+    return Row(words[_STARTED], words[_FINISHED], words[_SINCE], words[_DEADLINE], words[_CALL_ID])
 
 
 def clear_row(board: memoryview, slot: int) -> None:
@@ -64,9 +68,10 @@ class WorkerRow:
             os.close(descriptor)
         self._words = memoryview(self._mapping)[slot * ROW_BYTES : (slot + 1) * ROW_BYTES].cast("q")
 
-    def begin(self, deadline_ns: int = 0) -> None:
+    def begin(self, deadline_ns: int = 0, call_id: int = 0) -> None:
         words = self._words
         words[_DEADLINE] = deadline_ns
+        words[_CALL_ID] = call_id
         words[_SINCE] = time.monotonic_ns()
         words[_STARTED] += 1
 
@@ -74,4 +79,5 @@ class WorkerRow:
         words = self._words
         words[_SINCE] = 0
         words[_DEADLINE] = 0
+        words[_CALL_ID] = 0
         words[_FINISHED] += 1

@@ -15,6 +15,7 @@ taken meanwhile, another, which the next Endpoints says).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from server.errors import DeploydError
 from server.ipc import protocol
 from server.ipc.call_board import Row, board_bytes, clear_row, read_row
 from server.ipc.shm import Segment
+from server.pool.events import WorkerEvent, WorkerExited
 from server.pool.worker_handle import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,19 @@ class Endpoint(NamedTuple):
     address: str  # host:port, the host as clients should dial it
     pid: int
     generation: int  # how many workers the slot has had
+
+
+class Exit(NamedTuple):
+    """A worker that ended, as a client whose call on its port failed asks about it."""
+
+    slot: int
+    pid: int
+    reason: str
+    call_killed_worker: bool  # it ended itself running the call call_id
+    call_id: int  # the call it was running on its data port (0: none, or not ours)
+
+
+_EXITS_KEPT = 256
 
 
 class DataPorts:
@@ -57,6 +72,18 @@ class DataPorts:
         self._ports: dict[int, int] = {}  # slot -> the port its worker serves on
         self._opened: dict[int, int] = {}  # slot -> how many workers opened a port in it
         self._watch: asyncio.Task[None] | None = None
+        self.exits: collections.deque[Exit] = collections.deque(maxlen=_EXITS_KEPT)
+
+    def on_worker_event(self, event: WorkerEvent) -> None:
+        """Keep each worker's end with the call it was running on its port (the call board's row
+        is still the dead worker's: a replacement clears it only when its port opens)."""
+        if not isinstance(event, WorkerExited) or event.stopped:
+            return
+        worker = event.worker
+        row = self.row(worker.index)
+        running = row.running_since_ns != 0
+        killed_by_call = worker.ended_by_call and running
+        self.exits.append(Exit(worker.index, worker.pid, event.reason, killed_by_call, row.call_id if running else 0))
 
     async def open(self, worker: WorkerHandle) -> None:
         """Open a new worker's data port (its replay and routes done): its slot's port."""

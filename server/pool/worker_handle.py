@@ -118,6 +118,9 @@ class WorkerHandle:
         self._stop_reason = ""  # why the daemon stopped it (stop)
         self.exit_reason = ""  # how it ended, in words, for callers and logs
         self.exit_cause = ""  # the same in one word, for metrics (see exit_cause)
+        # Once exited: it ended itself (a crash, an exit, a limit of its own) while running a
+        # call, rather than being killed from outside or stopped.
+        self.ended_by_call = False
         # Set when the daemon kills the worker for a reason of its own (memory limit, a hung
         # call): (why, cause, whether the call it was running caused it).
         self._kill_reason: tuple[str, str, bool] | None = None
@@ -305,6 +308,7 @@ class WorkerHandle:
         else:
             self.exit_reason, self.exit_cause = describe_exit(exitcode), exit_cause(exitcode)
             caused_by_call = ended_itself(exitcode)
+        self.ended_by_call = caused_by_call and not self.stopping
         self.state = WorkerState.STOPPED
         # A worker serves its requests one at a time, in the order sent: the oldest one
         # unanswered is the one it was running; the others waited behind it and did not

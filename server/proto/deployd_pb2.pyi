@@ -309,12 +309,28 @@ class EndpointsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EndpointsResponse(_message.Message):
-    __slots__ = ("generation", "workers")
+    __slots__ = ("generation", "workers", "exits")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EXITS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerEndpoint]
-    def __init__(self, generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerEndpoint, _Mapping]]] = ...) -> None: ...
+    exits: _containers.RepeatedCompositeFieldContainer[WorkerExit]
+    def __init__(self, generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerEndpoint, _Mapping]]] = ..., exits: _Optional[_Iterable[_Union[WorkerExit, _Mapping]]] = ...) -> None: ...
+
+class WorkerExit(_message.Message):
+    __slots__ = ("slot", "pid", "reason", "call_killed_worker", "call_id")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CALL_KILLED_WORKER_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    pid: int
+    reason: str
+    call_killed_worker: bool
+    call_id: int
+    def __init__(self, slot: _Optional[int] = ..., pid: _Optional[int] = ..., reason: _Optional[str] = ..., call_killed_worker: _Optional[bool] = ..., call_id: _Optional[int] = ...) -> None: ...
 
 class WorkerEndpoint(_message.Message):
     __slots__ = ("slot", "address", "pid", "generation", "models")
