@@ -444,3 +444,23 @@ def test_a_call_that_kills_its_worker_is_not_sent_again(
         assert len([gone for gone in exits if gone.pid in before]) == 1, exits  # one worker, not five
         assert exits[-1].call_killed_worker and exits[-1].call_id
         assert scale.call_method("pid") > 0  # and the pool serves on
+
+
+def test_a_swapped_or_unloaded_name_is_refused_as_the_daemon_refuses_it(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+) -> None:
+    from client import NotFoundError
+
+    daemon = daemon_with()
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        package = manager.load_package(package_dir / "models.pt")
+        first = package.load_pickle("models", "echo.pkl", name="gone")
+        package.load_pickle("models", "scale.pkl", name="gone")
+        with pytest.raises(NotFoundError, match="model 'gone' has no version 1"):
+            manager.model("gone", version=1)(1.0)
+        with pytest.raises(NotFoundError, match=f"no object '{first.object_id}' is loaded"):
+            manager.model(first.object_id)(1.0)
+        manager.model("gone").unload()
+        with pytest.raises(NotFoundError, match="no model 'gone' is loaded"):
+            manager.model("gone")(1.0)
+        wait_for_lines(daemon, 0, 3)  # all three refused by the workers themselves

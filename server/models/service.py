@@ -247,6 +247,8 @@ class ModelService:
                 batcher.close()
             if why:
                 self._evicted[loaded.object_id] = why
+        if objects:
+            await self.publish_routes()  # no worker takes a call for them once they start to go
         for loaded in objects:
             await self._dispatcher.broadcast(protocol.UnloadObject(loaded.object_id), [])
         for package_id in {loaded.package_id for loaded in objects} & self._release_when_unused:
