@@ -1,10 +1,17 @@
-"""Batching: what dynamic batching (server.batching) buys, side by side with the same model unbatched.
+"""Batching: what dynamic batching (server.batching) buys, side by side with the same model unbatched,
+through the daemon and on the direct path.
 
-One real daemon (2 workers, `pool.workers: 2`, metrics on 127.0.0.1 port 0) serves each model
-twice by name from its config's `models:`, from the same package: once plain, once with
-`batching:` on. The same client code calls both, `manager.model(name)(x)` from N threads on
-one InterpreterManager (as bench.v2load drives deployd.v1), in interleaved rounds (the order
-of the two flips every round), every window after an uncounted warm-up window:
+Two real daemons (2 workers each, `pool.workers: 2`, metrics on 127.0.0.1 port 0) serve each
+model twice by name from their config's `models:`, from the same package: once plain, once with
+`batching:` on. One has no data ports: every call goes through it to a free worker, the daemon's
+one batcher joining the calls of all callers (the daemon path, strategies "unbatched" and
+"batched"). The other has `pool.data_ports: 0`: the client sends each call straight to the worker
+with the fewest calls in flight, and each worker runs the batcher over its own calls, so the
+calls that reach a worker while it runs one make its next batch (the direct path,
+"direct-unbatched" and "direct-batched"). The same client code calls all four,
+`manager.model(name)(x)` from N threads on one InterpreterManager per daemon (as bench.v2load
+drives deployd.v1; `direct=False` for the first, `direct=True` for the second), in interleaved
+rounds (the order of the four turns every round), every window after an uncounted warm-up window:
 
 - seed (scripts/export_seed.py: two convolutions), input 1x1x10x10 float32 a call, batching
   {max_batch_size: 32, max_queue_delay_ms: 2}, at 1, 8 and 32 callers;
@@ -12,17 +19,21 @@ of the two flips every round), every window after an uncounted warm-up window:
   [2, 2, 2, 2]; random weights, eval mode), input 1x3x224x224 float32 a call, batching
   {max_batch_size: 16, max_queue_delay_ms: 2}, at 8 and 32 callers (--smoke: 64x64).
 
-Printed per model and level: calls/s, p50 and p99 of both, batched / unbatched for calls/s
-and p50 (the median over rounds of the ratio within a round); for the batched windows the
-mean batch size and how the batch sizes spread (deltas of the daemon's `deployd_batch_size`
-histogram around each measured window) and the mean time a call waited in the batcher
-(`deployd_batch_queue_delay_seconds`); and CPU time per call of the daemon, its workers, the
-load generator and the whole host (/proc/stat: every process and the kernel), and how busy
-the cores were, over all measured windows. Target: seed at 32 callers, batched /
-unbatched calls/s >= 3x. One caller (seed): p50 batched / unbatched, the batcher's cost
-without load (by design a lone call is not delayed; no target). Before the load, one call
-of each batched model must answer what the unbatched one does (within float tolerance: a
-batch may take another convolution algorithm).
+Printed per model and level, for each path: calls/s, p50 and p99 of both, batched / unbatched
+for calls/s and p50 (the median over rounds of the ratio within a round); on the direct path
+also direct batched / daemon-path batched and direct unbatched / daemon-path unbatched calls/s;
+for the batched windows the mean batch size and how the batch sizes spread (deltas of that
+daemon's `deployd_batch_size` histogram around each measured window: on the direct path the
+workers' batches, merged into the daemon's /metrics) and the mean time a call waited in the
+batcher (`deployd_batch_queue_delay_seconds`); and CPU time per call of the daemon, its
+workers, the load generator and the whole host (/proc/stat: every process and the kernel), and
+how busy the cores were, over all measured windows. Target: seed at 32 callers, daemon path,
+batched / unbatched calls/s >= 3x (the direct path's ratios are reported, no target). One
+caller (seed): p50 batched / unbatched on each path, the batcher's cost without load (by design
+a lone call is not delayed; no target). Before the load, one call of each batched model, on
+each path, must answer what the unbatched one does through the daemon (within float
+tolerance: a batch may take another convolution algorithm), and the direct client must have
+reached the workers' data ports.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import sys
 import time
 import types
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,15 +61,21 @@ from bench.common import (
     percentile,
     ratio,
     run_in_child,
+    start_daemons,
     threaded_window,
     wait_until,
 )
 from bench.v2load import cpu_seconds, export_seed, spread
 from server.pool.procinfo import descendants_of
 
-UNBATCHED = "unbatched"
+UNBATCHED = "unbatched"  # the daemon path
 BATCHED = "batched"
-STRATEGIES = (UNBATCHED, BATCHED)
+DIRECT_UNBATCHED = "direct-unbatched"  # the direct path: the workers' data ports
+DIRECT_BATCHED = "direct-batched"
+DAEMON_PATH = (UNBATCHED, BATCHED)
+DIRECT_PATH = (DIRECT_UNBATCHED, DIRECT_BATCHED)
+STRATEGIES = (*DAEMON_PATH, *DIRECT_PATH)
+WITH_BATCHING = (BATCHED, DIRECT_BATCHED)
 WORKERS = 2
 TARGET_RATIO = 3.0  # batched / unbatched calls/s, seed at 32 callers
 TARGET_LEVEL = 32
@@ -136,7 +154,7 @@ class Part:
         return f"{self.model}_batched"
 
     def name_of(self, strategy: str) -> str:
-        return self.batched if strategy == BATCHED else self.model
+        return self.batched if strategy in WITH_BATCHING else self.model
 
     @property
     def shape_text(self) -> str:
@@ -168,13 +186,15 @@ SMOKE = Params(
 
 
 class BatchingDaemon(Daemon):
-    """The daemon with metrics on, serving every part's model twice by name: plain and batched."""
+    """The daemon with metrics on, serving every part's model twice by name: plain and batched;
+    with data_ports, every worker also serves calls on a port of its own (`pool.data_ports: 0`)."""
 
-    def __init__(self, workdir: Path, packages: dict[str, Path], parts: list[Part]) -> None:
+    def __init__(self, workdir: Path, packages: dict[str, Path], parts: list[Part], data_ports: bool = False) -> None:
         super().__init__(workdir, WORKERS)
         self.packages = packages
         self.parts = parts
-        self.label = f"{self.label}, batched and unbatched models by name"
+        self.data_ports = data_ports
+        self.label = f"{self.label}{' and data ports' if data_ports else ''}, batched and unbatched models by name"
         self.metrics_url = ""
 
     def write_config(self) -> Path:
@@ -183,6 +203,8 @@ class BatchingDaemon(Daemon):
             shutil.copyfile(package, path.parent / "packages" / file_name)
         config = yaml.safe_load(path.read_text())
         config["metrics"] = {"address": "127.0.0.1:0"}
+        if self.data_ports:
+            config["pool"]["data_ports"] = 0
         config["models"] = [
             entry
             for part in self.parts
@@ -237,15 +259,23 @@ def run(ctx: Context) -> None:
     seed = export_seed(directory)
     resnet = directory / "resnet18.pt"
     run_in_child("bench.batching:export_resnet", {"out": str(resnet)}, 300)
-    daemon = BatchingDaemon(ctx.workdir, {"seed.pt": seed, "resnet18.pt": resnet}, parts)
-    with daemon:
+    packages = {"seed.pt": seed, "resnet18.pt": resnet}
+    with ExitStack() as stack:
+        # Both at once (they boot in parallel); the direct path's daemon idles while the daemon
+        # path is measured and the other way round.
+        daemon = BatchingDaemon(ctx.workdir, packages, parts)
+        direct = BatchingDaemon(ctx.workdir, packages, parts, data_ports=True)
+        start_daemons(stack, [daemon, direct])
         spec = {
             "target": daemon.target,
             "daemon_pid": daemon.pid,
             "metrics_url": daemon.find_metrics_url(),
+            "direct_target": direct.target,
+            "direct_daemon_pid": direct.pid,
+            "direct_metrics_url": direct.find_metrics_url(),
             "parts": [asdict(part) for part in parts],
         }
-        windows = sum(part.rounds * len(part.levels) * 2 for part in parts)
+        windows = sum(part.rounds * len(part.levels) * len(STRATEGIES) for part in parts)
         window = max(part.window_seconds + part.warmup_seconds for part in parts)
         result = run_in_child("bench.batching:side_by_side_load", spec, 300 + windows * (window + 30))
     for part in parts:
@@ -253,35 +283,60 @@ def run(ctx: Context) -> None:
 
 
 def report(ctx: Context, part: Part, result: dict[str, Any]) -> None:
-    benchmark = f"batching_{part.model}"
     ctx.report.line(
         f"batching: {part.model}, {part.shape_text} float32 a call, batched as {part.batched}"
         f" (max_batch_size {part.max_batch_size}, max_queue_delay_ms {part.max_queue_delay_ms:g}):"
-        f" one call answers as unbatched within {result['largest_difference']:.2g}"
+        f" one call answers as unbatched within {result['largest_difference']:.2g};"
+        f" on the direct path (both names) within {result['direct_largest_difference']:.2g}"
     )
     for level in part.levels:
-        samples = {strategy: Samples.from_json(result["samples"][strategy][str(level)]) for strategy in STRATEGIES}
-        rows = {strategy: ctx.report.add(samples[strategy].row(benchmark, strategy, level)) for strategy in STRATEGIES}
-        figures = "; ".join(
+        report_level(ctx, part, result, level)
+
+
+def report_level(ctx: Context, part: Part, result: dict[str, Any], level: int) -> None:
+    """One model at one level: rows for the four strategies, the ratios of each path and between them."""
+    samples = {strategy: Samples.from_json(result["samples"][strategy][str(level)]) for strategy in STRATEGIES}
+    rows = {
+        strategy: ctx.report.add(samples[strategy].row(f"batching_{part.model}", strategy, level))
+        for strategy in STRATEGIES
+    }
+    rates = {strategy: samples[strategy].rates() for strategy in STRATEGIES}
+    p50s = {strategy: samples[strategy].p50s() for strategy in STRATEGIES}
+
+    def figures(strategies: tuple[str, ...]) -> str:
+        return "; ".join(
             f"{strategy} {rows[strategy].work_items_per_second:.1f}/s, p50 {rows[strategy].p50_latency:.3f} ms,"
             f" p99 {percentile(samples[strategy].latencies, 99) * 1000:.3f} ms"
-            for strategy in STRATEGIES
+            for strategy in strategies
         )
-        rates = paired_ratios(samples[BATCHED].rates(), samples[UNBATCHED].rates())
-        p50s = paired_ratios(samples[BATCHED].p50s(), samples[UNBATCHED].p50s())
-        callers = "1 caller" if level == 1 else f"{level} callers"
-        ratios = f"batched/unbatched calls/s {spread(rates)}, p50 {spread(p50s)}"
-        ctx.report.line(f"batching: {part.model}, {callers}: {figures}; {ratios}")
-        ctx.report.line(f"batching: {part.model}, {callers}, batched: {batch_text(result['batches'][str(level)])}")
-        ctx.report.line(f"batching: {part.model}, {callers}, CPU per call: {cpu_text(result['cpu'], level)}")
-        if part.model == "seed" and level == TARGET_LEVEL:
-            ctx.report.check(f"batching: {part.model}, {callers}, batched/unbatched calls/s", rates, ">=", TARGET_RATIO)
-        if part.model == "seed" and level == 1:
-            ctx.report.line(
-                f"batching: {part.model}, 1 caller (no load): p50 batched {rows[BATCHED].p50_latency:.3f} ms /"
-                f" unbatched {rows[UNBATCHED].p50_latency:.3f} ms = {spread(p50s)}"
-                " (the batcher's cost without load; by design a lone call is not delayed; no target)"
-            )
+
+    where = f"batching: {part.model}, {'1 caller' if level == 1 else f'{level} callers'}"
+    batched_rates = paired_ratios(rates[BATCHED], rates[UNBATCHED])
+    batched_p50s = paired_ratios(p50s[BATCHED], p50s[UNBATCHED])
+    ratios = f"batched/unbatched calls/s {spread(batched_rates)}, p50 {spread(batched_p50s)}"
+    ctx.report.line(f"{where}: {figures(DAEMON_PATH)}; {ratios}")
+    ctx.report.line(f"{where}, batched: {batch_text(result['batches'][BATCHED][str(level)])}")
+    ctx.report.line(f"{where}, CPU per call: {cpu_text(result['cpu'], level, DAEMON_PATH)}")
+    direct_rates = paired_ratios(rates[DIRECT_BATCHED], rates[DIRECT_UNBATCHED])
+    direct_p50s = paired_ratios(p50s[DIRECT_BATCHED], p50s[DIRECT_UNBATCHED])
+    ctx.report.line(
+        f"{where}, direct path: {figures(DIRECT_PATH)};"
+        f" direct batched/unbatched calls/s {spread(direct_rates)}, p50 {spread(direct_p50s)};"
+        f" direct/daemon path calls/s, batched {spread(paired_ratios(rates[DIRECT_BATCHED], rates[BATCHED]))},"
+        f" unbatched {spread(paired_ratios(rates[DIRECT_UNBATCHED], rates[UNBATCHED]))}"
+    )
+    ctx.report.line(f"{where}, direct-batched: {batch_text(result['batches'][DIRECT_BATCHED][str(level)])}")
+    ctx.report.line(f"{where}, direct path, CPU per call: {cpu_text(result['cpu'], level, DIRECT_PATH)}")
+    if part.model == "seed" and level == TARGET_LEVEL:
+        ctx.report.check(f"{where}, batched/unbatched calls/s", batched_rates, ">=", TARGET_RATIO)
+    if part.model == "seed" and level == 1:
+        ctx.report.line(
+            f"{where} (no load): p50 batched {rows[BATCHED].p50_latency:.3f} ms /"
+            f" unbatched {rows[UNBATCHED].p50_latency:.3f} ms = {spread(batched_p50s)}; direct path"
+            f" {rows[DIRECT_BATCHED].p50_latency:.3f} / {rows[DIRECT_UNBATCHED].p50_latency:.3f} ms ="
+            f" {spread(direct_p50s)} (the batcher's cost without load; by design a lone call is not delayed;"
+            " no target)"
+        )
 
 
 def batch_text(stats: dict[str, Any]) -> str:
@@ -305,11 +360,11 @@ def batch_text(stats: dict[str, Any]) -> str:
     )
 
 
-def cpu_text(cpu: dict[str, Any], level: int) -> str:
+def cpu_text(cpu: dict[str, Any], level: int, strategies: tuple[str, ...]) -> str:
     """CPU time per call of the daemon, its workers, the load generator and the whole host (all
     processes, the kernel's too), and how busy the host's cores were in the measured windows."""
     parts = []
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         used = cpu[strategy][str(level)]
         per_call = {key: ratio(used[key], used["calls"]) * 1e6 for key in CPU_KEYS}
         busy = ratio(used["host_s"], used["elapsed_s"] * used["cores"])
@@ -372,41 +427,62 @@ def add_up(total: dict[str, Any], more: dict[str, Any]) -> None:
 
 
 def side_by_side_load(spec: dict[str, Any]) -> dict[str, Any]:
-    """Every part: its two names in interleaved rounds at each level. Returns Samples as JSON and stats."""
+    """Every part: its two names on both paths, in interleaved rounds at each level. Returns
+    Samples as JSON and stats."""
     from client import InterpreterManager
 
-    with InterpreterManager(spec["target"], timeout=120) as manager:
-        return {part["model"]: load_part(manager, spec, Part(**part)) for part in spec["parts"]}
+    with (
+        InterpreterManager(spec["target"], timeout=120, direct=False) as daemon_path,
+        InterpreterManager(spec["direct_target"], timeout=120, direct=True) as direct_path,
+    ):
+        managers = {strategy: direct_path if strategy in DIRECT_PATH else daemon_path for strategy in STRATEGIES}
+        return {part["model"]: load_part(managers, spec, Part(**part)) for part in spec["parts"]}
 
 
-def load_part(manager: Any, spec: dict[str, Any], part: Part) -> dict[str, Any]:
+def path_of(spec: dict[str, Any], strategy: str) -> tuple[int, str]:
+    """The daemon's pid and its metrics address, for the daemon a strategy's calls go to."""
+    if strategy in DIRECT_PATH:
+        return spec["direct_daemon_pid"], spec["direct_metrics_url"]
+    return spec["daemon_pid"], spec["metrics_url"]
+
+
+def load_part(managers: dict[str, Any], spec: dict[str, Any], part: Part) -> dict[str, Any]:
     import torch
 
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(part.shape, generator=generator)
-    models = {strategy: manager.model(part.name_of(strategy)) for strategy in STRATEGIES}
+    models = {strategy: managers[strategy].model(part.name_of(strategy)) for strategy in STRATEGIES}
     answers = {strategy: models[strategy](x) for strategy in STRATEGIES}
-    largest = float((answers[BATCHED] - answers[UNBATCHED]).abs().max())
-    scale = float(answers[UNBATCHED].abs().max())
-    if not torch.allclose(answers[BATCHED], answers[UNBATCHED], rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
-        raise AssertionError(f"{part.batched} answers unlike {part.model}: largest difference {largest:g}")
-    daemon_pid = spec["daemon_pid"]
+    expected = answers[UNBATCHED]
+    scale = float(expected.abs().max())
+    largest = {strategy: float((answers[strategy] - expected).abs().max()) for strategy in STRATEGIES}
+    for strategy in STRATEGIES:
+        if not torch.allclose(answers[strategy], expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
+            raise AssertionError(
+                f"{strategy} {part.name_of(strategy)} answers unlike {part.model} through the daemon:"
+                f" largest difference {largest[strategy]:g}"
+            )
+    routes = managers[DIRECT_BATCHED]._routes  # the client's own record (client._direct.Routes)
+    if not (routes.enabled and routes.reached and routes.workers):
+        raise BenchError("the direct path's client did not reach the workers' data ports")
     samples = {strategy: {level: Samples() for level in part.levels} for strategy in STRATEGIES}
     keys = (*CPU_KEYS, "calls", "elapsed_s")
     cpu = {strategy: {level: dict.fromkeys(keys, 0.0) for level in part.levels} for strategy in STRATEGIES}
     empty: dict[str, Any] = {"sum": 0.0, "count": 0.0, "wait_sum": 0.0, "wait_count": 0.0}
-    batches = {level: {**empty, "buckets": {}} for level in part.levels}
+    batches = {strategy: {level: {**empty, "buckets": {}} for level in part.levels} for strategy in WITH_BATCHING}
 
     def window(strategy: str, level: int, seconds: float) -> tuple[list[float], float]:
         model = models[strategy]
         return threaded_window(lambda: model(x), level, seconds, max(1, part.max_calls // level))
 
     for round_index in range(part.rounds):
+        turn = round_index % len(STRATEGIES)
         for level in part.levels:
-            for strategy in STRATEGIES if round_index % 2 == 0 else STRATEGIES[::-1]:
+            for strategy in STRATEGIES[turn:] + STRATEGIES[:turn]:
+                daemon_pid, metrics_url = path_of(spec, strategy)
                 window(strategy, level, part.warmup_seconds)
                 workers = sorted(descendants_of(daemon_pid))
-                before = scrape(spec["metrics_url"], part.batched) if strategy == BATCHED else None
+                before = scrape(metrics_url, part.batched) if strategy in WITH_BATCHING else None
                 daemon_cpu, workers_cpu = cpu_seconds([daemon_pid]), cpu_seconds(workers)
                 client_cpu, host_cpu = time.process_time(), host_cpu_seconds()
                 latencies, elapsed = window(strategy, level, part.window_seconds)
@@ -419,14 +495,17 @@ def load_part(manager: Any, spec: dict[str, Any], part: Part) -> dict[str, Any]:
                 used["workers_s"] += cpu_seconds(workers) - workers_cpu
                 used["calls"] += len(latencies)
                 if before is not None:
-                    add_up(batches[level], difference(before, scrape(spec["metrics_url"], part.batched)))
+                    add_up(batches[strategy][level], difference(before, scrape(metrics_url, part.batched)))
                 samples[strategy][level].add(latencies, elapsed)
     return {
-        "largest_difference": largest,
+        "largest_difference": largest[BATCHED],
+        "direct_largest_difference": max(largest[strategy] for strategy in DIRECT_PATH),
         "samples": {
             strategy: {str(level): collected.to_json() for level, collected in samples[strategy].items()}
             for strategy in STRATEGIES
         },
         "cpu": {strategy: {str(level): used for level, used in cpu[strategy].items()} for strategy in STRATEGIES},
-        "batches": {str(level): stats for level, stats in batches.items()},
+        "batches": {
+            strategy: {str(level): stats for level, stats in batches[strategy].items()} for strategy in WITH_BATCHING
+        },
     }
