@@ -21,6 +21,9 @@ import os
 import secrets
 from typing import Any
 
+import grpc
+
+from client._errors import UnavailableError
 from client._replicas import replicas_listed
 
 DIRECT_ENV = "DEPLOYD_DIRECT"
@@ -54,6 +57,19 @@ def generation_in(trailers: Any) -> int:
             except ValueError:
                 return -1
     return -1
+
+
+def lost_worker_error(gone: Any, call_id: int) -> UnavailableError:
+    """What a call that lost its worker fails with, in the daemon path's words (server.pool's
+    WorkerCrashed): the call it ran, or one that waited behind it (which may be tried again)."""
+    worker = f"worker {gone.slot} (pid {gone.pid}) {gone.reason}"
+    if call_id and gone.call_id == call_id:
+        return UnavailableError(
+            grpc.StatusCode.UNAVAILABLE, f"{worker} while serving this call", call_killed_worker=gone.call_killed_worker
+        )
+    return UnavailableError(
+        grpc.StatusCode.UNAVAILABLE, f"{worker} while running an earlier request, before it could start this one"
+    )
 
 
 def new_call_id() -> int:

@@ -35,10 +35,11 @@ from client._direct import (
     Worker,
     direct_wanted,
     generation_in,
+    lost_worker_error,
     never_reached,
     new_call_id,
 )
-from client._errors import UnavailableError, translate_rpc_error
+from client._errors import translate_rpc_error
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
 from client._replicas import refuse_change
@@ -206,23 +207,19 @@ class InterpreterManager(WorkerCount):
                         continue  # it never reached a worker: another may take it at once
                 error = translate_rpc_error(rpc_error)
                 if worker is not None and error.code == grpc.StatusCode.UNAVAILABLE:
-                    # The worker went away under the call: if the call itself ended it, the
-                    # daemon says so (Endpoints' exits), and it is not sent again.
-                    why = self._why_it_ended(worker, call_id)
-                    if why is not None:
-                        error = UnavailableError(
-                            grpc.StatusCode.UNAVAILABLE,
-                            f"worker {why.slot} (pid {why.pid}) {why.reason} while serving this call",
-                            call_killed_worker=True,
-                        )
+                    # The worker went away under the call: the daemon says how (Endpoints'
+                    # exits), in the daemon path's words; a call that ended it is not sent again.
+                    gone = self._end_of(worker)
+                    if gone is not None:
+                        error = lost_worker_error(gone, call_id)
             finally:
                 if worker is not None:
                     worker.in_flight -= 1
             sleep(attempts.pause_after(error))
 
-    def _why_it_ended(self, worker: Worker, call_id: int) -> Any:
-        """The daemon's record of the end of the worker a call lost (WorkerExit), if this call
-        ended it; None if something else did, or the daemon cannot tell (in about a second)."""
+    def _end_of(self, worker: Worker) -> pb.WorkerExit | None:
+        """The daemon's record of the end of a worker a call lost; None if it has none within
+        about a second (the worker lives: the connection dropped for another reason)."""
         for _ in range(_EXIT_POLLS):
             try:
                 answer = self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
@@ -230,7 +227,7 @@ class InterpreterManager(WorkerCount):
                 return None
             for gone in answer.exits:
                 if gone.pid == worker.pid:
-                    return gone if gone.call_killed_worker and gone.call_id == call_id else None
+                    return gone
             sleep(_EXIT_POLL_SECONDS)  # its end not recorded yet (or it lives: a GOAWAY, a drain)
         return None
 
