@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ from client._errors import UnavailableError
 from client._replicas import replicas_listed
 
 DIRECT_ENV = "DEPLOYD_DIRECT"
+_TARGETS_MAX_AGE = 1.0  # seconds
 GENERATION_KEY = "deployd-endpoints-generation"
 # Each call on a data port is named, so that if its worker dies the daemon can say whether this
 # call was the one running (Endpoints' exits): such a call is not tried again (it would end
@@ -96,7 +98,17 @@ class Routes:
         self.generation = -1
         self.stale = enabled  # ask Endpoints before the next call
         self.reached = False  # a worker has answered once: the ports are reachable from here
+        # What the daemon says to call on the ports (not models that batch: their batches form
+        # in the daemon's one line), and when it last said so.
+        self.targets: set[str] = set()
+        self.refreshed_at = 0.0
         self._turn = 0
+
+    def check_target(self, target: str) -> None:
+        """A call for something the list does not name goes through the daemon; if the list is
+        over a second old, it is asked for again first (the name may be new)."""
+        if self.enabled and target not in self.targets and time.monotonic() - self.refreshed_at > _TARGETS_MAX_AGE:
+            self.stale = True
 
     def pick(self, skip: set[str]) -> Worker | None:
         """The worker with the fewest calls in flight (ties taken in turn); None: the daemon's path."""

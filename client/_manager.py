@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
@@ -170,11 +171,12 @@ class InterpreterManager(WorkerCount):
         )
         unreachable: set[str] = set()
         while True:
+            routes.check_target(request.object_id)
             if routes.stale:
                 with self._routes_lock:  # one caller asks; the others wait for its answer
                     if routes.stale:
                         self._refresh_routes()
-            worker = routes.pick(unreachable)
+            worker = routes.pick(unreachable) if request.object_id in routes.targets else None
             stub = self._stub if worker is None else worker.stub
             metadata = self._metadata
             call_id = 0
@@ -258,6 +260,8 @@ class InterpreterManager(WorkerCount):
             gone.channel.close()
         routes.workers = workers
         routes.generation = answer.generation
+        routes.targets = set(answer.workers[0].models) if answer.workers else set()
+        routes.refreshed_at = time.monotonic()
         routes.stale = False
 
     def _worker_channel(self, address: str, pid: int) -> Worker:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, TypeVar
 
@@ -168,11 +169,12 @@ class AsyncInterpreterManager(WorkerCount):
         )
         unreachable: set[str] = set()
         while True:
+            routes.check_target(request.object_id)
             if routes.stale:
                 async with self._routes_lock:  # one caller asks; the others wait for its answer
                     if routes.stale:
                         await self._refresh_routes()
-            worker = routes.pick(unreachable)
+            worker = routes.pick(unreachable) if request.object_id in routes.targets else None
             stub = self._stub if worker is None else worker.stub
             metadata = self._metadata
             call_id = 0
@@ -256,6 +258,8 @@ class AsyncInterpreterManager(WorkerCount):
             await gone.channel.close()
         routes.workers = workers
         routes.generation = answer.generation
+        routes.targets = set(answer.workers[0].models) if answer.workers else set()
+        routes.refreshed_at = time.monotonic()
         routes.stale = False
 
     def _worker_channel(self, address: str, pid: int) -> Worker:

@@ -68,7 +68,7 @@ class InvokeHandlers(Servicer):
 class EndpointsSnapshot(NamedTuple):
     generation: int
     workers: list[Endpoint]
-    models: list[str]  # what each of them serves: names with a serving version, and object ids
+    models: list[str]  # what clients should call there: names and object ids that serve, but batched ones
     exits: list[Exit]  # the latest workers that ended, newest last
 
 

@@ -383,6 +383,18 @@ class ModelService:
 
     # ------------------------------------------------------------------ routes (data ports)
 
+    def direct_targets(self) -> list[str]:
+        """What clients are told to call on the data ports: every name and object id that serves,
+        but those that batch. A worker joins only the calls that reach it between two runs (its
+        one thread runs the model), so batches barely form there; the daemon's one line makes them."""
+        batched = set(self._batchers)
+        names = [
+            name
+            for name, model in self._names.models.items()
+            if model.serving and model.versions[model.serving] not in batched
+        ]
+        return sorted(names) + sorted(object_id for object_id in self._registry.objects if object_id not in batched)
+
     def routes(self) -> protocol.SetRoutes:
         """What names and ids serve now, as a worker with a data port needs to know it."""
         models = {name: (model.serving, dict(model.versions)) for name, model in self._names.models.items()}
