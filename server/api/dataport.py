@@ -36,11 +36,11 @@ from server.api.tls import server_credentials
 from server.api.values import DEFAULT_LIMITS, ValueLimits
 from server.batching.batcher import Batcher, BatchObserver, BatchPolicy
 from server.batching.batcher import Pool as BatchPool
-from server.errors import InvalidArgument, NotFound, ObjectNotFound, error_from_failure
+from server.errors import InvalidArgument, error_from_failure
 from server.ipc import protocol
 from server.ipc.call_board import WorkerRow
 from server.models.entry import TensorSpec
-from server.models.names import ModelNames, NamedModel, is_object_id
+from server.models.names import ModelNames, NamedModel
 from server.proto import deployd_pb2 as pb
 from server.proto import deployd_pb2_grpc as pb_grpc
 from server.proto import grpc_predict_v2_pb2 as v2
@@ -177,26 +177,17 @@ class LocalModels:
         return bool(present)
 
     def named_model(self, name: str) -> NamedModel:
-        model = self._names.models.get(name)
-        if model is None:
-            raise NotFound(f"no model {name!r} is loaded")
-        return model
+        return self._names.named(name)
 
     def served_names(self) -> set[str]:
-        return {name for name, model in self._names.models.items() if model.serving}
+        return self._names.served()
 
     def declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return self._signatures.get(name, ((), ()))
 
     def _resolve(self, target: str, version: int) -> str:
-        # The daemon's rules and words (server.models.service), over the table it sent.
-        if is_object_id(target):
-            if version:
-                raise InvalidArgument("a version can only be asked of a model name, not of an object id")
-            if target not in self._objects:
-                raise ObjectNotFound(target)
-            return target
-        return self._names.resolve(target, version)
+        # The daemon's rules and words (server.models.names), over the table it sent.
+        return self._names.resolve_target(target, version, self._objects)
 
     def _run(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
         row = self._row

@@ -15,9 +15,10 @@ Knows nothing of workers or gRPC: it is the table, and the rules for names.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
-from server.errors import InvalidArgument, NotFound
+from server.errors import InvalidArgument, NotFound, ObjectNotFound
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 # Object ids are "obj-<16 hex>": a name may not start so, and one string never means both.
@@ -56,6 +57,30 @@ class ModelNames:
     def __init__(self) -> None:
         self.models: dict[str, NamedModel] = {}
         self._name_of: dict[str, tuple[str, int]] = {}  # object id -> (name, version)
+
+    def named(self, name: str) -> NamedModel:
+        """A model by name, with its versions; NotFound if no version of it is loaded."""
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"no model {name!r} is loaded")
+        return model
+
+    def served(self) -> set[str]:
+        """The names that have a serving version."""
+        return {name for name, model in self.models.items() if model.serving}
+
+    def resolve_target(
+        self, target: str, version: int, objects: Container[str], why_gone: Callable[[str], str] = lambda _: ""
+    ) -> str:
+        """The object id an object id or a name (and version) stands for; objects: the ids
+        loaded; why_gone: what a caller of an id no longer loaded is told."""
+        if is_object_id(target):
+            if version:
+                raise InvalidArgument("a version can only be asked of a model name, not of an object id")
+            if target not in objects:
+                raise ObjectNotFound(target, why_gone(target))
+            return target
+        return self.resolve(target, version)
 
     def resolve(self, name: str, version: int = 0) -> str:
         """The object id that serves name (or its pinned version); NotFound naming what is missing."""

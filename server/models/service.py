@@ -35,7 +35,6 @@ from server.errors import (
     DeploydError,
     InvalidArgument,
     InvalidPackage,
-    NotFound,
     ObjectNotFound,
     PackageNotFound,
     TooLarge,
@@ -337,22 +336,16 @@ class ModelService:
 
     def named_model(self, name: str) -> NamedModel:
         """A model by name, with its versions; NotFound if no version of it is loaded."""
-        model = self._names.models.get(name)
-        if model is None:
-            raise NotFound(f"no model {name!r} is loaded")
-        return model
+        return self._names.named(name)
 
     def served_names(self) -> set[str]:
         """The model names that have a serving version."""
-        return {name for name, model in self._names.models.items() if model.serving}
+        return self._names.served()
 
     def _resolve(self, target: str, version: int) -> str:
-        if is_object_id(target):
-            if version:
-                raise InvalidArgument("a version can only be asked of a model name, not of an object id")
-            self._require_object(target)
-            return target
-        return self._names.resolve(target, version)
+        return self._names.resolve_target(
+            target, version, self._registry.objects, lambda object_id: self._evicted.get(object_id, "")
+        )
 
     async def _counted_call(
         self, object_id: str, request: protocol.Request, buffers: list[Any]
