@@ -489,3 +489,36 @@ def test_a_swapped_or_unloaded_name_is_refused_as_the_daemon_refuses_it(
         # A name the workers know is refused by them; an object id gone is not on the list any
         # more, so the daemon refuses it: the same words either way.
         wait_for_lines(daemon, 1, 2)
+
+
+def test_data_ports_serve_the_daemons_tls(
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path, tmp_path: Path
+) -> None:
+    from client import TLS, UnavailableError
+    from tests.test_operations import make_certificates
+
+    certs = make_certificates(tmp_path)
+    tls = {
+        "cert_file": str(certs["server.pem"]),
+        "key_file": str(certs["server.key"]),
+        "client_ca_file": str(certs["ca.pem"]),
+    }
+    daemon = daemon_with(tls=tls)
+    mutual = TLS(ca=certs["ca.pem"], cert=certs["client.pem"], key=certs["client.key"])
+    with InterpreterManager(daemon.target, timeout=60, tls=mutual) as manager:
+        scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
+        for _ in range(4):
+            assert torch.equal(scale(torch.ones(1)), torch.full((1,), 2.0))
+        wait_for_lines(daemon, 0, 4)  # over TLS, straight to the workers
+        address = manager._routes.workers[0].address
+    x = tensor_value(torch.ones(1))
+    assert rpc_error(lambda: invoke(address, "scale", x)).code() == grpc.StatusCode.UNAVAILABLE  # plaintext
+    no_certificate = TLS(ca=certs["ca.pem"])
+    credentials = no_certificate.channel_credentials()
+    with grpc.secure_channel(address, credentials) as channel:
+        stub = pb_grpc.DeploydStub(channel)
+        refused = rpc_error(lambda: stub.Invoke(pb.InvokeRequest(object_id="scale", args=[x]), timeout=10))
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    anonymous = InterpreterManager(daemon.target, timeout=5, tls=no_certificate)
+    with anonymous, pytest.raises(UnavailableError):
+        anonymous.model("scale")(torch.ones(1))
