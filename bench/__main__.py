@@ -27,6 +27,7 @@ from bench import (
     chaos,
     churn,
     direct,
+    grpcio_versions,
     hops,
     memory,
     names,
@@ -54,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "v2": v2load.run,
     "batching": batching.run,
     "aio": aio.run,
+    "grpcio": grpcio_versions.run,
     "direct": direct.run,
 }
 
