@@ -385,13 +385,6 @@ class Daemon:
             raise StartupError(f"cannot bind {address}")
         return port
 
-    async def _stop_serving(self, grace: float) -> None:
-        """Stop taking calls, on the daemon's port and every data port; calls in flight get grace."""
-        closing = [self._server.stop(grace)]
-        if self._data_ports is not None:
-            closing.append(self._data_ports.close(self._supervisor.workers(), grace))
-        await asyncio.gather(*closing)
-
     async def _shutdown(self) -> None:
         log.info("shutting down: draining calls for up to %.1fs", self.config.server.shutdown_grace_seconds)
         await self._health.shutdown()
@@ -399,11 +392,20 @@ class Daemon:
         # hold the drain for its whole grace.
         self._sessions.end_all("the daemon is stopping")
         grace = self.config.server.shutdown_grace_seconds
-        stopping = asyncio.ensure_future(self._stop_serving(grace))
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        # The data ports drain beside it (a worker stuck in a call never reads the request: the
+        # second signal or the grace's end cuts this short, and the workers are stopped next).
+        ports: asyncio.Future[None] | None = None
+        if self._data_ports is not None:
+            ports = asyncio.ensure_future(self._data_ports.close(self._supervisor.workers(), grace))
         fast = asyncio.ensure_future(self._fast_stop.wait())
-        await asyncio.wait({stopping, fast}, return_when=asyncio.FIRST_COMPLETED)
+        draining = {stopping} if ports is None else {asyncio.ensure_future(asyncio.wait({stopping, ports}))}
+        await asyncio.wait({*draining, fast}, return_when=asyncio.FIRST_COMPLETED)
         if not stopping.done():
-            await self._stop_serving(0)
+            await self._server.stop(0)
+        if ports is not None and not ports.done():
+            ports.cancel()
+            await asyncio.gather(ports, return_exceptions=True)
         fast.cancel()
         await stopping
 

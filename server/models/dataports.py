@@ -89,6 +89,7 @@ class DataPorts:
         """Open a new worker's data port (its replay and routes done): its slot's port."""
         slot = worker.index
         clear_row(self.board.buffer, slot)
+        worker.running_elsewhere = lambda: self.row(slot).running_since_ns != 0
         wanted = self._ports.get(slot, self._first_port + slot if self._first_port else 0)
         try:
             port, _ = await worker.request(protocol.OpenDataPort(slot, wanted), [])

@@ -121,6 +121,9 @@ class WorkerHandle:
         # Once exited: it ended itself (a crash, an exit, a limit of its own) while running a
         # call, rather than being killed from outside or stopped.
         self.ended_by_call = False
+        # Whether it is running a call that came another way than this channel (its data port:
+        # server.models.dataports sets this); then none of the daemon's requests has started.
+        self.running_elsewhere: Callable[[], bool] = lambda: False
         # Set when the daemon kills the worker for a reason of its own (memory limit, a hung
         # call): (why, cause, whether the call it was running caused it).
         self._kill_reason: tuple[str, str, bool] | None = None
@@ -311,9 +314,9 @@ class WorkerHandle:
         self.ended_by_call = caused_by_call and not self.stopping
         self.state = WorkerState.STOPPED
         # A worker serves its requests one at a time, in the order sent: the oldest one
-        # unanswered is the one it was running; the others waited behind it and did not
-        # cause its end, whatever it was.
-        running = True
+        # unanswered is the one it was running (unless it was running a call of its data
+        # port); the others waited behind it and did not cause its end, whatever it was.
+        running = not self.running_elsewhere()
         for reply in self._pending.values():
             if reply.done():
                 continue
