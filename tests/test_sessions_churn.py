@@ -24,7 +24,7 @@ from tests.daemon_process import DaemonProcess, wait_until
 CYCLES = 150
 WARM_UP = 20  # the first cycles build what lasts (shared-memory arenas, caches): measure from here
 MIB = 2**20
-# The workers' RSS together may grow this much after the warm-up (it grows ~1 MiB): 64 leaked layers.
+# The workers' anonymous memory together may grow this much after the warm-up (it grows ~1 MiB).
 WORKER_GROWTH_BOUND = 16 * MIB
 
 
@@ -56,10 +56,14 @@ def test_sessions_leave_nothing_behind(churn_daemon: DaemonProcess) -> None:
     problems = []
     if last.worker_pids != first.worker_pids:
         problems.append(f"a worker was replaced: {first.worker_pids} -> {last.worker_pids}")
-    grown = sum(last.worker_rss) - sum(first.worker_rss)
+    # Anonymous memory: what a leak of objects or tensors grows. Total RSS also counts the pages
+    # of torch's libraries a worker touches for the first time late (a session pins one worker,
+    # so the two warm up unevenly: seen once in CI, one worker 220.9 -> 237.8 MiB, anon flat);
+    # shared-memory leaks are checked below (fds, segments, deleted mappings).
+    grown = sum(last.worker_anon) - sum(first.worker_anon)
     if grown >= WORKER_GROWTH_BOUND:
         problems.append(
-            f"the workers' RSS grew by {grown / MIB:.1f} MiB over {CYCLES - WARM_UP} cycles"
+            f"the workers' anonymous memory grew by {grown / MIB:.1f} MiB over {CYCLES - WARM_UP} cycles"
             f" ({grown / 1024 / (CYCLES - WARM_UP):.0f} KiB a cycle):"
             f" {[f'{rss / MIB:.1f}' for rss in first.worker_rss]} -> {[f'{rss / MIB:.1f}' for rss in last.worker_rss]}"
             f" MiB; anonymous {[f'{anon / MIB:.1f}' for anon in first.worker_anon]}"
