@@ -248,8 +248,14 @@ class Daemon:
             await self._data_ports.open(worker)
 
     def _busy_workers(self) -> int:
-        """Workers running a call, whichever path it came by."""
-        return sum(1 for worker in self._service.status().workers if worker.state == "busy")
+        """Workers running a call, whichever path it came by (without the service's whole status:
+        that reads every worker's memory from /proc)."""
+        ports = self._data_ports
+        return sum(
+            1
+            for slot, _, state in self._dispatcher.serving_workers()
+            if state == "busy" or (ports is not None and ports.row(slot).in_flight > 0)
+        )
 
     def _declared_signatures(self) -> dict[str, Any]:
         """name -> (inputs, outputs) its model entry declares, for the data ports' v2 answers."""
