@@ -35,6 +35,11 @@ GENERATION_KEY = "deployd-endpoints-generation"
 # another worker), as on the daemon path.
 CALL_ID_KEY = "deployd-call-id"
 _OFF = frozenset({"0", "false", "no", "off"})
+# A call whose caller gave up (its deadline passed) still runs in its worker, which serves one
+# call at a time: the worker counts as busy until it answers another call or this long has
+# passed (the daemon's pool.abandoned_call_grace_seconds, by default: by then the daemon has
+# replaced a worker still running it).
+ABANDONED_BUSY_SECONDS = 5.0
 
 
 def direct_wanted(direct: bool | None, target: str) -> bool:
@@ -87,6 +92,20 @@ class Worker:
         self.channel = channel
         self.stub = stub
         self.in_flight = 0
+        self.abandoned_until = 0.0  # a call given up on may still run there until then
+
+    def load(self) -> int:
+        """Calls in flight here, counting one a caller gave up on that may still be running."""
+        if self.abandoned_until and time.monotonic() < self.abandoned_until:
+            return self.in_flight + 1
+        return self.in_flight
+
+    def note_answer(self) -> None:
+        """The worker answered: whatever was given up on there has finished."""
+        self.abandoned_until = 0.0
+
+    def note_abandoned(self) -> None:
+        self.abandoned_until = time.monotonic() + ABANDONED_BUSY_SECONDS
 
 
 class Routes:
@@ -120,7 +139,7 @@ class Routes:
         self._turn += 1
         start = self._turn % len(candidates)
         ordered = candidates[start:] + candidates[:start]
-        return min(ordered, key=lambda worker: worker.in_flight)
+        return min(ordered, key=Worker.load)
 
     def note_generation(self, generation: int) -> None:
         if generation > self.generation:

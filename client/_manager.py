@@ -68,6 +68,8 @@ Response = TypeVar("Response")
 log = logging.getLogger("deployd.client")
 # How long a client whose call lost its worker waits for the daemon to record that worker's end.
 _EXIT_POLLS = 20
+# A direct call ended by its deadline or cancelled: its worker may still be running it.
+_GIVEN_UP = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 _EXIT_POLL_SECONDS = 0.05
 
 
@@ -191,8 +193,14 @@ class InterpreterManager(WorkerCount):
                 if worker is not None:
                     routes.reached = True
                     routes.note_generation(generation_in(trailers))
+                    worker.note_answer()
                 return response
             except grpc.RpcError as rpc_error:
+                if worker is not None:
+                    if rpc_error.code() in _GIVEN_UP:
+                        worker.note_abandoned()  # the worker may still be running it
+                    elif rpc_error.code() != grpc.StatusCode.UNAVAILABLE:
+                        worker.note_answer()  # an error, but from a worker free to send it
                 if worker is not None and rpc_error.code() == grpc.StatusCode.UNAVAILABLE:
                     routes.stale = True  # that worker went away: ask where the workers are now
                     if never_reached(rpc_error.details()):
