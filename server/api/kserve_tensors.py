@@ -3,8 +3,12 @@
 A v2 input becomes the same packed tensor a deployd.v1 tensor does: its bytes, checked
 against datatype and shape, handed on as a buffer (to shared memory above the threshold),
 never built into a tensor here. Raw contents are taken as they come (one copy, when
-protobuf hands the field over); typed contents (`fp32_contents`, ...) are packed into
-little-endian bytes first.
+protobuf hands the field over; none for a view into a REST body); typed contents
+(`fp32_contents`, ...) are packed into little-endian bytes first.
+
+One codec behind both protocols: each turns its request into InputTensors (gRPC:
+decode_inputs here; REST: server.api.kserve_rest), and decode_tensors makes the call's
+arguments from them, with the same checks and messages whichever protocol carried them.
 
 Inputs: positional arguments in request order, or keyword arguments matched by name when
 the model's repository entry declares its inputs. BYTES: one element is a Python bytes,
@@ -64,17 +68,46 @@ class DecodedInputs(NamedTuple):
     seen: list[Signature]
 
 
+class InputTensor(NamedTuple):
+    """One input as either protocol carries it (gRPC: decode_inputs; REST: server.api.kserve_rest)."""
+
+    name: str  # "" -> f"input{position}"
+    datatype: str
+    shape: list[int]
+    raw: Any  # bytes-like raw little-endian contents (BYTES: each element a 4-byte LE length, then
+    #           its bytes), or None; a memoryview slice of a larger body is taken without a copy
+    contents: Any  # gRPC InferTensorContents (typed fields), or None
+
+
 def decode_inputs(request: v2.ModelInferRequest, declared: Sequence[TensorSpec], limits: ValueLimits) -> DecodedInputs:
+    """ModelInfer's inputs: every one in raw_input_contents, or every one in typed contents."""
     raw_contents = request.raw_input_contents
     raw = len(raw_contents) > 0
     if raw and len(raw_contents) != len(request.inputs):
         raise InvalidArgument(f"raw_input_contents has {len(raw_contents)} entries for {len(request.inputs)} inputs")
+    inputs = [
+        InputTensor(
+            tensor.name,
+            tensor.datatype,
+            list(tensor.shape),
+            raw_contents[position] if raw else None,
+            # Typed contents when raw is not used, set or not (unset: no values, a clear count error).
+            tensor.contents if not raw or tensor.HasField("contents") else None,
+        )
+        for position, tensor in enumerate(request.inputs)
+    ]
+    return decode_tensors(inputs, declared, limits)
+
+
+def decode_tensors(inputs: Sequence[InputTensor], declared: Sequence[TensorSpec], limits: ValueLimits) -> DecodedInputs:
+    """Protocol-neutral inputs as the packed arguments of a call. DecodedInputs.raw: some input
+    came as raw contents (gRPC answers with raw contents then)."""
     by_name = {spec.name: spec for spec in declared}
     buffers: list[Any] = []
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     seen: list[Signature] = []
-    for position, tensor in enumerate(request.inputs):
+    for position, tensor in enumerate(inputs):
         name = tensor.name or f"input{position}"
         spec = by_name.get(name)
         if declared:
@@ -82,13 +115,15 @@ def decode_inputs(request: v2.ModelInferRequest, declared: Sequence[TensorSpec],
                 raise InvalidArgument(f"{_input(name)}: the model has no such input (inputs: {', '.join(by_name)})")
             if name in kwargs:
                 raise InvalidArgument(f"{_input(name)} is given twice")
-        shape = _checked_shape(name, tensor.datatype, list(tensor.shape), spec, limits)
-        if raw:
-            if tensor.HasField("contents"):
+        shape = _checked_shape(name, tensor.datatype, tensor.shape, spec, limits)
+        if tensor.raw is not None:
+            if tensor.contents is not None:
                 raise InvalidArgument(f"{_input(name)}: contents and raw_input_contents cannot both be used")
-            value = _from_raw(name, tensor.datatype, shape, raw_contents[position], buffers)
-        else:
+            value = _from_raw(name, tensor.datatype, shape, tensor.raw, buffers)
+        elif tensor.contents is not None:
             value = _from_typed(name, tensor.datatype, shape, tensor.contents, buffers)
+        else:
+            raise InvalidArgument(f"{_input(name)} has no data")
         if declared:
             kwargs[name] = value
         else:
@@ -97,7 +132,14 @@ def decode_inputs(request: v2.ModelInferRequest, declared: Sequence[TensorSpec],
     missing = [spec.name for spec in declared if spec.name not in kwargs]
     if missing:
         raise InvalidArgument(f"missing input{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+    raw = any(tensor.raw is not None for tensor in inputs)
     return DecodedInputs(args, kwargs, buffers, raw, seen)
+
+
+def check_tensor(name: str, datatype: str, shape: list[int], limits: ValueLimits) -> None:
+    """The checks decode_tensors makes of a tensor's datatype and shape before it looks at any
+    data (its declared form aside), for a codec that must check before it builds the data."""
+    _checked_shape(name, datatype, shape, None, limits)
 
 
 def _input(name: str) -> str:
@@ -144,7 +186,9 @@ def _checked_shape(
     return shape
 
 
-def _from_raw(name: str, datatype: str, shape: list[int], data: bytes, buffers: list[Any]) -> Any:
+def _from_raw(name: str, datatype: str, shape: list[int], data: Any, buffers: list[Any]) -> Any:
+    if type(data) is not bytes:
+        data = memoryview(data).cast("B")  # lengths in bytes, whatever the view's format
     elements = math.prod(shape)
     if datatype == BYTES:
         items: list[bytes] = []
@@ -158,7 +202,7 @@ def _from_raw(name: str, datatype: str, shape: list[int], data: bytes, buffers: 
                 raise InvalidArgument(
                     f"{_input(name)}: a BYTES element of {length} bytes runs past the end of its data"
                 )
-            items.append(data[offset : offset + length])
+            items.append(bytes(data[offset : offset + length]))  # a view's slice is a view: bytes
             offset += length
         if len(items) != elements or offset != len(data):
             raise InvalidArgument(
