@@ -29,6 +29,7 @@ from bench import (
     direct,
     grpcio_versions,
     hops,
+    http_servers,
     memory,
     names,
     overhead,
@@ -57,6 +58,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "aio": aio.run,
     "grpcio": grpcio_versions.run,
     "direct": direct.run,
+    "http_servers": http_servers.run,
 }
 
 
