@@ -71,6 +71,7 @@ _EXIT_POLLS = 20
 # A direct call ended by its deadline or cancelled: its worker may still be running it.
 _GIVEN_UP = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 _EXIT_POLL_SECONDS = 0.05
+_EXIT_POLLS_BEFORE_PID = 4  # polls that wait for the end naming the call before the worker's will do
 
 
 class InterpreterManager(WorkerCount):
@@ -219,7 +220,7 @@ class InterpreterManager(WorkerCount):
                 if worker is not None and error.code == grpc.StatusCode.UNAVAILABLE:
                     # The worker went away under the call: the daemon says how (Endpoints'
                     # exits), in the daemon path's words; a call that ended it is not sent again.
-                    gone = self._end_of(worker)
+                    gone = self._end_of(worker, call_id)
                     if gone is not None:
                         error = lost_worker_error(gone, call_id)
             finally:
@@ -227,17 +228,25 @@ class InterpreterManager(WorkerCount):
                     worker.in_flight -= 1
             sleep(attempts.pause_after(error))
 
-    def _end_of(self, worker: Worker) -> pb.WorkerExit | None:
+    def _end_of(self, worker: Worker, call_id: int) -> pb.WorkerExit | None:
         """The daemon's record of the end of a worker a call lost; None if it has none within
-        about a second (the worker lives: the connection dropped for another reason)."""
-        for _ in range(_EXIT_POLLS):
+        about a second (the worker lives: the connection dropped for another reason).
+
+        The end that names the call is the one; else that of the worker the call was sent to,
+        taken only after a few polls: when the list of ports was out of date, the call reached
+        the replacement of that worker (on the same port), whose end is recorded a moment later."""
+        for poll in range(_EXIT_POLLS):
             try:
                 answer = self._stub.Endpoints(pb.EndpointsRequest(), timeout=10, metadata=self._metadata)
             except grpc.RpcError:
                 return None
             for gone in answer.exits:
-                if gone.pid == worker.pid:
+                if gone.call_id == call_id:
                     return gone
+            if poll >= _EXIT_POLLS_BEFORE_PID:
+                for gone in reversed(answer.exits):
+                    if gone.pid == worker.pid:
+                        return gone
             sleep(_EXIT_POLL_SECONDS)  # its end not recorded yet (or it lives: a GOAWAY, a drain)
         return None
 

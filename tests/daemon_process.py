@@ -15,6 +15,7 @@ from server.pool.procinfo import alive, descendants_of
 
 REPO = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_HTTP = re.compile(r"http on (\S+):(\d+)")  # logged before "listening on"
 
 
 def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
@@ -37,6 +38,7 @@ class DaemonProcess:
         self.env = {**os.environ, **(env or {})}
         self.lines: list[str] = []
         self.port = 0
+        self.http_port = 0  # with server.http_address
         self._listening = threading.Event()
         self._shm_before = shm_segments()
         self.process: subprocess.Popen[str] | None = None
@@ -45,6 +47,11 @@ class DaemonProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.http_port, "the daemon serves no HTTP (server.http_address)"
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def pid(self) -> int:
@@ -79,6 +86,9 @@ class DaemonProcess:
         with self.process.stderr:
             for line in self.process.stderr:
                 self.lines.append(line)
+                http = _HTTP.search(line)
+                if http and not self.http_port:
+                    self.http_port = int(http.group(2))
                 match = _LISTENING.search(line)
                 if match and not self._listening.is_set():
                     self.port = int(match.group(2))

@@ -23,10 +23,27 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_bundled_config_is_the_defaults_and_the_seed_model() -> None:
-    """Every section at its defaults; the one model `make serve` exports and serves by name."""
+    """Every section at its defaults but HTTP, which `make serve` serves on 127.0.0.1:8000 (off by
+    default: a daemon opens only the ports its config names); the one model `make serve` exports
+    and serves by name."""
     bundled = load_config(REPO / "config.yaml", environ={})
     assert bundled.models == (ModelEntry("seed", "seed.pt", "model", "model.pkl"),)
-    assert dataclasses.replace(bundled, models=()) == Config()
+    assert bundled.server.http_address == "127.0.0.1:8000"
+    server = dataclasses.replace(bundled.server, http_address="")
+    assert dataclasses.replace(bundled, models=(), server=server) == Config()
+
+
+def test_http_address(tmp_path: Path) -> None:
+    assert load_config(environ={"DEPLOYD_SERVER_HTTP_ADDRESS": "127.0.0.1:0"}).server.http_address == "127.0.0.1:0"
+    with pytest.raises(ConfigError, match="server.http_address"):
+        load_config(environ={"DEPLOYD_SERVER_HTTP_ADDRESS": "8000"})
+    with pytest.raises(ConfigError, match="server.http_max_body_bytes"):
+        load_config(environ={"DEPLOYD_SERVER_HTTP_MAX_BODY_BYTES": "0"})
+    # Off loopback, HTTP needs tokens as gRPC does.
+    with pytest.raises(ConfigError, match="server.http_address '0.0.0.0:8000' is reachable from other machines"):
+        load_config(environ={"DEPLOYD_SERVER_HTTP_ADDRESS": "0.0.0.0:8000"})
+    remote = {"DEPLOYD_SERVER_HTTP_ADDRESS": "0.0.0.0:8000", "DEPLOYD_AUTH_INVOKE_TOKENS": "t"}
+    assert load_config(environ=remote).server.http_address == "0.0.0.0:8000"
 
 
 def test_models_on_error_from_the_environment(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ _ALLOWED: dict[str, set[str]] = {
 }
 _GRPC_ROOMS = {"app", "api", "base"}  # base: proto/ (generated stubs)
 _TORCH_ROOMS = {"worker"}
+_HTTP_ROOMS = {"app", "api"}  # aiohttp: the HTTP edge (server.api.kserve_http)
 
 
 def _room(module: str) -> str:
@@ -73,6 +74,8 @@ def test_server_rooms_import_only_downward() -> None:
                 wrong.append(f"{module} ({room}) imports {name}")
             if top == "torch" and room not in _TORCH_ROOMS:
                 wrong.append(f"{module} ({room}) imports {name}")
+            if top == "aiohttp" and room not in _HTTP_ROOMS:
+                wrong.append(f"{module} ({room}) imports {name}")
     assert not wrong, "\n".join(wrong)
 
 
@@ -92,6 +95,10 @@ def test_the_static_check_sees_a_wrong_import(tmp_path: Path) -> None:
         ("server.models.service", "grpc"),
         ("server.worker.main", "grpc"),
         ("server.worker.preload", "grpc"),  # the fork server must never have run grpc
+        ("server.worker.preload", "aiohttp"),
+        ("server.app.worker_process", "aiohttp"),  # a worker's data port speaks gRPC only
+        ("server.api.kserve_calls", "aiohttp"),  # the operations know no protocol
+        ("server.api.kserve_rest", "aiohttp"),
     ],
 )
 def test_module_does_not_import(module: str, forbidden: str) -> None:

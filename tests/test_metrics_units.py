@@ -62,13 +62,21 @@ def test_workers_series_add_to_the_daemons(daemon_metrics: tuple[Metrics, Path])
     metrics.calls_in_flight.inc()
 
     def check(in_flight: float) -> None:
-        assert value(metrics, "deployd_calls_total", method="Invoke", model="a", code="OK") == 2 * 2 + 1
-        assert value(metrics, "deployd_calls_total", method="Invoke", model="", code="NOT_FOUND") == 2
-        assert value(metrics, "deployd_calls_total", method="Invoke", model="gone", code="OK") is None
-        assert value(metrics, "deployd_call_duration_seconds_count", method="Invoke") == 2 * 4 + 1
-        assert value(metrics, "deployd_call_duration_seconds_bucket", method="Invoke", le="0.25") == 2 * 3 + 1
-        assert value(metrics, "deployd_call_duration_seconds_bucket", method="Invoke", le="+Inf") == 2 * 4 + 1
-        assert value(metrics, "deployd_message_bytes_total", direction="received") == 200
+        assert (
+            value(metrics, "deployd_calls_total", method="Invoke", model="a", code="OK", protocol="grpc") == 2 * 2 + 1
+        )
+        assert value(metrics, "deployd_calls_total", method="Invoke", model="", code="NOT_FOUND", protocol="grpc") == 2
+        assert value(metrics, "deployd_calls_total", method="Invoke", model="gone", code="OK", protocol="grpc") is None
+        assert value(metrics, "deployd_call_duration_seconds_count", method="Invoke", protocol="grpc") == 2 * 4 + 1
+        assert (
+            value(metrics, "deployd_call_duration_seconds_bucket", method="Invoke", protocol="grpc", le="0.25")
+            == 2 * 3 + 1
+        )
+        assert (
+            value(metrics, "deployd_call_duration_seconds_bucket", method="Invoke", protocol="grpc", le="+Inf")
+            == 2 * 4 + 1
+        )
+        assert value(metrics, "deployd_message_bytes_total", direction="received", protocol="grpc") == 200
         assert value(metrics, "deployd_batch_size_count", model="a") == 2
         assert value(metrics, "deployd_calls_in_flight") == in_flight
         # The daemon's own series are its own: no worker wrote them.
@@ -91,7 +99,7 @@ def test_workers_series_add_to_the_daemons(daemon_metrics: tuple[Metrics, Path])
     for _ in range(10):
         metrics.on_worker_exit(run_worker(str(directory)))
     assert sorted(os.listdir(directory)) == ["counter_archive.db", "histogram_archive.db"]
-    assert value(metrics, "deployd_calls_total", method="Invoke", model="a", code="OK") == 12 * 2 + 1
+    assert value(metrics, "deployd_calls_total", method="Invoke", model="a", code="OK", protocol="grpc") == 12 * 2 + 1
 
 
 def test_close_removes_the_directory() -> None:

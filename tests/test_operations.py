@@ -79,10 +79,13 @@ def test_metrics_cover_calls_workers_loads_and_memory(metrics_daemon: DaemonProc
         with pytest.raises(UnavailableError):
             scale.call_method("exit_now", 1)
         text = scrape(metrics_daemon)
-        assert sample(text, "deployd_calls_total", method="Invoke", model=scale.id, code="OK") == 3
-        assert sample(text, "deployd_calls_total", method="Invoke", model=scale.id, code="UNAVAILABLE") == 1
-        assert sample(text, "deployd_calls_total", method="LoadPickle", model="", code="OK") == 1
-        assert sample(text, "deployd_call_duration_seconds_count", method="LoadPickle") == 1
+        assert sample(text, "deployd_calls_total", method="Invoke", model=scale.id, code="OK", protocol="grpc") == 3
+        assert (
+            sample(text, "deployd_calls_total", method="Invoke", model=scale.id, code="UNAVAILABLE", protocol="grpc")
+            == 1
+        )
+        assert sample(text, "deployd_calls_total", method="LoadPickle", model="", code="OK", protocol="grpc") == 1
+        assert sample(text, "deployd_call_duration_seconds_count", method="LoadPickle", protocol="grpc") == 1
         assert sample(text, "deployd_run_seconds_count", model=scale.id) == 3
         assert sample(text, "deployd_queue_wait_seconds_count") >= 4
         for phase in ("to_worker", "in_worker", "to_daemon"):
@@ -96,8 +99,8 @@ def test_metrics_cover_calls_workers_loads_and_memory(metrics_daemon: DaemonProc
         assert sample(text, "deployd_workers_busy") == 0
         assert sample(text, "deployd_calls_in_flight") == 0
         assert sample(text, "deployd_workers_serving") in (1, 2)
-        assert sample(text, "deployd_message_bytes_total", direction="received") > 3 * 4096
-        assert sample(text, "deployd_message_bytes_total", direction="sent") > 3 * 4096
+        assert sample(text, "deployd_message_bytes_total", direction="received", protocol="grpc") > 3 * 4096
+        assert sample(text, "deployd_message_bytes_total", direction="sent", protocol="grpc") > 3 * 4096
         for kind in ("rss", "pss", "shared", "private"):
             assert sample(text, "deployd_worker_memory_bytes", worker="0", kind=kind) > 0
         # An unloaded object's series go with it.
@@ -118,7 +121,9 @@ def test_direct_calls_count_on_the_daemons_metrics(package_dir: Path, tmp_path: 
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
         def invokes() -> float:
-            return sample(scrape(daemon), "deployd_calls_total", method="Invoke", model="scale", code="OK")
+            return sample(
+                scrape(daemon), "deployd_calls_total", method="Invoke", model="scale", code="OK", protocol="grpc"
+            )
 
         manager = InterpreterManager(daemon.target, timeout=60)
         scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl", name="scale")
@@ -128,13 +133,13 @@ def test_direct_calls_count_on_the_daemons_metrics(package_dir: Path, tmp_path: 
             for _ in range(3):
                 through_daemon.model("scale")(torch.ones(4))
         text = scrape(daemon)
-        assert sample(text, "deployd_calls_total", method="Invoke", model="scale", code="OK") == 5 + 3
+        assert sample(text, "deployd_calls_total", method="Invoke", model="scale", code="OK", protocol="grpc") == 5 + 3
         # The daemon's dispatcher ran 3 (by object id): the other 5 went straight to a worker.
         runs = [line for line in text.splitlines() if line.startswith("deployd_run_seconds_count{")]
         assert sum(float(line.rpartition(" ")[2]) for line in runs) == 3, runs
-        assert sample(text, "deployd_call_duration_seconds_count", method="Invoke") == 5 + 3
+        assert sample(text, "deployd_call_duration_seconds_count", method="Invoke", protocol="grpc") == 5 + 3
         assert sample(text, "deployd_calls_in_flight") == 0
-        assert sample(text, "deployd_message_bytes_total", direction="received") > 8 * 16
+        assert sample(text, "deployd_message_bytes_total", direction="received", protocol="grpc") > 8 * 16
         assert text.count("# TYPE deployd_calls_total counter") == 1  # one family, not one per process
 
         # Killed workers: their counts stay, and their files do not pile up.
@@ -180,7 +185,7 @@ def test_workers_of_another_user_count_their_calls(package_dir: Path, tmp_path: 
             for _ in range(3):
                 manager.model("scale")(torch.ones(4))
             text = scrape(daemon)
-            assert sample(text, "deployd_calls_total", method="Invoke", model="scale", code="OK") == 3
+            assert sample(text, "deployd_calls_total", method="Invoke", model="scale", code="OK", protocol="grpc") == 3
             assert {path.stat().st_uid for path in directory.iterdir()} == {nobody.pw_uid}
     finally:
         daemon.assert_clean_stop()
@@ -271,7 +276,7 @@ def test_tokens_and_roles(token_daemon: DaemonProcess, package_dir: Path) -> Non
     # Health stays open for probes; refusals are counted; tokens never reach the log.
     assert check_health(target, "") == health_pb2.HealthCheckResponse.SERVING
     text = scrape(token_daemon)
-    assert sample(text, "deployd_calls_total", method="Status", model="", code="UNAUTHENTICATED") >= 3
+    assert sample(text, "deployd_calls_total", method="Status", model="", code="UNAUTHENTICATED", protocol="grpc") >= 3
     assert ADMIN_TOKEN not in token_daemon.log and INVOKE_TOKEN not in token_daemon.log
 
 
@@ -359,9 +364,12 @@ def test_request_that_does_not_parse(metrics_daemon: DaemonProcess, payload: byt
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "LoadPackageRequest" in raised.value.details()
     text = scrape(metrics_daemon)
-    assert sample(text, "deployd_calls_total", method="Invoke", model="", code="INVALID_ARGUMENT") == 1
-    assert sample(text, "deployd_calls_total", method="LoadPackage", model="", code="INVALID_ARGUMENT") == 1
-    assert sample(text, "deployd_message_bytes_total", direction="received") >= len(payload)
+    assert sample(text, "deployd_calls_total", method="Invoke", model="", code="INVALID_ARGUMENT", protocol="grpc") == 1
+    assert (
+        sample(text, "deployd_calls_total", method="LoadPackage", model="", code="INVALID_ARGUMENT", protocol="grpc")
+        == 1
+    )
+    assert sample(text, "deployd_message_bytes_total", direction="received", protocol="grpc") >= len(payload)
     assert any("method=Invoke" in line and "status=INVALID_ARGUMENT" in line for line in metrics_daemon.lines)
     with InterpreterManager(metrics_daemon.target, timeout=60) as manager:
         assert manager.status().workers

@@ -62,7 +62,12 @@ def test_the_wrapper_never_serializes_a_message_to_count_it() -> None:
     servicer = Servicer()
     response = asyncio.run(servicer.Invoke(Tripwire(), Context()))
     assert isinstance(response, Tripwire)
-    assert sample(servicer._metrics, "deployd_calls_total", method="Invoke", model="obj-tripwire", code="OK") == 1
+    assert (
+        sample(
+            servicer._metrics, "deployd_calls_total", method="Invoke", model="obj-tripwire", code="OK", protocol="grpc"
+        )
+        == 1
+    )
 
 
 def test_bytes_are_counted_from_what_grpc_holds() -> None:
@@ -72,12 +77,12 @@ def test_bytes_are_counted_from_what_grpc_holds() -> None:
     raw = pb.InvokeRequest(object_id="obj", method="forward").SerializeToString()
     assert parse(raw) == pb.InvokeRequest(object_id="obj", method="forward")
     sent = serialize(pb.InvokeResponse(result=pb.Value(string_value="x" * 100)))
-    assert sample(metrics, "deployd_message_bytes_total", direction="received") == len(raw)
-    assert sample(metrics, "deployd_message_bytes_total", direction="sent") == len(sent)
+    assert sample(metrics, "deployd_message_bytes_total", direction="received", protocol="grpc") == len(raw)
+    assert sample(metrics, "deployd_message_bytes_total", direction="sent", protocol="grpc") == len(sent)
     malformed = parse(b"\x0a\x02\xff\xfe")
     assert isinstance(malformed, MalformedRequest)
     assert "not valid UTF-8" in malformed.describe()
-    assert sample(metrics, "deployd_message_bytes_total", direction="received") == len(raw) + 4
+    assert sample(metrics, "deployd_message_bytes_total", direction="received", protocol="grpc") == len(raw) + 4
 
 
 class Refuser(Servicer):
@@ -104,7 +109,10 @@ def test_unknown_names_make_no_metric_series_and_long_ones_are_cut() -> None:
         code, details = context.aborted
         assert code.name == "NOT_FOUND" and len(details.encode()) <= 2000
     assert details.endswith("(cut: 40021 bytes)")  # "no model '" + 40000 + "' is loaded"
-    assert sample(servicer._metrics, "deployd_calls_total", method="Invoke", model="", code="NOT_FOUND") == 3
+    assert (
+        sample(servicer._metrics, "deployd_calls_total", method="Invoke", model="", code="NOT_FOUND", protocol="grpc")
+        == 3
+    )
     exported = servicer._metrics.registry.collect()
     assert not any("typo" in str(metric.samples) for metric in exported)
 

@@ -26,6 +26,27 @@ _STREAMING_REQUESTS = frozenset({"LoadPackage"})
 _STREAMING_RESPONSES = frozenset({"OpenSession"})
 
 
+class BearerTokens:
+    """The configured tokens and their roles, for any protocol's Authorization header."""
+
+    def __init__(self, admin_tokens: tuple[str, ...], invoke_tokens: tuple[str, ...]) -> None:
+        self._tokens = [(token.encode(), ADMIN) for token in admin_tokens]
+        self._tokens += [(token.encode(), INVOKE) for token in invoke_tokens]
+
+    def __bool__(self) -> bool:
+        return bool(self._tokens)
+
+    def role_of(self, authorization: str) -> str | None:
+        """ADMIN or INVOKE for "Bearer <a configured token>", else None."""
+        scheme, _, presented = authorization.partition(" ")
+        candidate = presented.strip().encode() if scheme.lower() == "bearer" else b""
+        role = None
+        for token, token_role in self._tokens:  # no early exit: the time taken says nothing
+            if hmac.compare_digest(candidate, token) and role is None:
+                role = token_role
+        return role
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
@@ -36,18 +57,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ):
         """invoke_methods: service name -> what an invoke token may call; the rest needs admin."""
         self._invoke_methods = invoke_methods
-        self._tokens = [(token.encode(), ADMIN) for token in admin_tokens]
-        self._tokens += [(token.encode(), INVOKE) for token in invoke_tokens]
+        self._tokens = BearerTokens(admin_tokens, invoke_tokens)
         self._metrics = metrics
 
     def role_of(self, authorization: str) -> str | None:
-        scheme, _, presented = authorization.partition(" ")
-        candidate = presented.strip().encode() if scheme.lower() == "bearer" else b""
-        role = None
-        for token, token_role in self._tokens:  # no early exit: the time taken says nothing
-            if hmac.compare_digest(candidate, token) and role is None:
-                role = token_role
-        return role
+        return self._tokens.role_of(authorization)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails

@@ -31,6 +31,7 @@ import grpc
 from server.api import deployd_v1, kserve_v2
 from server.api.auth import TokenAuth
 from server.api.calls import Context
+from server.api.kserve_calls import V2Calls
 from server.api.metrics import Metrics
 from server.api.tls import server_credentials
 from server.api.values import DEFAULT_LIMITS, ValueLimits
@@ -251,16 +252,11 @@ class DataPortV2(kserve_v2.InferHandlers, v2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, models: LocalModels, metrics: Metrics, settings: DataPortSettings, is_ready: Callable[[], bool]
     ) -> None:
-        self._service = models
         self._models = models
+        self._calls = V2Calls(models, models.declared, is_ready, settings.value_limits)
         self._metrics = metrics
         self._log_calls = settings.log_calls
         self._value_limits = settings.value_limits
-        self._is_ready = is_ready
-        self._seen = {}
-
-    def _declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-        return self._models.declared(name)
 
     async def ModelInfer(self, request: v2.ModelInferRequest, context: Context) -> v2.ModelInferResponse:
         _note_call(context)

@@ -81,6 +81,11 @@ class InputTensor(NamedTuple):
 
 def decode_inputs(request: v2.ModelInferRequest, declared: Sequence[TensorSpec], limits: ValueLimits) -> DecodedInputs:
     """ModelInfer's inputs: every one in raw_input_contents, or every one in typed contents."""
+    return decode_tensors(input_tensors(request), declared, limits)
+
+
+def input_tensors(request: v2.ModelInferRequest) -> list[InputTensor]:
+    """ModelInfer's inputs as either protocol carries them."""
     raw_contents = request.raw_input_contents
     raw = len(raw_contents) > 0
     if raw and len(raw_contents) != len(request.inputs):
@@ -96,7 +101,7 @@ def decode_inputs(request: v2.ModelInferRequest, declared: Sequence[TensorSpec],
         )
         for position, tensor in enumerate(request.inputs)
     ]
-    return decode_tensors(inputs, declared, limits)
+    return inputs
 
 
 def decode_tensors(inputs: Sequence[InputTensor], declared: Sequence[TensorSpec], limits: ValueLimits) -> DecodedInputs:

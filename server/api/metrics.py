@@ -40,6 +40,10 @@ from server.pool.procinfo import MemoryUsage
 
 log = logging.getLogger(__name__)
 
+# The protocols a call came by (the protocol label of the call series).
+GRPC = "grpc"
+HTTP = "http"
+
 # From a fast identity call (~1 ms) to a slow model (tens of seconds).
 _DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # The parts of a call: process hops of tens of microseconds up to models of a minute.
@@ -102,14 +106,15 @@ class Metrics:
         shared = CollectorRegistry()
         self.calls = Counter(
             "deployd_calls",
-            "gRPC calls handled, by method, model (a model's name, or an object's id) and status code",
-            ["method", "model", "code"],
+            "Calls handled, by method, model (a model's name, or an object's id), status code (gRPC's"
+            " names, for HTTP calls too) and protocol (grpc, http)",
+            ["method", "model", "code", "protocol"],
             registry=shared,
         )
         self.call_duration = Histogram(
             "deployd_call_duration_seconds",
-            "Time from a call's arrival to its answer, by method",
-            ["method"],
+            "Time from a call's arrival to its answer, by method and protocol (grpc, http)",
+            ["method", "protocol"],
             buckets=_DURATION_BUCKETS,
             registry=shared,
         )
@@ -119,11 +124,16 @@ class Metrics:
         )
         self.message_bytes = Counter(
             "deployd_message_bytes",
-            "Bytes of gRPC messages, by direction (received, sent)",
-            ["direction"],
+            "Bytes of gRPC messages and HTTP bodies, by direction (received, sent) and protocol (grpc, http)",
+            ["direction", "protocol"],
             registry=shared,
         )
-        self._received, self._sent = self.message_bytes.labels("received"), self.message_bytes.labels("sent")
+        self._received, self._sent = (
+            self.message_bytes.labels("received", GRPC),
+            self.message_bytes.labels("sent", GRPC),
+        )
+        self._http_received = self.message_bytes.labels("received", HTTP)
+        self._http_sent = self.message_bytes.labels("sent", HTTP)
         self.batch_size = Histogram(
             "deployd_batch_size",
             "Rows (dim 0) of each batch a model with batching on ran, by model",
@@ -143,7 +153,7 @@ class Metrics:
         r.register(self._with_workers)
         r.register(_LogDropsCollector(logs.records_dropped))
         self._http: Any = None
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._runs: dict[str, Any] = {}
 
     def watch(
@@ -167,14 +177,14 @@ class Metrics:
         self.objects_loaded.set_function(objects)
         self.registry.register(_WorkerMemoryCollector(worker_memory))
 
-    def observe_call(self, method: str, object_id: str, code: str, seconds: float) -> None:
+    def observe_call(self, method: str, object_id: str, code: str, seconds: float, protocol: str = GRPC) -> None:
         # labels() takes a lock and builds a key on every call; the children never change.
-        key = (method, object_id, code)
+        key = (method, object_id, code, protocol)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
-                self.calls.labels(method, object_id, code),
-                self.call_duration.labels(method),
+                self.calls.labels(method, object_id, code, protocol),
+                self.call_duration.labels(method, protocol),
             )
         children[0].inc()
         children[1].observe(seconds)
@@ -184,6 +194,10 @@ class Metrics:
 
     def observe_sent(self, size: int) -> None:
         self._sent.inc(size)
+
+    def observe_http_bytes(self, received: int, sent: int) -> None:
+        self._http_received.inc(received)
+        self._http_sent.inc(sent)
 
     def observe_run(self, object_id: str, seconds: float) -> None:
         child = self._runs.get(object_id)

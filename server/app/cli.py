@@ -24,6 +24,7 @@ def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--address", help="host:port to serve gRPC on (port 0: any free port)")
     serve.add_argument("--workers", type=int, help="number of worker processes (0: one per core)")
     serve.add_argument("--metrics-address", help="host:port for Prometheus metrics (empty: off)")
+    serve.add_argument("--http-address", help="host:port for KServe v2 over HTTP/REST (port 0: any free; empty: off)")
     serve.add_argument(
         "--data-ports", type=int, help="workers serve calls on ports P..P+N-1 (0: any free ones, -1: none)"
     )
@@ -59,6 +60,7 @@ def _serve(options: argparse.Namespace) -> int:
         ("address", "server.address"),
         ("workers", "pool.workers"),
         ("metrics_address", "metrics.address"),
+        ("http_address", "server.http_address"),
         ("data_ports", "pool.data_ports"),
     ):
         if getattr(options, flag) is not None:

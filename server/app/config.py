@@ -44,6 +44,10 @@ class ServerSection:
     # The host clients are told to dial for the workers' data ports (deployd.v1 Endpoints): a
     # container's or pod's address when the ports are bound to 0.0.0.0; empty: pool.data_host.
     advertise_host: str = ""
+    # host:port for KServe v2 over HTTP/REST (port 0: any free port); empty: no HTTP.
+    http_address: str = ""
+    # A larger HTTP request body is refused (413) before it is read whole.
+    http_max_body_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -322,6 +326,12 @@ def _validate(config: Config) -> None:
             config.worker.max_address_space_bytes >= 0,
         ),
         ("metrics.address", config.metrics.address, not config.metrics.address or _is_address(config.metrics.address)),
+        (
+            "server.http_address",
+            config.server.http_address,
+            not config.server.http_address or _is_address(config.server.http_address),
+        ),
+        ("server.http_max_body_bytes", config.server.http_max_body_bytes, config.server.http_max_body_bytes >= 1),
     ]
     checks += [
         ("server.log_format", config.server.log_format, config.server.log_format in ("plain", "json")),
@@ -357,6 +367,14 @@ def _validate(config: Config) -> None:
             " set: anyone could load code into the workers. Set auth.admin_tokens (and auth.invoke_tokens),"
             " or auth.allow_unauthenticated_remote: true if something else guards the port"
         )
+    if config.server.http_address:
+        http_host = split_address(config.server.http_address)[0]
+        if not _is_loopback(http_host) and not has_tokens and not remote_ok:
+            raise ConfigError(
+                f"server.http_address {config.server.http_address!r} is reachable from other machines but no auth"
+                " tokens are set: anyone could load models and call them. Set auth.admin_tokens (and"
+                " auth.invoke_tokens), or auth.allow_unauthenticated_remote: true if something else guards the port"
+            )
     data_host = config.data_host
     if config.pool.data_ports >= 0 and not _is_loopback(data_host) and not has_tokens and not remote_ok:
         raise ConfigError(

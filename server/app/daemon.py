@@ -6,8 +6,8 @@ The pool is two objects joined by the supervisor's events (server.pool.events):
                                                                 ├────> Sessions (end on worker death)
                                                                 └────> the daemon (metrics, health)
 
-Shutdown order (first SIGTERM or SIGINT): health NOT_SERVING -> open sessions end -> stop the gRPC server
-with a grace period (calls in flight finish) -> stop the pool -> remove the package
+Shutdown order (first SIGTERM or SIGINT): health NOT_SERVING -> open sessions end -> stop the gRPC and
+HTTP servers with a grace period (calls in flight finish) -> stop the pool -> remove the package
 store -> exit 0. A second signal skips the grace period.
 """
 
@@ -30,10 +30,12 @@ from grpc_reflection.v1alpha import reflection
 
 from server import logs
 from server.api import deployd_v1, kserve_v2, sessions_v1
-from server.api.auth import TokenAuth
+from server.api.auth import BearerTokens, TokenAuth
 from server.api.dataport import DataPortSettings
 from server.api.deployd_v1 import EndpointsSnapshot
 from server.api.health import Health
+from server.api.kserve_calls import V2Calls, V2Repository
+from server.api.kserve_http import HttpServer, HttpSettings, KServeHttp, ssl_context
 from server.api.metrics import Metrics
 from server.api.tls import server_credentials
 from server.api.values import ValueLimits
@@ -226,6 +228,8 @@ class Daemon:
         )
         kserve_v2.add_to_server(v2_servicer, self._server, self._metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health.servicer, self._server)
+        self._http = _http_server(config, self._service, self._repository, self._metrics, self._is_ready, value_limits)
+        self.http_port = 0
         reflection.enable_server_reflection(
             [
                 SERVICE_NAME,
@@ -346,6 +350,11 @@ class Daemon:
                 log.info("metrics on http://%s:%d/metrics", split_address(self.config.metrics.address)[0], metrics_port)
             remove_stale_segments()
             self.port = self._bind(self.config.server.address)
+            if self._http is not None:
+                try:
+                    self.http_port = self._http.bind(*split_address(self.config.server.http_address))
+                except OSError as error:
+                    raise StartupError(str(error)) from None
             log.info("starting %d workers", self._supervisor.size)
             await self._supervisor.start()
             if self._data_ports is not None:
@@ -355,9 +364,13 @@ class Daemon:
                 await self._repository.load_all(self.config.models, self.config.models_on_error)
             self._sessions.start()
             await self._server.start()
+            if self._http is not None:
+                await self._http.start()
             self._started = True
             await self._sync_health()
             host = self.config.server.address.rpartition(":")[0]
+            if self._http is not None:
+                log.info("http on %s:%d", self.config.server.http_address.rpartition(":")[0], self.http_port)
             log.info("listening on %s:%d", host, self.port)
             await self._stop_requested.wait()
             await self._shutdown()
@@ -399,21 +412,51 @@ class Daemon:
         self._sessions.end_all("the daemon is stopping")
         grace = self.config.server.shutdown_grace_seconds
         stopping = asyncio.ensure_future(self._server.stop(grace))
+        # HTTP drains beside gRPC, with the same grace.
+        http = asyncio.ensure_future(self._http.stop(grace)) if self._http is not None else None
         # The data ports drain beside it (a worker stuck in a call never reads the request: the
         # second signal or the grace's end cuts this short, and the workers are stopped next).
         ports: asyncio.Future[None] | None = None
         if self._data_ports is not None:
             ports = asyncio.ensure_future(self._data_ports.close(self._supervisor.workers(), grace))
         fast = asyncio.ensure_future(self._fast_stop.wait())
-        draining = {stopping} if ports is None else {asyncio.ensure_future(asyncio.wait({stopping, ports}))}
-        await asyncio.wait({*draining, fast}, return_when=asyncio.FIRST_COMPLETED)
+        drains = {stopping, *(future for future in (ports, http) if future is not None)}
+        draining = asyncio.ensure_future(asyncio.wait(drains))
+        await asyncio.wait({draining, fast}, return_when=asyncio.FIRST_COMPLETED)
         if not stopping.done():
             await self._server.stop(0)
+        if http is not None and not http.done():
+            http.cancel()  # the second signal: calls still running on HTTP are cut short
+            await asyncio.gather(http, return_exceptions=True)
         if ports is not None and not ports.done():
             ports.cancel()
             await asyncio.gather(ports, return_exceptions=True)
         fast.cancel()
         await stopping
+
+
+def _http_server(
+    config: Config,
+    service: ModelService,
+    repository: ModelRepository,
+    metrics: Metrics,
+    is_ready: Callable[[], bool],
+    value_limits: ValueLimits,
+) -> HttpServer | None:
+    """KServe v2 over HTTP (server.http_address), over the same operations as gRPC's; None: off."""
+    if not config.server.http_address:
+        return None
+    v2_repository = V2Repository(service, repository)
+    calls = V2Calls(service, v2_repository.declared, is_ready, value_limits)
+    settings = HttpSettings(
+        BearerTokens(config.auth.admin_tokens, config.auth.invoke_tokens),
+        value_limits,
+        config.server.http_max_body_bytes,
+        config.server.log_calls,
+    )
+    tls = config.tls
+    context = ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls.cert_file else None
+    return HttpServer(KServeHttp(calls, v2_repository, metrics, settings).application(), context)
 
 
 def _data_port_settings(
