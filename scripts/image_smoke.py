@@ -1,12 +1,13 @@
 """The client half of scripts/image_test.sh: talks to deployd running in the image.
 
-    python scripts/image_smoke.py --address HOST:PORT --metrics-url URL --package LOCAL.pt --server-path NAME.pt \
-        --data-ports FIRST-LAST
+    python scripts/image_smoke.py --address HOST:PORT --metrics-url URL --http-url URL --package LOCAL.pt \
+        --server-path NAME.pt --data-ports FIRST-LAST
 
 With the admin token in $DEPLOYD_TOKEN (never on the command line: ps shows it). Loads the package
 from the container's package volume by server_path, serves its model by name, calls it through the
 daemon's port, and checks the answers against the same package unpickled here; then that a call
-without a token is refused (the image binds 0.0.0.0) and that /metrics counted the calls. Then the
+without a token is refused (the image binds 0.0.0.0) and that /metrics counted the calls; KServe v2
+over HTTP with curl (health, a JSON infer by name, a call without a token refused). Then the
 direct path: the daemon's Endpoints names a data port per worker, each published on this host
 (FIRST-LAST), Invoke on each answers as the daemon path does, and the Python client from this host
 goes straight to the workers (the daemon's Status counts none of its calls). Exits nonzero, saying
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -224,6 +227,53 @@ def check_direct(address: str, data_ports: range) -> None:
     )
 
 
+def check_http(url: str, package: str) -> None:
+    """KServe v2 over HTTP with curl, as the README shows it: health without a token, a JSON
+    infer of the model by name (the same answer as the local model), and a call without a
+    token refused."""
+    ready = _curl(f"{url}/v2/health/ready")
+    assert ready == (200, {"ready": True}), f"GET /v2/health/ready: {ready}"
+    x = torch.rand(1, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 10, 10], "data": x.tolist()}]})
+    token = os.environ["DEPLOYD_TOKEN"]
+    status, answer = _curl(f"{url}/v2/models/{NAME}/infer", body, token)
+    assert status == 200, f"POST /v2/models/{NAME}/infer: {status} {answer}"
+    [output] = answer["outputs"]
+    remote = torch.tensor(output["data"], dtype=torch.float32).reshape(output["shape"])
+    torch.testing.assert_close(remote, PackageImporter(package).load_pickle("model", "model.pkl")(x))
+    refused = _curl(f"{url}/v2/models/{NAME}/infer", body)
+    assert refused[0] == 401, f"an infer without a token: {refused}"
+    print(f"image-smoke: HTTP: ready, a JSON infer of {NAME} answers as the local model, no token: 401")
+
+
+def _curl(url: str, body: str | None = None, token: str = "") -> tuple[int, object]:
+    """(status, the JSON body) of curl's request; the token travels in a header file, not argv."""
+    command = ["curl", "-sS", "--max-time", "60", "-o", "-", "-w", "\\n%{http_code}", url]
+    headers = f"Authorization: Bearer {token}\n" if token else ""
+    if body is not None:
+        command += ["-X", "POST", "-H", "Content-Type: application/json", "--data-binary", "@-"]
+    if headers:
+        command += ["-H", "@/dev/fd/3"]
+    read, write = os.pipe()
+    try:
+        with os.fdopen(write, "w") as header_file:
+            header_file.write(headers)
+        result = subprocess.run(
+            command,
+            input=body or "",
+            capture_output=True,
+            text=True,
+            timeout=90,
+            pass_fds=(read,),
+            preexec_fn=lambda: os.dup2(read, 3),
+        )
+    finally:
+        os.close(read)
+    assert result.returncode == 0, f"curl {url}: {result.stderr.strip()}"
+    text, _, code = result.stdout.rpartition("\n")
+    return int(code), json.loads(text) if text.strip() else None
+
+
 def port_range(text: str) -> range:
     first, _, last = text.partition("-")
     return range(int(first), int(last or first) + 1)
@@ -235,6 +285,7 @@ def main() -> int:
     parser.add_argument("--metrics-url", required=True, help="the container's /metrics on this host")
     parser.add_argument("--package", required=True, help="this host's copy of the package")
     parser.add_argument("--server-path", required=True, help="the package's path in the container's package directory")
+    parser.add_argument("--http-url", required=True, help="the container's HTTP port on this host (http://HOST:PORT)")
     parser.add_argument(
         "--data-ports", required=True, type=port_range, help="FIRST-LAST: the workers' data ports on this host"
     )
@@ -243,6 +294,7 @@ def main() -> int:
         check_model(options.address, options.package, options.server_path)
         check_auth(options.address)
         check_metrics(options.metrics_url)
+        check_http(options.http_url, options.package)
         check_direct(options.address, options.data_ports)
     except AssertionError as error:
         print(f"image-smoke: FAILED: {error}", file=sys.stderr)

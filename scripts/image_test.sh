@@ -241,12 +241,13 @@ run() {
     dk run -d --name "$CONTAINER" --shm-size 512m \
         -e DEPLOYD_AUTH_ADMIN_TOKENS="$TOKEN" -e DEPLOYD_POOL_WORKERS="$WORKERS" "${data_env[@]}" \
         -v "$WORK/packages:/var/lib/deployd/packages:ro" \
-        -p 127.0.0.1::50051 -p 127.0.0.1::9464 \
+        -p 127.0.0.1::50051 -p 127.0.0.1::8000 -p 127.0.0.1::9464 \
         -p "127.0.0.1:$DATA_FIRST-$DATA_LAST:$DATA_FIRST-$DATA_LAST" \
         "$IMAGE" >/dev/null
     ADDRESS=$(dk port "$CONTAINER" 50051/tcp | head -n 1)
     METRICS=$(dk port "$CONTAINER" 9464/tcp | head -n 1)
-    say "container $CONTAINER: gRPC on $ADDRESS, metrics on $METRICS, data ports on 127.0.0.1:$DATA_FIRST-$DATA_LAST"
+    HTTP=$(dk port "$CONTAINER" 8000/tcp | head -n 1)
+    say "container $CONTAINER: gRPC on $ADDRESS, HTTP on $HTTP, metrics on $METRICS, data ports on 127.0.0.1:$DATA_FIRST-$DATA_LAST"
 }
 
 # Up: `deployd health` from here says SERVING through the published port, then Docker's own
@@ -268,7 +269,7 @@ wait_healthy() {
 
 smoke() {
     DEPLOYD_TOKEN=$TOKEN timeout 300 "$BIN/python" scripts/image_smoke.py --address "$ADDRESS" \
-        --metrics-url "http://$METRICS/metrics" --package "$WORK/packages/seed.pt" --server-path seed.pt \
+        --metrics-url "http://$METRICS/metrics" --http-url "http://$HTTP" --package "$WORK/packages/seed.pt" --server-path seed.pt \
         --data-ports "$DATA_FIRST-$DATA_LAST"
 }
 

@@ -131,6 +131,7 @@ def loopback_env(packages: Path, workers: int = 1) -> dict[str, str]:
     return {
         "DEPLOYD_SERVER_ADDRESS": "127.0.0.1:0",
         "DEPLOYD_METRICS_ADDRESS": "127.0.0.1:0",
+        "DEPLOYD_SERVER_HTTP_ADDRESS": "127.0.0.1:0",
         "DEPLOYD_POOL_DATA_PORTS": "0",
         "DEPLOYD_POOL_DATA_HOST": "127.0.0.1",
         "DEPLOYD_PACKAGES_DIRECTORY": str(packages),
@@ -159,6 +160,7 @@ def test_image_command_serves_and_stops_cleanly(image_daemon: ImageDaemon) -> No
     try:
         assert re.search(r"listening on 127\.0\.0\.1:\d+", image_daemon.log), image_daemon.log
         assert re.search(r"metrics on http://127\.0\.0\.1:\d+/metrics", image_daemon.log), image_daemon.log
+        assert re.search(r"http on 127\.0\.0\.1:\d+", image_daemon.log), image_daemon.log
         assert "0.0.0.0" not in image_daemon.log
         assert health(image_daemon.target) == health_pb2.HealthCheckResponse.SERVING
     finally:
@@ -192,7 +194,7 @@ def test_dockerfile_choices() -> None:
     instructions = dockerfile_instructions()
     assert dockerfile("FROM") == "${BASE_IMAGE}"
     assert dockerfile("USER") == "deployd"
-    assert set(dockerfile("EXPOSE").split()) == {"50051", "9464", "50100-50107"}
+    assert set(dockerfile("EXPOSE").split()) == {"50051", "8000", "9464", "50100-50107"}
     assert "/var/lib/deployd/packages" in dockerfile("VOLUME")
     assert any(
         name == "ARG" and args.startswith("TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu")
@@ -341,6 +343,7 @@ def test_compose_file(tmp_path: Path) -> None:
     assert deployd["shm_size"] == "2gb"
     assert deployd["environment"]["DEPLOYD_AUTH_ADMIN_TOKENS"]  # from deployd.env
     assert "127.0.0.1:50051:50051/tcp" in deployd["ports"]
+    assert "127.0.0.1:8000:8000/tcp" in deployd["ports"]  # KServe v2 over HTTP
     # The data ports, one entry each in docker-compose's view, on the host's loopback.
     first, last = published_data_ports()
     assert {f"127.0.0.1:{port}:{port}/tcp" for port in range(first, last + 1)} <= set(deployd["ports"])

@@ -262,6 +262,7 @@ def test_configmap_config_loads_through_the_daemon_parser(tmp_path: Path) -> Non
     config = pod_config(tmp_path)  # an unknown key or a bad value raises ConfigError here
     assert split_address(config.server.address) == ("0.0.0.0", container_ports()["grpc"])
     assert split_address(config.metrics.address) == ("0.0.0.0", container_ports()["metrics"])
+    assert split_address(config.server.http_address) == ("0.0.0.0", container_ports()["http"])
     assert [model.name for model in config.models] == ["seed"]
     assert config.models_on_error == "stop", "a pod whose models cannot load must not turn ready"
     written = yaml.safe_load(config_map()["data"][Path(config_path()).name])
@@ -360,7 +361,8 @@ def test_services_and_budgets_select_the_pods() -> None:
     headless = resource("Service", "deployd-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert not headless["spec"].get("publishNotReadyAddresses"), "only ready pods may be in DNS"
-    assert [port["name"] for port in headless["spec"]["ports"]] == ["grpc", *data_ports_declared(container_ports())]
+    names = ["grpc", "http", *data_ports_declared(container_ports())]
+    assert [port["name"] for port in headless["spec"]["ports"]] == names
     budget = resource("PodDisruptionBudget")
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels().items()
     assert budget["spec"].get("maxUnavailable") == 1 or budget["spec"].get("minAvailable") == 1
