@@ -35,12 +35,12 @@ def test_bundled_config_is_the_defaults_and_the_seed_model() -> None:
 
 def test_http_address(tmp_path: Path) -> None:
     assert load_config(environ={"DEPLOYD_SERVER_HTTP_ADDRESS": "127.0.0.1:0"}).server.http_address == "127.0.0.1:0"
-    with pytest.raises(ConfigError, match="server.http_address"):
+    with pytest.raises(ConfigError, match=r"server\.http_address"):
         load_config(environ={"DEPLOYD_SERVER_HTTP_ADDRESS": "8000"})
-    with pytest.raises(ConfigError, match="server.http_max_body_bytes"):
+    with pytest.raises(ConfigError, match=r"server\.http_max_body_bytes"):
         load_config(environ={"DEPLOYD_SERVER_HTTP_MAX_BODY_BYTES": "0"})
     # Off loopback, HTTP needs tokens as gRPC does.
-    with pytest.raises(ConfigError, match="server.http_address '0.0.0.0:8000' is reachable from other machines"):
+    with pytest.raises(ConfigError, match=r"server\.http_address .0\.0\.0\.0:8000. is reachable from other machines"):
         load_config(environ={"DEPLOYD_SERVER_HTTP_ADDRESS": "0.0.0.0:8000"})
     remote = {"DEPLOYD_SERVER_HTTP_ADDRESS": "0.0.0.0:8000", "DEPLOYD_AUTH_INVOKE_TOKENS": "t"}
     assert load_config(environ=remote).server.http_address == "0.0.0.0:8000"
