@@ -30,6 +30,7 @@ from bench import (
     grpcio_versions,
     hops,
     http_servers,
+    http_v2,
     memory,
     names,
     overhead,
@@ -59,6 +60,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "grpcio": grpcio_versions.run,
     "direct": direct.run,
     "http_servers": http_servers.run,
+    "http_v2": http_v2.run,
 }
 
 
