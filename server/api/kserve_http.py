@@ -218,7 +218,7 @@ class KServeHttp:
             metrics.calls_in_flight.inc()
             target = request.match_info.get("name", "")[:200]
             code = "OK"
-            response: web.Response
+            response: web.Response | None = None
             try:
                 refusal = None if open_to_all else self._refusal(request, method, admin)
                 if refusal is not None:
@@ -235,28 +235,34 @@ class KServeHttp:
                 code = "RESOURCE_EXHAUSTED" if status == 413 else "INVALID_ARGUMENT"
                 message = _over_cap(settings.max_body_bytes) if status == 413 else http_error.reason
                 response = _json({"error": message}, status)
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the caller hung up (aiohttp cancels its handler)
+                raise
             except Exception as error:  # a bug of ours: the caller gets 500, the log the traceback
                 log.exception("internal error in %s (HTTP)", method)
                 code = "INTERNAL"
                 response = _json({"error": f"internal error: {type(error).__name__}: {error}"}, 500)
-            seconds = time.perf_counter() - started
-            metrics.calls_in_flight.dec()
-            label = target if per_model and code != "NOT_FOUND" else ""
-            metrics.observe_call(method, label, code, seconds, HTTP)
-            metrics.observe_http_bytes(request.content_length or 0, response.content_length or 0)
-            request_id = request.headers.get(REQUEST_ID_KEY, "")[:64] or secrets.token_hex(6)
-            response.headers[REQUEST_ID_KEY] = request_id
-            if settings.log_calls:
-                fields = {
-                    "request_id": request_id,
-                    "method": method,
-                    "object": target,
-                    "status": code,
-                    "http_status": response.status,
-                    "protocol": HTTP,
-                    "duration_ms": round(seconds * 1000, 3),
-                }
-                calls_log.info("call", extra={"fields": fields})
+            finally:
+                seconds = time.perf_counter() - started
+                metrics.calls_in_flight.dec()
+                label = target if per_model and code != "NOT_FOUND" else ""
+                metrics.observe_call(method, label, code, seconds, HTTP)
+                sent = response.content_length or 0 if response is not None else 0
+                metrics.observe_http_bytes(request.content_length or 0, sent)
+                request_id = request.headers.get(REQUEST_ID_KEY, "")[:64] or secrets.token_hex(6)
+                if response is not None:
+                    response.headers[REQUEST_ID_KEY] = request_id
+                if settings.log_calls:
+                    fields = {
+                        "request_id": request_id,
+                        "method": method,
+                        "object": target,
+                        "status": code,
+                        "http_status": response.status if response is not None else 499,
+                        "protocol": HTTP,
+                        "duration_ms": round(seconds * 1000, 3),
+                    }
+                    calls_log.info("call", extra={"fields": fields})
             return response
 
         return serve
