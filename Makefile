@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build (see constraints.txt): nothing may pull a CUDA build.
 	$(BIN)/pip install --quiet -c constraints.txt torch
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
-	# tritonclient (tests/test_kserve_v2.py, bench v2) pins an older protobuf than ours but works
-	# with it: installed without its pins; its other dependencies are in the dev extras.
-	$(BIN)/pip install --quiet --no-deps 'tritonclient[grpc]==2.73.0'
+	# tritonclient (tests/test_kserve_v2.py, tests/test_kserve_http.py, bench v2) pins an older
+	# protobuf than ours but works with it: installed without its pins; its other dependencies are
+	# in the dev extras. So is kserve (tests/test_kserve_http.py: its InferenceRESTClient), whose
+	# pins would bring its whole model server: the dev extras have what its REST client imports.
+	$(BIN)/pip install --quiet --no-deps 'tritonclient[grpc,http]==2.73.0' 'kserve==0.21.0'
 	touch $(STAMP)
 
 install: $(STAMP)
