@@ -880,11 +880,6 @@ def test_auth_bearer_tokens(auth_daemon: DaemonProcess) -> None:
     assert not any(token in auth_daemon.log for token in (ADMIN_TOKEN, INVOKE_TOKEN))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kserve_http labels a refused (401) ModelInfer with the model name from the URL: a caller"
-    ' without a token makes a deployd_calls_total series per name it invents (gRPC labels model="")',
-)
 def test_a_call_without_a_token_is_counted_without_its_made_up_name(auth_daemon: DaemonProcess) -> None:
     for number in range(3):
         status, _, _ = _request(f"{auth_daemon.http_url}/v2/models/made-up-{number}/infer", b"{}")

@@ -596,9 +596,9 @@ def test_any_json_is_parsed_or_refused_with_invalid_argument(
 
 def tritonclient_http(module: str) -> ModuleType:
     """One of tritonclient.http's own modules (_infer_input, _utils, ...), loaded from its file:
-    the package's __init__ imports its HTTP client (gevent), which the dev install leaves out
-    (tritonclient[grpc] only), but the modules that build request bodies and read responses
-    need only numpy, rapidjson and tritonclient.utils. Private names: no stub in sys.modules."""
+    the package's __init__ imports its HTTP client (gevent, monkey-patching), which these unit
+    tests need not load: the modules that build request bodies and read responses need only
+    numpy, rapidjson and tritonclient.utils. Private names: no stub in sys.modules."""
     path = Path(tritonclient.__file__).parent / "http" / f"{module}.py"
     spec = importlib.util.spec_from_file_location(f"_tritonclient_http_{module}", path)
     assert spec is not None and spec.loader is not None

@@ -67,6 +67,8 @@ STATUS_FOR_ERROR: list[tuple[type[DeploydError], int, str]] = [
 ]
 _CODE_FOR_STATUS = {200: "OK", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
 
+_UNLABELLED = frozenset({"NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED"})
+
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -245,7 +247,9 @@ class KServeHttp:
             finally:
                 seconds = time.perf_counter() - started
                 metrics.calls_in_flight.dec()
-                label = target if per_model and code != "NOT_FOUND" else ""
+                # Not a name that is not loaded, nor one a refused caller made up: every such
+                # name would be a series for good (gRPC's token check counts refusals alike).
+                label = target if per_model and code not in _UNLABELLED else ""
                 metrics.observe_call(method, label, code, seconds, HTTP)
                 sent = response.content_length or 0 if response is not None else 0
                 metrics.observe_http_bytes(request.content_length or 0, sent)
