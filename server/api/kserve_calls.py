@@ -122,7 +122,10 @@ class V2Calls:
     def resolve(self, name: str, version_text: str) -> tuple[str, int]:
         """The model and version a call names: (name, the version asked, else the serving one)."""
         name = required_name(name)
-        return name, parse_version(version_text) or self._models.named_model(name).serving
+        # The name first: a name that is not loaded is NOT_FOUND whatever the version says, so
+        # the calls metrics never take a made-up name as a label (server.api.calls).
+        serving = self._models.named_model(name).serving
+        return name, parse_version(version_text) or serving
 
     async def infer(
         self, name: str, version: int, inputs: Sequence[InputTensor], requested: Sequence[str]
