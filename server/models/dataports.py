@@ -5,7 +5,8 @@ clients are told (deployd.v1 Endpoints), and the watch over the calls the daemon
     Endpoints  <── endpoints(): each serving worker's advertised host:port, pid, generation
     every 0.1 s: watch() reads the call board (server.ipc.call_board):
         a call running over pool.max_call_seconds, or past its caller's deadline by
-        pool.abandoned_call_grace_seconds ──> that worker is killed (and so replaced)
+        pool.abandoned_call_grace_seconds ──> that worker's stacks to the log, then it is
+        killed (and so replaced)
 
 A slot keeps its port: with pool.data_ports = P, slot i serves on P + i; with 0, the first
 worker in a slot takes any free port and its replacements take the same one (or, if it was
@@ -129,12 +130,15 @@ class DataPorts:
     def _check(self, worker: WorkerHandle, row: Row, now: int) -> None:
         if not row.running_since_ns:
             return
+        call = f"call {row.call_id} on its data port" if row.call_id else "a call on its data port"
         if self._max_call_seconds and now - row.running_since_ns > self._max_call_seconds * 1e9:
             why = f"was killed: a call on its data port ran over pool.max_call_seconds ({self._max_call_seconds:g}s)"
-            worker.kill(why, "call_timeout", caused_by_call=True)
+            hung = f"it ran past pool.max_call_seconds ({self._max_call_seconds:g}s)"
+            worker.kill_hung(call, hung, why, "call_timeout", caused_by_call=True)
         elif row.deadline_ns and now - row.deadline_ns > self._grace * 1e9:
             why = f"was killed: a call on its data port ran {self._grace:g}s past its caller's deadline"
-            worker.kill(why, "abandoned_call", caused_by_call=False)
+            hung = f"its caller's deadline passed {(now - row.deadline_ns) / 1e9:.1f}s ago"
+            worker.kill_hung(call, hung, why, "abandoned_call", caused_by_call=False)
 
     async def close(self, workers: Iterable[WorkerHandle], grace: float) -> None:
         """Stop every data port taking calls; calls in flight get grace seconds (a drain)."""

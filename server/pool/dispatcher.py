@@ -18,7 +18,9 @@ Invariants:
 - At most `max_queued_calls` calls wait for a worker; the next fails at once (Overloaded).
 - A worker whose caller gave up takes no other call; if it does not answer within
   `abandoned_call_grace` seconds it is killed (and so replaced): a hung model cannot keep
-  capacity. A call running past `max_call_seconds` kills its worker too.
+  capacity. A call running past `max_call_seconds` kills its worker too. Either way the
+  worker's Python stacks go to the log first, under a line naming the worker and the call
+  (WorkerHandle.kill_hung).
 
 Imports no grpc: the servicer above it translates.
 """
@@ -190,12 +192,12 @@ class Dispatcher:
             self._release(worker)
             raise
         try:
-            frame = await self._await_reply(worker, reply)
+            frame = await self._await_reply(worker, reply, message)
         except asyncio.CancelledError:
             # The worker still runs the call: it takes no other until it answers or dies,
             # and it is killed if it has not answered within the grace.
             reply.add_done_callback(lambda _: self._release(worker))
-            worker.abandon(reply, self._abandoned_call_grace)
+            worker.abandon(reply, self._abandoned_call_grace, describe_request(message))
             raise
         except BaseException:
             self._release(worker)
@@ -205,7 +207,9 @@ class Dispatcher:
             self._on_run(message.object_id, time.perf_counter() - running_since)
         return interpret_reply(frame)
 
-    async def _await_reply(self, worker: WorkerHandle, reply: asyncio.Future[protocol.Frame]) -> protocol.Frame:
+    async def _await_reply(
+        self, worker: WorkerHandle, reply: asyncio.Future[protocol.Frame], message: protocol.Request
+    ) -> protocol.Frame:
         """The reply; past max_call_seconds the worker is killed and the call fails with WorkerCrashed."""
         if not self._max_call_seconds:
             return await asyncio.shield(reply)
@@ -213,7 +217,8 @@ class Dispatcher:
             return await asyncio.wait_for(asyncio.shield(reply), self._max_call_seconds)
         except TimeoutError:
             why = f"was killed: the call ran over pool.max_call_seconds ({self._max_call_seconds:g}s)"
-            worker.kill(why, "call_timeout", caused_by_call=True)
+            hung = f"it ran past pool.max_call_seconds ({self._max_call_seconds:g}s)"
+            worker.kill_hung(describe_request(message), hung, why, "call_timeout", caused_by_call=True)
             return await asyncio.shield(reply)
 
     def _release(self, worker: WorkerHandle) -> None:
@@ -253,7 +258,7 @@ class Dispatcher:
             frames = await asyncio.gather(*(asyncio.shield(reply) for reply in replies), return_exceptions=True)
         except asyncio.CancelledError:
             for worker, reply in zip(workers, replies, strict=True):
-                worker.abandon(reply, self._abandoned_call_grace)
+                worker.abandon(reply, self._abandoned_call_grace, describe_request(message))
             raise
         outcomes: list[Any] = []
         for frame in frames:
@@ -299,3 +304,13 @@ class Dispatcher:
     def queue_depth(self) -> int:
         """Calls waiting for a free worker."""
         return self._waiting
+
+
+def describe_request(message: protocol.Request) -> str:
+    """A request in words, for the log: "Invoke obj-1f2e.forward", "HasAttr obj-1f2e.weight"."""
+    kind = type(message).__name__
+    object_id = getattr(message, "object_id", None)
+    if not isinstance(object_id, str):
+        return kind
+    member = getattr(message, "method", None) or getattr(message, "name", None)
+    return f"{kind} {object_id}.{member}" if isinstance(member, str) else f"{kind} {object_id}"

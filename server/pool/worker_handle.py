@@ -7,6 +7,10 @@ WorkerCrashed (naming the exit code or signal) and tells the supervisor
 
     starting ──(prepared; the supervisor)──> idle <──(a call; the dispatcher)──> busy
     any of them ──(the process ends; its lifecycle task)──> stopped
+
+A worker stuck in a call (kill_hung) is asked for its stacks first: DUMP_STACKS_SIGNAL, on
+which its faulthandler writes every thread's Python stack to its stderr (the daemon's log);
+STACK_DUMP_SECONDS later, SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import os
 import signal
 import socket
 import time
@@ -24,12 +29,16 @@ from typing import Any, Callable, NamedTuple
 from server.errors import WorkerCrashed, error_from_failure
 from server.ipc import protocol
 from server.ipc.shm import Arena
-from server.worker.entry import WorkerSettings, run_worker
+from server.worker.entry import DUMP_STACKS_SIGNAL, WorkerSettings, run_worker
 
 log = logging.getLogger(__name__)
 
 # How long a dead worker's channel may keep delivering replies it wrote before dying.
 _DRAIN_SECONDS = 1.0
+
+# How long a hung worker gets to write its stacks to the log before it is killed.
+STACK_DUMP_SECONDS = 0.5
+_LOG_FIRST_SECONDS = 0.05
 
 # What a worker process runs: it greets the daemon on the channel, then serves its requests.
 WorkerTarget = Callable[[socket.socket, WorkerSettings], None]
@@ -127,6 +136,7 @@ class WorkerHandle:
         # Set when the daemon kills the worker for a reason of its own (memory limit, a hung
         # call): (why, cause, whether the call it was running caused it).
         self._kill_reason: tuple[str, str, bool] | None = None
+        self._killer: asyncio.Task[None] | None = None  # kill_hung's: the kill after the stack dump
         self._reader = reader
         self._writer = writer
         self._request_ids = itertools.count(1)
@@ -245,15 +255,17 @@ class WorkerHandle:
         if reply is not None and not reply.done():
             reply.set_result(frame)
 
-    def abandon(self, reply: asyncio.Future[protocol.Frame], grace: float) -> None:
+    def abandon(self, reply: asyncio.Future[protocol.Frame], grace: float, call: str = "") -> None:
         """The caller of this request gave up (deadline or cancellation). The worker takes no
         other call until it answers; if it has not answered within grace seconds, it is
-        taken to be stuck and killed, so that a hung model cannot keep the capacity."""
+        taken to be stuck and killed, so that a hung model cannot keep the capacity.
+        call: the request in words, for the log."""
         if reply.done():
             return
         loop = asyncio.get_running_loop()
         why = f"was killed: a call ran {grace:g}s past its caller giving up"
-        timer = loop.call_later(grace, self.kill, why, "abandoned_call", False)
+        hung = f"its caller gave up {grace:g}s ago"
+        timer = loop.call_later(grace, self.kill_hung, call, hung, why, "abandoned_call", False)
         reply.add_done_callback(lambda _: timer.cancel())
 
     # ------------------------------------------------------------------ exit
@@ -265,6 +277,38 @@ class WorkerHandle:
         log.warning("worker %d (pid %d) %s", self.index, self.pid, reason)
         self._kill_reason = (reason, cause, caused_by_call)
         self.process.kill()
+
+    def kill_hung(self, call: str, hung: str, reason: str, cause: str, caused_by_call: bool) -> None:
+        """Kill a worker stuck in a call, as kill does, once it has written where it is stuck:
+        its Python stacks (every thread's) go to its stderr, the daemon's log, first.
+        call: the call in words; hung: why it counts as stuck, for the log line."""
+        if not self.alive or self.stopping or self._kill_reason is not None:
+            return
+        log.warning(
+            "worker %d (pid %d) is stuck in %s: %s; its stacks follow (%s), then it is killed",
+            self.index,
+            self.pid,
+            call or "a call",
+            hung,
+            DUMP_STACKS_SIGNAL.name,
+        )
+        self._kill_reason = (reason, cause, caused_by_call)
+        self._killer = asyncio.create_task(self._dump_then_kill(), name=f"worker-{self.index}-kill")
+
+    async def _dump_then_kill(self) -> None:
+        # The line above goes out on the log's own thread, a moment later; the stacks come
+        # straight from the worker: give the line its moment, so that it reads first.
+        await asyncio.sleep(_LOG_FIRST_SECONDS)
+        if self._exited.is_set():
+            return
+        try:
+            os.kill(self.pid, DUMP_STACKS_SIGNAL)
+        except ProcessLookupError:
+            return  # gone already: its lifecycle task takes the exit
+        try:
+            await asyncio.wait_for(self._exited.wait(), STACK_DUMP_SECONDS)
+        except TimeoutError:
+            self.process.kill()
 
     async def stop(self, timeout: float, reason: str = "") -> None:
         """Ask the worker to exit (close its channel), then terminate, then kill; reason (why the

@@ -7,8 +7,14 @@ trampoline imports it in the worker, where the fork server has already loaded it
 
 from __future__ import annotations
 
+import signal
 import socket
 from typing import NamedTuple
+
+# The signal on which a worker writes every thread's Python stack to its stderr (the
+# daemon's, inherited through the fork server): the daemon sends it to a worker it is
+# about to kill for a hung call, so that the log shows where the call hung.
+DUMP_STACKS_SIGNAL = signal.SIGUSR1
 
 
 class WorkerSettings(NamedTuple):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import faulthandler
 import os
 import resource
 import signal
@@ -32,7 +33,7 @@ from server.ipc.protocol import (
     read_frame_blocking,
     write_frame_blocking,
 )
-from server.worker.entry import WorkerSettings
+from server.worker.entry import DUMP_STACKS_SIGNAL, WorkerSettings
 from server.worker.runtime import Runtime
 from server.worker.shared import ArenaMappings, ReplyPlacement
 
@@ -52,6 +53,10 @@ def start_worker_process(settings: WorkerSettings) -> Runtime:
     _limit_resources(settings)
     # Ctrl-C reaches the whole process group; the daemon decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Before killing a hung worker the daemon asks for its stacks: written from C, with no
+    # Python code run, so they come even while a model holds the interpreter.
+    if sys.stderr is not None:
+        faulthandler.register(DUMP_STACKS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     # torch.package's unpickler still uses TypedStorage; the warning says nothing to an operator.
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
     # A tensor read from a socket or a gRPC request wraps bytes owned by that one request
