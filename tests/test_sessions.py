@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,12 @@ from client import (
 )
 from client._proto import deployd_pb2 as pb
 from client._proto import deployd_pb2_grpc as pb_grpc
+from server.api.calls import MAX_MESSAGE_BYTES, call_handlers
+from server.api.metrics import Metrics
+from server.errors import NotFound
 from tests.conftest import write_config
 from tests.daemon_process import REPO, DaemonProcess, wait_until
+from tests.test_operations import sample, scrape
 
 
 @pytest.fixture
@@ -354,3 +359,101 @@ def test_status_and_the_cli_show_open_sessions(manager: InterpreterManager, daem
         sessions = {entry["session_id"]: entry for entry in json.loads(report.stdout)["sessions"]}
         assert sessions[session.id]["objects"] == 2
     assert session.id not in {entry.session_id for entry in manager.status().sessions}
+
+
+LONG_OBJECT_ID = "o" * 20_000
+
+
+def test_a_long_object_id_is_not_found_with_its_message_cut(daemon_with: Callable[..., DaemonProcess]) -> None:
+    """Issue 21, item 7: OpenSession (a stream) goes through the same wrapper as every unary
+    handler, so an object_id of 20,000 characters answers NOT_FOUND with its message cut to
+    MAX_MESSAGE_BYTES, not RESOURCE_EXHAUSTED ("received metadata size exceeds hard limit");
+    at the opening and in a step (FromMovable) alike. The failed opening is counted and logged
+    like any call, and the daemon keeps serving."""
+    daemon = daemon_with(metrics={"address": "127.0.0.1:0"})
+    with InterpreterManager(daemon.target, timeout=60) as manager:
+        stub = pb_grpc.SessionsStub(manager._channel)
+        stream = stub.OpenSession(pb.OpenSessionRequest(object_id=LONG_OBJECT_ID), timeout=30)
+        with pytest.raises(grpc.RpcError) as raised:
+            next(stream)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()[:300]
+        assert len(raised.value.details().encode()) <= 2000 and "(cut: " in raised.value.details()
+        with pytest.raises(NotFoundError, match=r"\(cut: \d+ bytes\)"):
+            manager.model(LONG_OBJECT_ID).acquire_session()
+        with manager.acquire_one() as session:
+            with pytest.raises(NotFoundError, match=r"\(cut: \d+ bytes\)") as step:
+                session.from_movable(manager.model(LONG_OBJECT_ID))
+            assert len(str(step.value).encode()) < 2500
+            assert session.from_value(7).to_value() == 7, "the session goes on"
+        with manager.acquire_one() as again:
+            assert again.from_value(8).to_value() == 8, "the daemon keeps serving"
+        text = scrape(daemon)
+        labels = {"method": "OpenSession", "model": "", "protocol": "grpc"}
+        assert sample(text, "deployd_calls_total", code="NOT_FOUND", **labels) == 2
+        assert sample(text, "deployd_calls_total", code="OK", **labels) == 2
+        assert sample(text, "deployd_calls_in_flight") == 0
+    assert wait_until(lambda: sum("method=OpenSession " in line for line in list(daemon.lines)) >= 4, 10)
+
+
+def test_a_streams_errors_go_through_the_one_wrapper() -> None:
+    """call_handlers on an async generator (a stream), without a daemon: an error before the
+    first message and one after it are both cut to MAX_MESSAGE_BYTES with their status; the
+    stream is counted once (when its first message leaves, or when it fails before one), the
+    calls-in-flight gauge is back to 0, and one line is logged per call with how it ended."""
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def __init__(self) -> None:
+            self.aborted: tuple[grpc.StatusCode, str] | None = None
+            self.done: list[Any] = []
+
+        def set_trailing_metadata(self, metadata: Any) -> None:
+            pass
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            self.aborted = (code, details)
+            raise Aborted
+
+        def add_done_callback(self, callback: Any) -> None:
+            self.done.append(callback)
+
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+    class Servicer:
+        def __init__(self) -> None:
+            self._metrics = Metrics()
+            self._log_calls = True
+
+        @call_handlers(lambda request: "")
+        async def Stream(self, request: Any, context: Any) -> AsyncIterator[int]:
+            if request == "at-open":
+                raise NotFound(f"no object {LONG_OBJECT_ID!r}")
+            yield 1
+            raise NotFound(f"no object {LONG_OBJECT_ID!r}")
+
+    def count(servicer: Servicer, code: str) -> float | None:
+        labels = {"method": "Stream", "model": "", "code": code, "protocol": "grpc"}
+        return servicer._metrics.registry.get_sample_value("deployd_calls_total", labels)
+
+    async def drain(servicer: Servicer, request: str, context: Context) -> list[int]:
+        got: list[int] = []
+        with pytest.raises(Aborted):
+            async for message in servicer.Stream(request, context):
+                got.append(message)
+        return got
+
+    servicer = Servicer()
+    for request, messages, counted in [("at-open", [], "NOT_FOUND"), ("later", [1], "OK")]:
+        context = Context()
+        assert asyncio.run(drain(servicer, request, context)) == messages
+        assert context.aborted is not None
+        code, details = context.aborted
+        assert code == grpc.StatusCode.NOT_FOUND and len(details.encode()) <= MAX_MESSAGE_BYTES
+        assert "(cut: " in details
+        assert count(servicer, counted) == 1, request
+        assert len(context.done) == 1, "one log line per call"
+    assert count(servicer, "NOT_FOUND") == 1 and count(servicer, "OK") == 1
+    assert servicer._metrics.registry.get_sample_value("deployd_calls_in_flight") == 0

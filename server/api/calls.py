@@ -14,12 +14,14 @@ serializing again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -95,7 +97,7 @@ class ModelCalls(Protocol):
     def served_names(self) -> set[str]: ...
 
 
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def call_handlers(
@@ -103,9 +105,14 @@ def call_handlers(
     per_model: frozenset[str] = frozenset(),
     loads: Mapping[str, str] | None = None,
 ) -> Callable[[Handler], Handler]:
-    """A decorator for one protocol's handlers: a domain error raised by a handler becomes its
-    status, with remote details attached; each call is counted (status, duration, bytes) and
-    logged in one line.
+    """A decorator for one protocol's handlers, unary (a coroutine) and streaming (an async
+    generator) alike: a domain error raised by a handler becomes its status, its message cut to
+    MAX_MESSAGE_BYTES, with remote details attached; each call is counted (status, duration,
+    bytes) and logged in one line.
+
+    A stream is counted once, when its first message leaves (it is open) or when it ends before
+    one; an error later in the stream still ends it with its status, cut the same way; its log
+    line, once the stream is done, gives how it ended.
 
     model_of: what the request addresses (an object id or a model name), for the log line;
     per_model: the methods whose metrics carry it as a label (others are few, and their series
@@ -115,52 +122,110 @@ def call_handlers(
 
     def decorate(handler: Handler) -> Handler:
         method = handler.__name__
-        load_kind = load_kinds.get(method)
-        labelled = method in per_model
+
+        def start(servicer: Servicer, request: Any, context: Context) -> _Call:
+            target = "" if isinstance(request, MalformedRequest) else _cut(model_of(request), MAX_LOGGED_TARGET)
+            labelled = method in per_model
+            return _Call(servicer, context, method, target, labelled, load_kinds.get(method))
+
+        if inspect.isasyncgenfunction(handler):
+
+            @functools.wraps(handler)
+            async def stream_wrapper(self: Servicer, request: Any, context: Context) -> AsyncIterator[Any]:
+                call = start(self, request, context)
+                try:
+                    _refuse_malformed(request)
+                    async with contextlib.aclosing(handler(self, request, context)) as messages:
+                        async for message in messages:
+                            call.finish(grpc.StatusCode.OK)  # no-op after the first
+                            yield message
+                except Exception as error:
+                    await call.fail(error)
+                except asyncio.CancelledError:
+                    call.finish(grpc.StatusCode.CANCELLED)
+                    raise
+                call.finish(grpc.StatusCode.OK)
+
+            return stream_wrapper  # type: ignore[return-value]
 
         @functools.wraps(handler)
         async def wrapper(self: Servicer, request: Any, context: Context) -> Any:
-            started = time.perf_counter()
-            metrics = self._metrics
-            metrics.calls_in_flight.inc()
-            target = "" if isinstance(request, MalformedRequest) else _cut(model_of(request), MAX_LOGGED_TARGET)
-
-            def finish(code: grpc.StatusCode) -> None:
-                # Before the answer leaves, so a caller that has its answer finds it counted.
-                seconds = time.perf_counter() - started
-                metrics.calls_in_flight.dec()
-                # Not a name that is not loaded: every caller's typo would be a series for good.
-                label = target if labelled and code != grpc.StatusCode.NOT_FOUND else ""
-                metrics.observe_call(method, label, code.name, seconds)
-                if load_kind is not None and code == grpc.StatusCode.OK:
-                    metrics.load_duration.labels(load_kind).observe(seconds)
-                if self._log_calls:
-                    # Once the answer has left: the line costs the caller no latency.
-                    context.add_done_callback(lambda _: _log_call(context, method, target, code, seconds))
-
+            call = start(self, request, context)
             try:
-                if isinstance(request, MalformedRequest):
-                    raise InvalidArgument(request.describe())
+                _refuse_malformed(request)
                 response = await handler(self, request, context)
-            except DeploydError as error:
-                code = status_for(error)
-                message = _cut(str(error), MAX_MESSAGE_BYTES)
-                context.set_trailing_metadata(error_metadata(error, message))
-                finish(code)
-                await context.abort(code, message)
-            except asyncio.CancelledError:
-                finish(grpc.StatusCode.CANCELLED)
-                raise
             except Exception as error:
-                log.exception("internal error in %s", method)
-                finish(grpc.StatusCode.INTERNAL)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
-            finish(grpc.StatusCode.OK)
+                await call.fail(error)
+            except asyncio.CancelledError:
+                call.finish(grpc.StatusCode.CANCELLED)
+                raise
+            call.finish(grpc.StatusCode.OK)
             return response
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _refuse_malformed(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(request.describe())
+
+
+class _Call:
+    """One call through call_handlers: in flight from its start, counted once (at its answer,
+    or a stream's first message), logged once done with how it ended."""
+
+    def __init__(
+        self, servicer: Servicer, context: Context, method: str, target: str, labelled: bool, load_kind: str | None
+    ) -> None:
+        self._metrics = servicer._metrics
+        self._log_calls = servicer._log_calls
+        self._context = context
+        self._method = method
+        self._target = target
+        self._labelled = labelled
+        self._load_kind = load_kind
+        self._started = time.perf_counter()
+        self._counted = False
+        self._code, self._seconds = grpc.StatusCode.OK, 0.0
+        self._metrics.calls_in_flight.inc()
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        """The call has its answer (code): counted the first time, and logged once it is done."""
+        seconds = time.perf_counter() - self._started
+        if not self._counted:
+            # Before the answer leaves, so a caller that has its answer finds it counted.
+            self._counted = True
+            metrics = self._metrics
+            metrics.calls_in_flight.dec()
+            # Not a name that is not loaded: every caller's typo would be a series for good.
+            label = self._target if self._labelled and code != grpc.StatusCode.NOT_FOUND else ""
+            metrics.observe_call(self._method, label, code.name, seconds)
+            if self._load_kind is not None and code == grpc.StatusCode.OK:
+                metrics.load_duration.labels(self._load_kind).observe(seconds)
+            if self._log_calls:
+                # Once the answer has left: the line costs the caller no latency.
+                self._context.add_done_callback(lambda _: self._log())
+        self._code, self._seconds = code, seconds
+
+    def _log(self) -> None:
+        _log_call(self._context, self._method, self._target, self._code, self._seconds)
+
+    async def fail(self, error: Exception) -> NoReturn:
+        """End the call with error's status (a domain error's own, else INTERNAL): its message
+        cut to MAX_MESSAGE_BYTES, remote details in the trailing metadata. Never returns."""
+        if isinstance(error, DeploydError):
+            code = status_for(error)
+            message = _cut(str(error), MAX_MESSAGE_BYTES)
+            self._context.set_trailing_metadata(error_metadata(error, message))
+        else:
+            log.exception("internal error in %s", self._method, exc_info=error)
+            code = grpc.StatusCode.INTERNAL
+            message = _cut(f"internal error: {type(error).__name__}: {error}", MAX_MESSAGE_BYTES)
+        self.finish(code)
+        await self._context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 def _cut(text: str, limit: int) -> str:

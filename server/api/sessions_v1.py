@@ -8,13 +8,10 @@ stream ends when the session does (closed, idle, its worker died, the daemon sto
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
-from server.api.calls import Context, MalformedRequest, Servicer, call_handlers, register_service, status_for
+from server.api.calls import Context, Servicer, call_handlers, register_service
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 from server.errors import DeploydError, FailedPrecondition, InvalidArgument
@@ -43,20 +40,12 @@ class SessionsServicer(pb_grpc.SessionsServicer, Servicer):  # type: ignore[misc
         self._log_calls = log_calls
         self._value_limits = value_limits
 
+    @_reports_errors
     async def OpenSession(self, request: pb.OpenSessionRequest, context: Context) -> AsyncIterator[pb.SessionEvent]:
-        # A stream: call_handlers wraps unary handlers only, so the opening is counted here.
-        started = time.perf_counter()
-        try:
-            if isinstance(request, MalformedRequest):
-                raise InvalidArgument(request.describe())
-            if request.object_id and request.package_id:
-                raise InvalidArgument("a session's self is an object or a package, not both")
-            session = await self._sessions.open(request.worker if request.HasField("worker") else None)
-        except DeploydError as error:
-            code = status_for(error)
-            self._metrics.observe_call("OpenSession", "", code.name, time.perf_counter() - started)
-            await context.abort(code, str(error))
-            return
+        # A stream, counted when its one event leaves (the session is open) or it fails before.
+        if request.object_id and request.package_id:
+            raise InvalidArgument("a session's self is an object or a package, not both")
+        session = await self._sessions.open(request.worker if request.HasField("worker") else None)
         try:
             event = pb.SessionEvent(session_id=session.id, worker=session.worker, worker_pid=session.pid)
             if request.object_id or request.package_id:
@@ -66,11 +55,7 @@ class SessionsServicer(pb_grpc.SessionsServicer, Servicer):  # type: ignore[misc
                 event.self.CopyFrom(_obj(session, self_obj))
         except DeploydError as error:
             self._sessions.end(session, f"its self could not be made: {error}")
-            code = status_for(error)
-            self._metrics.observe_call("OpenSession", "", code.name, time.perf_counter() - started)
-            await context.abort(code, str(error))
-            return
-        self._metrics.observe_call("OpenSession", "", grpc.StatusCode.OK.name, time.perf_counter() - started)
+            raise
         try:
             yield event
             await session.done.wait()
