@@ -40,7 +40,7 @@ test: lint deploy-tools
 # The live-daemon fuzz (tests/test_fuzz.py) for 5 minutes instead of make test's 20 s, and the
 # property tests; DEPLOYD_FUZZ_SEED=N replays a failure's inputs.
 fuzz: install
-	DEPLOYD_FUZZ_SECONDS=$${DEPLOYD_FUZZ_SECONDS:-300} $(BIN)/pytest -p no:cacheprovider -o timeout=900 tests/test_fuzz.py tests/test_fuzz_v2.py tests/test_fuzz_sessions.py tests/test_properties.py tests/test_properties_v2.py
+	DEPLOYD_FUZZ_SECONDS=$${DEPLOYD_FUZZ_SECONDS:-300} $(BIN)/pytest -p no:cacheprovider -o timeout=900 tests/test_fuzz.py tests/test_fuzz_v2.py tests/test_fuzz_sessions.py tests/test_fuzz_http.py tests/test_properties.py tests/test_properties_v2.py
 
 # A plain install, as a user's or the image's: a fresh venv with torch and `pip install .`,
 # no dev extras; the daemon from it answers the README's example. `make test` installs .[dev]

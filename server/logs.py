@@ -46,8 +46,18 @@ class PlainFormatter(logging.Formatter):
         text = super().format(record)
         fields: dict[str, Any] | None = getattr(record, "fields", None)
         if fields:
-            text += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+            text += " " + " ".join(f"{key}={_plain_value(value)}" for key, value in fields.items())
         return text
+
+
+def _plain_value(value: Any) -> str:
+    """A field as key=value takes it: quoted and escaped (JSON's string syntax) when it holds a
+    space, a quote, an equals sign or anything unprintable, so that a value a caller chose (a
+    model name in a URL) can never end the line or forge another field or line."""
+    text = str(value)
+    if text.isprintable() and not any(char in text for char in ' ="'):
+        return text
+    return json.dumps(text)
 
 
 class JsonFormatter(logging.Formatter):

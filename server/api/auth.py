@@ -39,7 +39,9 @@ class BearerTokens:
     def role_of(self, authorization: str) -> str | None:
         """ADMIN or INVOKE for "Bearer <a configured token>", else None."""
         scheme, _, presented = authorization.partition(" ")
-        candidate = presented.strip().encode() if scheme.lower() == "bearer" else b""
+        # surrogateescape: an HTTP header's bytes that are not UTF-8 (aiohttp keeps them so) are
+        # simply not a token.
+        candidate = presented.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
         role = None
         for token, token_role in self._tokens:  # no early exit: the time taken says nothing
             if hmac.compare_digest(candidate, token) and role is None:

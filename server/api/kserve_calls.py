@@ -222,8 +222,8 @@ def entry_from_config(name: str, text: str | None) -> ModelEntry | None:
         return None
     try:
         raw: Any = json.loads(text)
-    except ValueError as error:
-        raise InvalidArgument(f"the config parameter is not JSON: {error}") from None
+    except (ValueError, RecursionError) as error:
+        raise InvalidArgument(f"the config parameter is not JSON: {error or 'nested too deep'}") from None
     if not isinstance(raw, dict):
         raise InvalidArgument('the config parameter must be a JSON object: {"package": ..., "pickle": "module:file"}')
     try:

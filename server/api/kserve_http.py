@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from server import errors
 from server.api.auth import ADMIN, BearerTokens
@@ -232,6 +233,10 @@ class KServeHttp:
             except DeploydError as error:
                 status, code = _status_for(error)
                 response = _error_response(status, error)
+            except RequestPayloadError as payload_error:  # a body not in its Content-Encoding
+                code = "INVALID_ARGUMENT"
+                response = _json({"error": f"the request body cannot be read: {payload_error}"}, 400)
+                response.force_close()  # the rest of the stream cannot be trusted
             except web.HTTPException as http_error:  # from aiohttp: a body over the size cap
                 status = http_error.status
                 code = "RESOURCE_EXHAUSTED" if status == 413 else "INVALID_ARGUMENT"
