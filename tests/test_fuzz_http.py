@@ -76,6 +76,7 @@ from server.pool.procinfo import descendants_of
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until
 from tests.test_fuzz import CALL_TIMEOUT, SEED, mutate, rng_for, rounds
+from tests.v2_models import DECLARED, ECHO, SCALED
 
 FUZZ_SECONDS = float(os.environ.get("DEPLOYD_FUZZ_SECONDS", "10"))
 WORKERS = 2  # the daemon's (write_config's pool)
@@ -98,24 +99,9 @@ ALLOWED = {200, 400, 401, 403, 404, 405, 408, 413, 414, 415, 417, 431, 500, 501,
 BODY_STATUSES = {200, 400, 413, 500}  # an infer of a served model, version and token right
 
 MODELS: list[dict[str, Any]] = [
-    {"name": "echo", "package": "models.pt", "pickle": "models:echo.pkl"},
-    {
-        "name": "declared",
-        "package": "models.pt",
-        "pickle": "models:many.pkl",
-        "inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [-1, 2]},
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-        ],
-        "outputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 2]}],
-    },
-    {
-        "name": "scaled",
-        "package": "models.pt",
-        "pickle": "models:scale.pkl",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
-        "outputs": [{"name": "doubled", "datatype": "FP32", "shape": [-1]}],
-    },
+    ECHO,
+    DECLARED,
+    SCALED,
 ]
 BY_MODEL = {model["name"]: model for model in MODELS}
 

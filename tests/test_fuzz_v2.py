@@ -68,6 +68,7 @@ from tests.test_fuzz import (
     rounds,
     same_answers,
 )
+from tests.v2_models import DECLARED, ECHO, MANY, SCALED
 
 FUZZ_SECONDS = float(os.environ.get("DEPLOYD_FUZZ_SECONDS", "10"))
 SERVICE = "/inference.GRPCInferenceService/"
@@ -81,25 +82,10 @@ DATA_PORT_METHODS = frozenset(
 )
 
 MODELS: list[dict[str, Any]] = [
-    {"name": "echo", "package": "models.pt", "pickle": "models:echo.pkl"},
-    {"name": "many", "package": "models.pt", "pickle": "models:many.pkl"},
-    {
-        "name": "declared",
-        "package": "models.pt",
-        "pickle": "models:many.pkl",
-        "inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [-1, 2]},
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-        ],
-        "outputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 2]}],
-    },
-    {
-        "name": "scaled",
-        "package": "models.pt",
-        "pickle": "models:scale.pkl",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
-        "outputs": [{"name": "doubled", "datatype": "FP32", "shape": [-1]}],
-    },
+    ECHO,
+    MANY,
+    DECLARED,
+    SCALED,
     {"name": "seed", "package": "conv.pt", "pickle": "model:model.pkl"},
 ]
 BY_MODEL = {model["name"]: model for model in MODELS}
@@ -370,23 +356,23 @@ def predict_infer(request: Any) -> Expect:
         return Expect({Code.INVALID_ARGUMENT})
     names = [name, *(t.name for t in request.inputs), *(t.datatype for t in request.inputs)]
     bugs = [*version_bug(request.model_version), *long_text_bug(*names, *(t.name for t in request.outputs))]
+    # The name is looked up before the version is read: a name not loaded is NOT_FOUND whatever
+    # the version (an object id too: v2 serves names).
+    model = BY_MODEL.get(name)
+    if model is None:
+        return Expect({Code.NOT_FOUND}, bugs=tuple(bugs))
     version = parse_version(request.model_version)
     if version is None:
         return Expect({Code.INVALID_ARGUMENT}, bugs=tuple(bugs))
     # A fix of the version bug may answer either way for a huge version.
     also = {Code.INVALID_ARGUMENT, Code.NOT_FOUND} if "version-digits" in bugs else set()
-    model = BY_MODEL.get(name)
-    if model is None and version == 0:
-        return Expect({Code.NOT_FOUND}, bugs=tuple(bugs))
     declared = model.get("inputs", []) if model else []
     try:
         args, kwargs = decode_request(request, declared, bugs)
     except Flaw:
         return Expect({Code.INVALID_ARGUMENT, *also}, bugs=tuple(bugs))
-    if model is None or version not in (0, 1):  # every model serves its version 1
-        # the version is resolved at the call; an object id with a version is refused
-        wrong = Code.INVALID_ARGUMENT if name.startswith("obj-") else Code.NOT_FOUND
-        return Expect({wrong, *also}, bugs=tuple(bugs))
+    if version not in (0, 1):  # every model serves its version 1
+        return Expect({Code.NOT_FOUND, *also}, bugs=tuple(bugs))
     answers: set[grpc.StatusCode] = {Code.RESOURCE_EXHAUSTED}  # an overloaded pool may refuse any call
     if name == "seed":  # a conv net: many inputs make torch raise; an answer is an FP32 tensor
         answers |= {Code.UNKNOWN}

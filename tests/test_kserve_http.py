@@ -37,6 +37,7 @@ from deployd_wire.dtypes import BY_KSERVE
 from tests.conftest import write_config
 from tests.daemon_process import REPO, DaemonProcess, wait_until
 from tests.test_operations import make_certificates, scrape
+from tests.v2_models import COMPLEX, DECLARED, ECHO, MANY
 
 T = TypeVar("T")
 
@@ -47,21 +48,12 @@ INVOKE_TOKEN = "http-invoke-token-c07a"
 
 MODELS: list[dict[str, object]] = [
     {"name": "seed", "package": "conv.pt", "pickle": "model:model.pkl"},
-    {"name": "echo", "package": "models.pt", "pickle": "models:echo.pkl"},
-    {"name": "many", "package": "models.pt", "pickle": "models:many.pkl"},
+    ECHO,
+    MANY,
     # Scale undeclared: x * factor + offset, so an offset of the wrong size fails in the model
     {"name": "scale", "package": "models.pt", "pickle": "models:scale.pkl"},
-    {"name": "complex", "package": "models.pt", "pickle": "models:complex.pkl"},
-    {
-        "name": "declared",
-        "package": "models.pt",
-        "pickle": "models:many.pkl",
-        "inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [-1, 2]},
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-        ],
-        "outputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 2]}],
-    },
+    COMPLEX,
+    DECLARED,
 ]
 
 

@@ -22,29 +22,15 @@ from tritonclient.utils import InferenceServerException
 from client import InterpreterManager
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess
+from tests.v2_models import COMPLEX, DECLARED, ECHO, MANY, SCALED
 
 MODELS = [
     {"name": "seed", "package": "conv.pt", "pickle": "model:model.pkl"},
-    {"name": "echo", "package": "models.pt", "pickle": "models:echo.pkl"},
-    {"name": "many", "package": "models.pt", "pickle": "models:many.pkl"},
-    {"name": "complex", "package": "models.pt", "pickle": "models:complex.pkl"},
-    {
-        "name": "declared",
-        "package": "models.pt",
-        "pickle": "models:many.pkl",
-        "inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [-1, 2]},
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-        ],
-        "outputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 2]}],
-    },
-    {
-        "name": "scaled",
-        "package": "models.pt",
-        "pickle": "models:scale.pkl",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
-        "outputs": [{"name": "doubled", "datatype": "FP32", "shape": [-1]}],
-    },
+    ECHO,
+    MANY,
+    COMPLEX,
+    DECLARED,
+    SCALED,
 ]
 
 
