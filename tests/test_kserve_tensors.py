@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import struct
+from typing import Any
 
 import pytest
 from tritonclient.grpc import service_pb2 as v2  # not server/proto's: see test_kserve_v2.py
@@ -85,3 +87,71 @@ def test_scalars_and_text_have_a_tensor_form() -> None:
 def test_nested_results_have_no_tensor_form() -> None:
     with pytest.raises(InvalidArgument, match="'output0' is a dict"):
         result_outputs(("tuple", [{"a": 1}]), [], ())
+
+
+# Shapes both protocols refuse, through the one check (server.api.values.check_shape), each
+# with its own protocol's message: (shape, deployd.v1 message, KServe v2 message).
+_LIMITS = ValueLimits(max_tensor_rank=3, max_tensor_elements=100)
+_REFUSED_SHAPES = [
+    (
+        [1, 1, 1, 1],
+        "a tensor of 4 dimensions, over the limit of 3 (limits.max_tensor_rank)",
+        "input 'x' has 4 dimensions, over the limit of 3 (limits.max_tensor_rank)",
+    ),
+    ([2, -1], "tensor shape [2, -1] has a negative size", "input 'x': shape [2, -1] has a negative size"),
+    (
+        [0, 2**31, 2**31],
+        "tensor shape [0, 2147483648, 2147483648] is too large: its sizes overflow int64",
+        "input 'x': shape [0, 2147483648, 2147483648] is too large: its sizes overflow int64",
+    ),
+    (
+        [11, 10],
+        "a tensor of shape [11, 10] has 110 elements, over the limit of 100 (limits.max_tensor_elements)",
+        "input 'x': shape [11, 10] has 110 elements, over the limit of 100 (limits.max_tensor_elements)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("shape", "v1_message", "v2_message"), _REFUSED_SHAPES)
+def test_both_protocols_refuse_the_same_shapes_through_one_check(
+    monkeypatch: pytest.MonkeyPatch, shape: list[int], v1_message: str, v2_message: str
+) -> None:
+    import server.api.kserve_tensors as kserve_tensors
+    import server.api.values as values
+    from server.errors import InvalidValue
+    from server.proto import deployd_pb2 as pb
+
+    checked: list[list[int]] = []
+    real = values.check_shape
+
+    def spy(shape: list[int], *args: Any, **kwargs: Any) -> int:
+        checked.append(list(shape))
+        return real(shape, *args, **kwargs)
+
+    monkeypatch.setattr(values, "check_shape", spy)
+    monkeypatch.setattr(kserve_tensors, "check_shape", spy)
+
+    tensor = pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape))
+    with pytest.raises(InvalidValue) as v1_error:
+        values.unpack_value(tensor, [], _LIMITS)
+    assert str(v1_error.value) == v1_message
+
+    with pytest.raises(InvalidArgument) as v2_error:
+        decode_inputs(_request("FP32", shape, b""), (), _LIMITS)
+    assert type(v2_error.value) is InvalidArgument  # not InvalidValue: v2 keeps its class
+    assert str(v2_error.value) == v2_message
+    with pytest.raises(InvalidArgument, match="^" + re.escape(v2_message) + "$"):
+        kserve_tensors.check_tensor("x", "FP32", shape, _LIMITS)
+
+    assert checked == [shape, shape, shape]
+
+
+def test_bytes_shapes_keep_their_own_limits() -> None:
+    limits = ValueLimits(max_container_items=10)
+    with pytest.raises(InvalidArgument, match=r"^input 'x': BYTES of shape \[11, 0\] makes 11 lists, over the limit"):
+        decode_inputs(_request(BYTES, [11, 0], b""), (), limits)
+    with pytest.raises(
+        InvalidArgument,
+        match=re.escape("input 'x': shape [1, 11] has 11 elements, over the limit of 10 (limits.max_container_items)"),
+    ):
+        decode_inputs(_request(BYTES, [1, 11], b""), (), limits)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from deployd_wire.dtypes import BY_KSERVE, BY_NAME
-from server.api.values import ValueLimits
+from server.api.values import ShapeWording, ValueLimits, check_shape
 from server.errors import InvalidArgument
 from server.models.entry import TensorSpec
 
@@ -147,6 +147,16 @@ def check_tensor(name: str, datatype: str, shape: list[int], limits: ValueLimits
     _checked_shape(name, datatype, shape, None, limits)
 
 
+# KServe v2 inputs: {name} is "input 'x'".
+_SHAPE_WORDING = ShapeWording(
+    InvalidArgument,
+    rank="{name} has {rank} dimensions, over the limit of {limit} (limits.max_tensor_rank)",
+    negative="{name}: shape {shape} has a negative size",
+    overflow="{name}: shape {shape} is too large: its sizes overflow int64",
+    elements="{name}: shape {shape} has {elements} elements, over the limit of {limit} (limits.{key})",
+)
+
+
 def _input(name: str) -> str:
     return f"input {name!r}"
 
@@ -165,30 +175,30 @@ def _checked_shape(
             want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
         ):
             raise InvalidArgument(f"{_input(name)}: shape {shape}, but the model declares {list(spec.shape)}")
-    if len(shape) > limits.max_tensor_rank:
-        raise InvalidArgument(
-            f"{_input(name)} has {len(shape)} dimensions, over the limit of {limits.max_tensor_rank}"
-            " (limits.max_tensor_rank)"
-        )
-    if any(size < 0 for size in shape):
-        raise InvalidArgument(f"{_input(name)}: shape {shape} has a negative size")
     itemsize = BY_KSERVE[datatype].itemsize if datatype != BYTES else 1
-    if math.prod(max(size, 1) for size in shape) * itemsize > 2**63 - 1:
-        raise InvalidArgument(f"{_input(name)}: shape {shape} is too large: its sizes overflow int64")
-    elements = math.prod(shape)
-    if datatype == BYTES and math.prod(shape[:-1]) > limits.max_container_items:
+    if datatype == BYTES:
+        check_shape(
+            shape,
+            itemsize,
+            limits,
+            _SHAPE_WORDING,
+            _input(name),
+            max_elements=limits.max_container_items,
+            limit_key="max_container_items",
+            before_elements=lambda shape: _check_bytes_lists(name, shape, limits),
+        )
+    else:
+        check_shape(shape, itemsize, limits, _SHAPE_WORDING, _input(name))
+    return shape
+
+
+def _check_bytes_lists(name: str, shape: list[int], limits: ValueLimits) -> None:
+    if math.prod(shape[:-1]) > limits.max_container_items:
         # Nested lists, one per row of every dimension but the last: bounded like their elements.
         raise InvalidArgument(
             f"{_input(name)}: BYTES of shape {shape} makes {math.prod(shape[:-1])} lists, over the limit of"
             f" {limits.max_container_items} (limits.max_container_items)"
         )
-    limit = limits.max_tensor_elements if datatype != BYTES else limits.max_container_items
-    if elements > limit:
-        key = "max_tensor_elements" if datatype != BYTES else "max_container_items"
-        raise InvalidArgument(
-            f"{_input(name)}: shape {shape} has {elements} elements, over the limit of {limit} (limits.{key})"
-        )
-    return shape
 
 
 def _from_raw(name: str, datatype: str, shape: list[int], data: Any, buffers: list[Any]) -> Any:

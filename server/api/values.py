@@ -12,7 +12,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from deployd_wire.dtypes import DTYPES
-from server.errors import InvalidValue
+from server.errors import InvalidArgument, InvalidValue
 from server.proto import deployd_pb2 as pb
 
 # DType enum value -> (name used in packed values, bytes per element)
@@ -33,6 +33,63 @@ class ValueLimits(NamedTuple):
 
 
 DEFAULT_LIMITS = ValueLimits()
+
+
+class ShapeWording(NamedTuple):
+    """How check_shape words its refusals, one protocol's: the exception class and str.format
+    templates, with {name} (the tensor's name, as the protocol says it), {rank}, {shape},
+    {elements}, {limit} and {key} (the limit's key in config section `limits`)."""
+
+    error: type[InvalidArgument]
+    rank: str
+    negative: str
+    overflow: str
+    elements: str
+
+
+# deployd.v1 tensors: unnamed (a tensor sits anywhere in a Value).
+V1_SHAPE_WORDING = ShapeWording(
+    InvalidValue,
+    rank="a tensor of {rank} dimensions, over the limit of {limit} (limits.max_tensor_rank)",
+    negative="tensor shape {shape} has a negative size",
+    overflow="tensor shape {shape} is too large: its sizes overflow int64",
+    elements="a tensor of shape {shape} has {elements} elements, over the limit of {limit} (limits.{key})",
+)
+
+
+def check_shape(
+    shape: list[int],
+    itemsize: int,
+    limits: ValueLimits,
+    wording: ShapeWording,
+    name: str = "",
+    *,
+    max_elements: int | None = None,
+    limit_key: str = "max_tensor_elements",
+    before_elements: Callable[[list[int]], None] | None = None,
+) -> int:
+    """The checks of a tensor's shape, whichever protocol carried it: its rank, no negative
+    size, byte sizes within int64, its element count within max_elements (default
+    limits.max_tensor_elements, whose key is limit_key). Refused with wording's exception and
+    messages; before_elements: a further check, made just before the element count's.
+    Returns the element count."""
+    if len(shape) > limits.max_tensor_rank:
+        raise wording.error(wording.rank.format(name=name, rank=len(shape), limit=limits.max_tensor_rank))
+    if any(size < 0 for size in shape):
+        raise wording.error(wording.negative.format(name=name, shape=shape))
+    if math.prod(max(size, 1) for size in shape) * itemsize > _INT64_MAX:
+        # An empty tensor's other sizes still make its strides and byte sizes: torch or numpy
+        # in the worker would refuse it.
+        raise wording.error(wording.overflow.format(name=name, shape=shape))
+    if before_elements is not None:
+        before_elements(shape)
+    elements = math.prod(shape)
+    limit = limits.max_tensor_elements if max_elements is None else max_elements
+    if elements > limit:
+        raise wording.error(
+            wording.elements.format(name=name, shape=shape, elements=elements, limit=limit, key=limit_key)
+        )
+    return elements
 
 
 # An Obj argument (Value.obj_ref) -> its number in the session of the call (server.models.sessions).
@@ -94,24 +151,8 @@ def _unpack_tensor(tensor: pb.Tensor, buffers: list[Any], limits: ValueLimits) -
     if tensor.dtype not in _DTYPES:
         raise InvalidValue(f"unknown tensor dtype {tensor.dtype}")
     name, itemsize = _DTYPES[tensor.dtype]
-    if len(tensor.shape) > limits.max_tensor_rank:
-        raise InvalidValue(
-            f"a tensor of {len(tensor.shape)} dimensions, over the limit of {limits.max_tensor_rank}"
-            " (limits.max_tensor_rank)"
-        )
     shape = list(tensor.shape)
-    if any(size < 0 for size in shape):
-        raise InvalidValue(f"tensor shape {shape} has a negative size")
-    if math.prod(max(size, 1) for size in shape) * itemsize > _INT64_MAX:
-        # An empty tensor's other sizes still make its strides and byte sizes: torch or numpy
-        # in the worker would refuse it.
-        raise InvalidValue(f"tensor shape {shape} is too large: its sizes overflow int64")
-    elements = math.prod(shape)
-    if elements > limits.max_tensor_elements:
-        raise InvalidValue(
-            f"a tensor of shape {shape} has {elements} elements, over the limit of {limits.max_tensor_elements}"
-            " (limits.max_tensor_elements)"
-        )
+    elements = check_shape(shape, itemsize, limits, V1_SHAPE_WORDING)
     expected = elements * itemsize
     data = tensor.data  # each read of a bytes field copies it: read it once
     if len(data) != expected:
