@@ -19,6 +19,7 @@ from torch.package import PackageExporter
 
 from client import InterpreterManager, NotFoundError, ReplicatedObj, cli
 from server.app.cli import build_parser
+from server.app.exit_codes import ExitCode, WorkerExitCode
 from tests.daemon_process import REPO, DaemonProcess
 
 
@@ -267,7 +268,7 @@ def test_serve_loads_neither_client_nor_torch() -> None:
         " sys.exit(10 + code if 'client' in sys.modules or 'torch' in sys.modules else code)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2, result.stderr  # the config error, with no client imported
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr  # with no client imported
 
 
 def unload_model(target: str, name: str) -> None:
@@ -400,3 +401,25 @@ def test_status_text_shows_draining_versions() -> None:
     assert lines[lines.index("sessions: 1") + 2].split() == ["s1", "1", "4", "2.5", "0"]
     at = lines.index("  swap  serving version none")
     assert lines[at + 2].split() == ["1", "draining", "obj-1", "3", "m:f.pkl", "p" * 64]
+
+
+def test_serve_with_a_bad_config_exits_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "deployd.yaml"
+    config.write_text("pool:\n  workers: many\n")
+    result = deployd("serve", "--config", str(config))
+    assert result.returncode == ExitCode.CONFIG_ERROR.value == 2, result.stderr
+    assert "pool.workers" in result.stderr, result.stderr
+
+
+def test_readme_exit_codes_table_lists_every_code() -> None:
+    """The README's "Exit codes" table: one row per ExitCode and WorkerExitCode member, with its number."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    header, body = rows[0], rows[1:]
+    assert [cell.strip() for cell in header[:3]] == ["process", "code", "name"]
+    listed = {cell[2].strip().strip("`"): int(cell[1]) for cell in body}
+    expected = {f"ExitCode.{code.name}": code.value for code in ExitCode}
+    expected |= {f"WorkerExitCode.{code.name}": code.value for code in WorkerExitCode}
+    assert listed == expected
+    assert {cell[0].strip() for cell in body if cell[2].strip().strip("`").startswith("ExitCode.")} == {"daemon"}

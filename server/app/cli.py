@@ -10,6 +10,7 @@ from typing import Any
 
 from server import logs
 from server.app.config import Config, ConfigError, load_config
+from server.app.exit_codes import ExitCode
 
 
 def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def _serve(options: argparse.Namespace) -> int:
         config = load_config(config_path, overrides=overrides)
     except ConfigError as error:
         print(f"deployd: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG_ERROR
     from server.app.daemon import run_daemon  # grpc and the pool only once the config is good
 
     def reload_config() -> Config:

@@ -41,6 +41,7 @@ from server.api.tls import server_credentials
 from server.api.values import ValueLimits
 from server.app import eventloop, worker_process
 from server.app.config import Config, ConfigError, ServerSection, split_address, worker_user
+from server.app.exit_codes import ExitCode
 from server.batching.batcher import BatchObserver
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
 from server.ipc.shm import remove_stale_segments, set_worker_group
@@ -386,7 +387,7 @@ class Daemon:
             if self._owns_store_directory:
                 shutil.rmtree(self._store_directory, ignore_errors=True)
         log.info("stopped")
-        return 0
+        return ExitCode.OK  # after a second signal too: it only skips the drain
 
     def _bind(self, address: str) -> int:
         """Bind before starting workers, so a taken port fails fast."""
@@ -495,10 +496,10 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
             return await Daemon(config, reload_config).run()
         except (StartupError, WorkerCrashed) as error:
             log.error("cannot start: %s", error)
-            return 1
+            return ExitCode.STARTUP_ERROR
         except ModelLoadFailed as error:
             log.error("cannot start: %s", error)
-            return 2
+            return ExitCode.CONFIG_ERROR  # models_on_error: stop
 
     return eventloop.run(main(), config.server.event_loop)
 

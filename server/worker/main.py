@@ -34,6 +34,7 @@ from server.ipc.protocol import (
     write_frame_blocking,
 )
 from server.worker.entry import DUMP_STACKS_SIGNAL, WorkerSettings
+from server.worker.exit_codes import WorkerExitCode
 from server.worker.runtime import Runtime
 from server.worker.shared import ArenaMappings, ReplyPlacement
 
@@ -112,7 +113,7 @@ def _die_with_parent() -> None:
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return  # not Linux: the channel's EOF is the only signal
     if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
+        os._exit(WorkerExitCode.BOOT_FAILED)
 
 
 _PR_SET_PDEATHSIG = 1
