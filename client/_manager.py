@@ -71,6 +71,7 @@ _EXIT_POLLS = 20
 # A direct call ended by its deadline or cancelled: its worker may still be running it.
 _GIVEN_UP = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 _EXIT_POLL_SECONDS = 0.05
+_MAX_RESENT = 3  # a call that never started is sent again at most this often
 _EXIT_POLLS_BEFORE_PID = 4  # polls that wait for the end naming the call before the worker's will do
 
 
@@ -173,6 +174,7 @@ class InterpreterManager(WorkerCount):
             resendable=True,
         )
         unreachable: set[str] = set()
+        resent = 0  # calls sent again because their worker ended before it started them
         while True:
             routes.check_target(request.object_id)
             if routes.stale:
@@ -223,6 +225,11 @@ class InterpreterManager(WorkerCount):
                     gone = self._end_of(worker, call_id)
                     if gone is not None:
                         error = lost_worker_error(gone, call_id)
+                        if gone.call_id != call_id and resent < _MAX_RESENT:
+                            # It waited behind the call that ended the worker and never ran:
+                            # sent again at once, as the daemon path requeues such a call.
+                            resent += 1
+                            continue
             finally:
                 if worker is not None:
                     worker.in_flight -= 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -196,9 +197,14 @@ class LocalModels:
             row.begin(_caller_deadline.get(), _call_id.get())
         try:
             reply, out_buffers = self._run_request(message, buffers)
-        finally:
-            if row is not None:
-                row.end()
+        except SystemExit as stop:
+            # Model code ended the process (sys.exit(n); the runtime turns every Exception into
+            # a Failure). grpc would swallow it in the call's task: end now with its code, the
+            # row still marked, so the daemon names this call as the one that ended the worker,
+            # as on the daemon path.
+            os._exit(stop.code if isinstance(stop.code, int) else 1)
+        if row is not None:
+            row.end()
         if isinstance(reply, protocol.Failure):
             raise error_from_failure(reply)
         assert isinstance(reply, protocol.Result)
