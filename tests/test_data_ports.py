@@ -522,27 +522,3 @@ def test_data_ports_serve_the_daemons_tls(
     anonymous = InterpreterManager(daemon.target, timeout=5, tls=no_certificate)
     with anonymous, pytest.raises(UnavailableError):
         anonymous.model("scale")(torch.ones(1))
-
-
-def test_a_call_that_ends_its_worker_on_a_data_port_is_named_and_the_calls_behind_it_run(
-    daemon_with: Callable[..., DaemonProcess], package_dir: Path
-) -> None:
-    """Each kind of death a call can cause (os._exit, SystemExit, a segfault) fails that call in
-    the daemon path's words, marked as the cause; the calls of other callers that waited behind
-    it on that worker never ran, and are sent again: none fails."""
-    from client import UnavailableError
-    from tests.test_lifecycle import wait_for_replacement, worker_pids
-    from tests.test_resilience import DEATHS, Background, load_scale
-
-    daemon = daemon_with()
-    with InterpreterManager(daemon.target, timeout=60) as manager:
-        scale = load_scale(manager, package_dir)
-        x = torch.arange(4.0)
-        with Background(lambda: torch.equal(scale(x), x * 2) or pytest.fail("wrong result")) as others:
-            for method, args, told in DEATHS:
-                before = worker_pids(manager)
-                with pytest.raises(UnavailableError, match=told) as raised:
-                    scale.call_method(method, *args)
-                assert raised.value.call_killed_worker, f"{method}: the call should be named as the cause"
-                wait_for_replacement(manager, before)
-        assert others.calls > 0 and not others.failures, f"other callers saw {others.failures[:3]}"

@@ -117,10 +117,14 @@ DEATHS = [
 ]
 
 
+@pytest.mark.parametrize("data_ports", [-1, 0], ids=["daemon-path", "direct"])
 def test_every_kind_of_worker_death_fails_only_its_call(
-    daemon_with: Callable[..., DaemonProcess], package_dir: Path
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path, data_ports: int
 ) -> None:
-    daemon = daemon_with()
+    """Each death a call causes fails that call, named as the cause; the calls of other callers
+    that waited behind it never ran and are sent again (the daemon requeues them; on a data port
+    the client resends them): none fails. The same words on both paths."""
+    daemon = daemon_with(pool={"data_ports": data_ports})
     with InterpreterManager(daemon.target, timeout=60) as manager:
         scale = load_scale(manager, package_dir)
         x = torch.arange(4.0)
