@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any
 
 import pytest
@@ -24,7 +27,7 @@ from server.pool.dispatcher import Dispatcher
 from server.pool.events import WorkerEvent, WorkerExited, WorkerServing
 from server.pool.procinfo import alive
 from server.pool.supervisor import Supervisor
-from server.pool.worker_handle import WorkerHandle, WorkerState
+from server.pool.worker_handle import WorkerHandle, WorkerState, exit_code_of, start_child
 from server.worker.entry import WorkerSettings
 from tests.pool_fakes import AnsweringHandle, answering_worker
 
@@ -95,6 +98,32 @@ def test_a_dead_worker_is_replaced_and_the_events_say_so() -> None:
         assert supervisor.serving_count == 0
 
     asyncio.run(run())
+
+
+def _exits_with_7() -> None:
+    os._exit(7)
+
+
+def _returns() -> None:
+    pass
+
+
+def test_an_exit_code_is_read_right_while_another_worker_starts() -> None:
+    # Process.start polls every child on the thread that starts one, and a forkserver child's
+    # exit code can be read once: unguarded, most of these read as "code 255".
+    context = multiprocessing.get_context("forkserver")
+    codes = []
+    for _ in range(20):
+        ended = context.Process(target=_exits_with_7)
+        start_child(ended)
+        wait_for_sentinels([ended.sentinel])
+        starting = context.Process(target=_returns)
+        starter = threading.Thread(target=start_child, args=(starting,))
+        starter.start()
+        codes.append(exit_code_of(ended, 0))
+        starter.join()
+        assert exit_code_of(starting, 30) == 0
+    assert codes == [7] * 20
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,9 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from multiprocessing.connection import wait as wait_for_sentinels
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, NamedTuple
 
@@ -38,6 +40,27 @@ _DRAIN_SECONDS = 1.0
 
 # How long a hung worker gets to write its stacks to the log before it is killed.
 STACK_DUMP_SECONDS = 0.5
+
+# A forkserver child's exit code can be read from its sentinel once: the thread that reads
+# second gets EOF, and multiprocessing records 255 over the real code. Process.start polls
+# every live child (multiprocessing.process._cleanup) on the thread that calls it, the
+# executor's, while the loop reaps the ones that ended; so both go through this lock.
+_POLLING_CHILDREN = threading.Lock()
+
+
+def start_child(process: Any) -> None:
+    with _POLLING_CHILDREN:
+        process.start()
+
+
+def exit_code_of(process: Any, timeout: float) -> int | None:
+    """The process's exit code once it ends (None if it runs past timeout); on a thread."""
+    wait_for_sentinels([process.sentinel], timeout)
+    with _POLLING_CHILDREN:
+        process.join(0)
+    return process.exitcode
+
+
 _LOG_FIRST_SECONDS = 0.05
 
 # What a worker process runs: it greets the daemon on the channel, then serves its requests.
@@ -177,7 +200,7 @@ class WorkerHandle:
         )
         try:
             # The first start also launches the fork server (it imports torch: about a second).
-            await loop.run_in_executor(None, process.start)
+            await loop.run_in_executor(None, start_child, process)
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
@@ -188,12 +211,12 @@ class WorkerHandle:
         except BaseException as error:  # cancelled too: a started process must not be left behind
             writer.close()
             process.kill()
-            await loop.run_in_executor(None, process.join, 5.0)
+            exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
             if not isinstance(
                 error, (TimeoutError, asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError)
             ):
                 raise
-            reason = describe_exit(process.exitcode)
+            reason = describe_exit(exitcode)
             raise WorkerCrashed(f"worker {index} failed to start: it {reason} ({error!r})") from error
         handle = cls(index, process, reader, writer, greeting.message.pid, settings.shm_threshold_bytes)
         loop.add_reader(process.sentinel, handle._on_sentinel)
@@ -345,8 +368,7 @@ class WorkerHandle:
             await self._exited.wait()
         exited.cancel()
         self._writer.close()
-        self.process.join(0)
-        exitcode = self.process.exitcode
+        exitcode = await asyncio.get_running_loop().run_in_executor(None, exit_code_of, self.process, 0)
         if self._kill_reason is not None:
             self.exit_reason, self.exit_cause, caused_by_call = self._kill_reason
         elif self.stopping and self._stop_reason:
