@@ -12,7 +12,8 @@
     │                           sent through a target of several replicas (client._replicas)
     ├── UnauthenticatedError    UNAUTHENTICATED: no token, or one the daemon does not know
     ├── PermissionDeniedError   PERMISSION_DENIED (also): the token's role may not do this
-    └── RemoteError             UNKNOWN: model code raised; .remote_type, .remote_traceback
+    └── RemoteError             UNKNOWN: model code raised; .remote_type, .remote_traceback, and
+                                .call_id: the daemon logs the whole traceback under it
 
 `translate_rpc_error` is the one place where a grpc.RpcError becomes one of these.
 """
@@ -26,6 +27,7 @@ import grpc
 from client._proto import deployd_pb2 as pb
 
 ERROR_DETAIL_KEY = "deployd-error-detail-bin"
+REQUEST_ID_KEY = "x-request-id"
 
 
 class DeployError(Exception):
@@ -37,6 +39,7 @@ class DeployError(Exception):
         remote_type: str = "",
         remote_traceback: str = "",
         call_killed_worker: bool = False,
+        call_id: str = "",
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
@@ -44,6 +47,7 @@ class DeployError(Exception):
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
         self.call_killed_worker = call_killed_worker
+        self.call_id = call_id
 
 
 class NotFoundError(DeployError):
@@ -105,10 +109,13 @@ def translate_rpc_error(error: grpc.RpcError) -> DeployError:
     code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
     details: str = error.details() or ""  # type: ignore[attr-defined]
     detail = pb.ErrorDetail()
+    call_id = ""
     metadata: Any = error.trailing_metadata() or ()  # type: ignore[attr-defined]
     for key, value in metadata:
         if key == ERROR_DETAIL_KEY:
             detail.ParseFromString(value)
+        elif key == REQUEST_ID_KEY:
+            call_id = str(value)
     error_type = _ERROR_FOR_CODE.get(code, DeployError)
     return error_type(
         code,
@@ -116,4 +123,5 @@ def translate_rpc_error(error: grpc.RpcError) -> DeployError:
         remote_type=detail.remote_type,
         remote_traceback=detail.remote_traceback,
         call_killed_worker=detail.call_killed_worker,
+        call_id=call_id,
     )

@@ -11,6 +11,8 @@ DeploydError
 ├── Overloaded          too many calls already wait for a worker
 ├── PoolClosed          the daemon is shutting down
 └── ModelError          model code raised; carries the remote type and traceback
+
+RemoteTraceback is no error of the daemon's: it is how a worker's traceback is chained.
 """
 
 from __future__ import annotations
@@ -19,12 +21,27 @@ from server.ipc import protocol
 
 
 class DeploydError(Exception):
-    """Base of every error the daemon reports to a caller."""
+    """Base of every error the daemon reports to a caller. One that carries a worker's traceback
+    has it as its __cause__ (a RemoteTraceback), as CPython's process pool chains its workers':
+    a daemon-side traceback of it shows the model's frames first."""
 
     def __init__(self, message: str, *, remote_type: str = "", remote_traceback: str = "") -> None:
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+        if remote_traceback:
+            self.__cause__ = RemoteTraceback(remote_traceback)
+
+
+class RemoteTraceback(Exception):
+    """A traceback formatted in a worker, as the cause of the daemon-side error it led to."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'
 
 
 class NotFound(DeploydError):

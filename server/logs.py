@@ -46,7 +46,10 @@ class PlainFormatter(logging.Formatter):
         text = super().format(record)
         fields: dict[str, Any] | None = getattr(record, "fields", None)
         if fields:
-            text += " " + " ".join(f"{key}={_plain_value(value)}" for key, value in fields.items())
+            # On the record's first line: the lines after it (a traceback) are the record's body.
+            first, newline, body = text.partition("\n")
+            text = first + " " + " ".join(f"{key}={_plain_value(value)}" for key, value in fields.items())
+            text += newline + body
         return text
 
 

@@ -143,7 +143,9 @@ def test_node_example_gets_the_python_clients_answer_and_error(
 
     error = output["error"]
     assert (error["code"], error["code_name"]) == (python_error.code.value[0], python_error.code.name) == (2, "UNKNOWN")
-    assert error["details"] == python_error.details
+    # Each call has its own id, which the message names: the daemon logs the whole traceback under it.
+    assert error["details"].replace(error["call_id"], "ID") == python_error.details.replace(python_error.call_id, "ID")
+    assert error["call_id"] and f"call id {error['call_id']}: the whole traceback" in error["details"]
     assert "expected input[1, 2, 10, 10] to have 1 channels" in error["details"]
     assert error["remote_type"] == python_error.remote_type == "RuntimeError"
     assert "Traceback" in error["remote_traceback"]

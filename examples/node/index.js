@@ -178,6 +178,8 @@ function describeError(error) {
     remote_type: detail.remote_type || '',
     call_killed_worker: Boolean(detail.call_killed_worker),
     remote_traceback: detail.remote_traceback || '',
+    // The id the daemon logs the model's whole traceback under (the answer's is cut to fit).
+    call_id: String((error.metadata && error.metadata.get('x-request-id')[0]) || ''),
   };
 }
 

@@ -18,7 +18,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias, TypeVar
@@ -28,6 +27,13 @@ from google.protobuf.message import DecodeError
 
 from server import errors
 from server.api.metrics import Metrics
+from server.api.model_failures import (
+    REQUEST_ID_KEY,
+    caller_request_id,
+    log_whole_traceback,
+    new_call_id,
+    where_it_is,
+)
 from server.errors import DeploydError, InvalidArgument
 from server.models.names import NamedModel
 from server.proto import deployd_pb2 as pb
@@ -41,7 +47,6 @@ Context: TypeAlias = Any
 ERROR_DETAIL_KEY = "deployd-error-detail-bin"
 # gRPC's retry protocol: a negative pushback tells any gRPC client not to retry the call.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-REQUEST_ID_KEY = "x-request-id"
 # A status message quotes what the caller sent (names, versions). It travels percent-encoded
 # (3 bytes for each byte of UTF-8 outside printable ASCII) in metadata that grpc clients take
 # up to 8 KiB of: past that the caller gets RESOURCE_EXHAUSTED instead of the error. So it is
@@ -188,6 +193,7 @@ class _Call:
         self._load_kind = load_kind
         self._started = time.perf_counter()
         self._counted = False
+        self._call_id = ""
         self._code, self._seconds = grpc.StatusCode.OK, 0.0
         self._metrics.calls_in_flight.inc()
 
@@ -209,16 +215,31 @@ class _Call:
                 self._context.add_done_callback(lambda _: self._log())
         self._code, self._seconds = code, seconds
 
+    @property
+    def call_id(self) -> str:
+        """The caller's x-request-id, or one made up; taken only when needed (an error, a log line)."""
+        if not self._call_id:
+            self._call_id = caller_request_id(self._context.invocation_metadata()) or new_call_id()
+        return self._call_id
+
     def _log(self) -> None:
-        _log_call(self._context, self._method, self._target, self._code, self._seconds)
+        _log_call(self.call_id, self._method, self._target, self._code, self._seconds)
 
     async def fail(self, error: Exception) -> NoReturn:
         """End the call with error's status (a domain error's own, else INTERNAL): its message
         cut to MAX_MESSAGE_BYTES, remote details in the trailing metadata. Never returns."""
         if isinstance(error, DeploydError):
             code = status_for(error)
-            message = _cut(str(error), MAX_MESSAGE_BYTES)
-            self._context.set_trailing_metadata(error_metadata(error, message))
+            call_id = ""
+            if error.remote_traceback:
+                # The model's traceback: whole in the log once, and the answer says where.
+                call_id = self.call_id
+                log_whole_traceback(call_id, self._method, self._target, error)
+                note = f" ({where_it_is(call_id)})"
+                message = _cut(str(error), MAX_MESSAGE_BYTES - len(note)) + note
+            else:
+                message = _cut(str(error), MAX_MESSAGE_BYTES)
+            self._context.set_trailing_metadata(error_metadata(error, message, call_id))
         else:
             log.exception("internal error in %s", self._method, exc_info=error)
             code = grpc.StatusCode.INTERNAL
@@ -236,30 +257,28 @@ def _cut(text: str, limit: int) -> str:
     return f"{data[: limit - 40].decode(errors='ignore')}... (cut: {len(data)} bytes)"
 
 
-def _cut_traceback(text: str, limit: int) -> str:
+def _cut_traceback(text: str, limit: int, call_id: str = "") -> str:
     """A traceback in at most limit bytes of UTF-8. Its last lines say most (where it was
-    raised, and the exception), so long lines are shortened first, then the start is dropped."""
+    raised, and the exception), so long lines are shortened first, then the start is dropped;
+    the note saying so names the call id the whole one is logged under."""
     if len(text.encode()) <= limit:
         return text
     lines = [_cut(line, 300) for line in text.splitlines()]
     kept: list[str] = []
-    used = 60  # the note saying so
+    where = f"; {where_it_is(call_id)}" if call_id else ""
+    used = 60 + len(where)  # the note saying so
     for line in reversed(lines):
         used += len(line.encode()) + 1
         if used > limit:
             break
         kept.append(line)
-    return "\n".join([f"... ({len(text.encode())} bytes of traceback, cut)", *reversed(kept)])
+    return "\n".join([f"... ({len(text.encode())} bytes of traceback, cut{where})", *reversed(kept)])
 
 
-def _log_call(context: Context, method: str, target: str, code: grpc.StatusCode, seconds: float) -> None:
+def _log_call(call_id: str, method: str, target: str, code: grpc.StatusCode, seconds: float) -> None:
     """One line per call: ids, names, status and time only, never values or tokens."""
-    request_id = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY:
-            request_id = str(value)[:64]
     fields = {
-        "request_id": request_id or secrets.token_hex(6),
+        "request_id": call_id,
         "method": method,
         "object": target,
         "status": code.name,
@@ -268,9 +287,10 @@ def _log_call(context: Context, method: str, target: str, code: grpc.StatusCode,
     calls_log.info("call", extra={"fields": fields})
 
 
-def error_metadata(error: DeploydError, message: str) -> tuple[tuple[str, bytes | str], ...]:
+def error_metadata(error: DeploydError, message: str, call_id: str = "") -> tuple[tuple[str, bytes | str], ...]:
     """Trailing metadata that carries what a status code and message cannot; its traceback cut
-    so that it and the message (as sent) fit METADATA_BUDGET together."""
+    so that it and the message (as sent) fit METADATA_BUDGET together. call_id: the id the whole
+    traceback is logged under, also sent as x-request-id."""
     killed_worker = isinstance(error, errors.WorkerCrashed) and error.caused_by_call
     if not (error.remote_type or error.remote_traceback or killed_worker):
         return ()
@@ -280,12 +300,14 @@ def error_metadata(error: DeploydError, message: str) -> tuple[tuple[str, bytes 
     traceback_budget = max((METADATA_BUDGET - message_on_wire) * 3 // 4 - 200, 500)
     detail = pb.ErrorDetail(
         remote_type=_cut(error.remote_type, 200),
-        remote_traceback=_cut_traceback(error.remote_traceback, traceback_budget),
+        remote_traceback=_cut_traceback(error.remote_traceback, traceback_budget, call_id),
         call_killed_worker=killed_worker,
     )
     metadata: tuple[tuple[str, bytes | str], ...] = ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
     if killed_worker:
         metadata += ((RETRY_PUSHBACK_KEY, "-1"),)
+    if call_id:
+        metadata += ((REQUEST_ID_KEY, call_id),)
     return metadata
 
 

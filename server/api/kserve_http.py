@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import socket
 import ssl
 import time
@@ -37,10 +36,17 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from server import errors
 from server.api.auth import ADMIN, BearerTokens
-from server.api.calls import MAX_MESSAGE_BYTES, REQUEST_ID_KEY, calls_log
+from server.api.calls import MAX_MESSAGE_BYTES, calls_log
 from server.api.kserve_calls import EXTENSIONS, SERVER_NAME, V2Calls, V2Repository, server_version
 from server.api.kserve_rest import HEADER_LENGTH, encode_infer_response, parse_header_length, parse_infer_request
 from server.api.metrics import HTTP, Metrics
+from server.api.model_failures import (
+    MAX_REQUEST_ID,
+    REQUEST_ID_KEY,
+    log_whole_traceback,
+    new_call_id,
+    where_it_is,
+)
 from server.api.values import ValueLimits
 from server.errors import DeploydError, InvalidArgument
 
@@ -221,6 +227,7 @@ class KServeHttp:
             metrics.calls_in_flight.inc()
             target = request.match_info.get("name", "")[:200]
             code = "OK"
+            call_id = ""  # the id a model's whole traceback is logged under
             response: web.Response | None = None
             try:
                 refusal = None if open_to_all else self._refusal(request, method, admin)
@@ -232,7 +239,10 @@ class KServeHttp:
                         code = "UNAVAILABLE"  # health or readiness answering "not ready"
             except DeploydError as error:
                 status, code = _status_for(error)
-                response = _error_response(status, error)
+                if error.remote_traceback:
+                    call_id = request.headers.get(REQUEST_ID_KEY, "")[:MAX_REQUEST_ID] or new_call_id()
+                    log_whole_traceback(call_id, method, target, error)
+                response = _error_response(status, error, call_id)
             except RequestPayloadError as payload_error:  # a body not in its Content-Encoding
                 code = "INVALID_ARGUMENT"
                 response = _json({"error": f"the request body cannot be read: {payload_error}"}, 400)
@@ -258,7 +268,7 @@ class KServeHttp:
                 metrics.observe_call(method, label, code, seconds, HTTP)
                 sent = response.content_length or 0 if response is not None else 0
                 metrics.observe_http_bytes(request.content_length or 0, sent)
-                request_id = request.headers.get(REQUEST_ID_KEY, "")[:64] or secrets.token_hex(6)
+                request_id = call_id or request.headers.get(REQUEST_ID_KEY, "")[:MAX_REQUEST_ID] or new_call_id()
                 if response is not None:
                     response.headers[REQUEST_ID_KEY] = request_id
                 if settings.log_calls:
@@ -400,15 +410,26 @@ def _status_for(error: DeploydError) -> tuple[int, str]:
     return 500, "INTERNAL"
 
 
-def _error_response(status: int, error: DeploydError) -> web.Response:
+def _error_response(status: int, error: DeploydError, call_id: str = "") -> web.Response:
+    """{"error": message} with the model's type and traceback when it raised; call_id: the id
+    its whole traceback is logged under, named in the message."""
     message = str(error)
-    if len(message.encode()) > MAX_MESSAGE_BYTES:
-        message = message.encode()[: MAX_MESSAGE_BYTES - 40].decode(errors="ignore") + "... (cut)"
-    body: dict[str, Any] = {"error": message}
+    note = f" ({where_it_is(call_id)})" if call_id else ""
+    if len(message.encode()) > MAX_MESSAGE_BYTES - len(note):
+        message = message.encode()[: MAX_MESSAGE_BYTES - 40 - len(note)].decode(errors="ignore") + "... (cut)"
+    body: dict[str, Any] = {"error": message + note}
     if error.remote_type:
         body["type"] = error.remote_type
     if error.remote_traceback:
-        body["traceback"] = error.remote_traceback[-MAX_TRACEBACK_BYTES:]
+        traceback = error.remote_traceback
+        if len(traceback) > MAX_TRACEBACK_BYTES:
+            traceback = (
+                f"... ({len(traceback)} characters of traceback, cut; {where_it_is(call_id)})\n"
+                + (traceback[-MAX_TRACEBACK_BYTES:])
+            )
+        body["traceback"] = traceback
+    if call_id:
+        body["call_id"] = call_id
     response = _json(body, status)
     if isinstance(error, errors.WorkerCrashed) and error.caused_by_call:
         response.headers["Deployd-Call-Killed-Worker"] = "true"  # do not send it again

@@ -130,6 +130,17 @@ class DiesInNewWorkers:
         return x
 
 
+class RaisesLong:
+    """Raises a ValueError of x.numel() lines: its traceback too long for any answer to carry
+    whole (tests/test_tracebacks.py)."""
+
+    def __call__(self, x):
+        return self.explain(int(x.numel()))
+
+    def explain(self, lines):
+        raise ValueError("\n".join(f"what went wrong, part {i}" for i in range(lines)))
+
+
 class EchoMany:
     """Positional arguments back as a tuple (one: itself), keyword arguments as a dict, nothing
     as None: the shapes of result a KServe v2 answer maps to outputs (tests/test_kserve_v2.py)."""
