@@ -92,10 +92,16 @@ def replay_hint(test: str) -> str:
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+_CALL_ID = re.compile(r"call id [0-9a-f]+")  # each call's own: the id its whole traceback is logged under
+
+
+def _comparable(text: str) -> str:
+    return _CALL_ID.sub("call id", _ADDRESS.sub("0x", text))
 
 
 def same_answers(port: Answer, daemon: Answer) -> bool:
-    """A data port's answer is the daemon's: status, message, error detail (object addresses aside).
+    """A data port's answer is the daemon's: status, message, error detail (object addresses and
+    call ids aside).
 
     Where a worker died under the call the two paths' messages differ (the daemon names the
     exit, the port's caller loses the connection): then the status alone must be the same."""
@@ -104,10 +110,10 @@ def same_answers(port: Answer, daemon: Answer) -> bool:
     if port.code == Code.UNAVAILABLE:
         return True
     return (
-        _ADDRESS.sub("0x", port.details) == _ADDRESS.sub("0x", daemon.details)
+        _comparable(port.details) == _comparable(daemon.details)
         and port.remote_type == daemon.remote_type
         and port.call_killed_worker == daemon.call_killed_worker
-        and _ADDRESS.sub("0x", port.remote_traceback) == _ADDRESS.sub("0x", daemon.remote_traceback)
+        and _comparable(port.remote_traceback) == _comparable(daemon.remote_traceback)
     )
 
 
