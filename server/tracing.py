@@ -183,6 +183,17 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
+def model_run(slot: int, pid: int, object_id: str) -> contextlib.AbstractContextManager[Any]:
+    """A model's run in this process (a worker's data port, where the worker is the edge), a
+    child of the current span; None while off."""
+    if _tracer is None:
+        return _OFF
+    attributes = {WORKER_SLOT: slot, WORKER_PID: pid, OBJECT_ID: object_id}
+    return _tracer.start_as_current_span(  # type: ignore[no-any-return]
+        "deployd.model_run", attributes=attributes, record_exception=False, set_status_on_exception=False
+    )
+
+
 # ---------------------------------------------------------------------------- batching
 
 

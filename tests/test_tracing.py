@@ -269,6 +269,41 @@ def test_batched_callers_link_to_their_batch(
         assert waited.end_time_unix_nano <= run.start_time_unix_nano
 
 
+def test_a_data_port_is_the_edge_and_records_the_run_itself(
+    package_dir: Path, tmp_path: Path, collector: tuple[Collector, int], tracer: Any
+) -> None:
+    """With data ports the client calls a worker straight: the worker's process makes the edge
+    span (continuing the traceparent) and the model's run under it, and sends them itself."""
+    receiver = collector[0]
+    tracing = {"endpoint": f"127.0.0.1:{collector[1]}", "export_delay_ms": 50}
+    config = write_config(tmp_path / "config.yaml", package_dir, tracing=tracing, pool={"workers": 1, "data_ports": 0})
+    models = yaml.safe_load(config.read_text())
+    models["models"] = MODELS[:1]
+    config.write_text(yaml.safe_dump(models))
+    process = DaemonProcess(config).start()
+    try:
+        with (
+            InterpreterManager(process.target, timeout=60, direct=True, propagate_trace=True) as manager,
+            tracer.start_as_current_span("caller") as caller,
+        ):
+            assert manager.model("echo")(5) == 5
+        context = caller.get_span_context()
+        spans = wait_for_spans(
+            receiver, context.trace_id.to_bytes(16, "big"), {"deployd.v1.Deployd/Invoke", "deployd.model_run"}
+        )
+    finally:
+        process.assert_clean_stop()
+    edge, run = spans["deployd.v1.Deployd/Invoke"], spans["deployd.model_run"]
+    assert edge.parent_span_id == context.span_id.to_bytes(8, "big")
+    assert_nests(edge, run)
+    assert "deployd.to_worker" not in spans  # no hop through the daemon: the worker answered
+    run_attributes = attributes_of(run)
+    assert run_attributes["deployd.worker.slot"] == 0
+    assert run_attributes["deployd.status"] == "ok"
+    assert attributes_of(edge)["deployd.status"] == "OK"
+    assert attributes_of(edge)["deployd.model"] == "echo"
+
+
 def test_tracing_off_makes_no_connection(package_dir: Path, tmp_path: Path) -> None:
     """Off (no tracing.endpoint), even with OpenTelemetry's own variables pointing somewhere, the
     daemon connects to no collector: nothing arrives at a listening socket."""

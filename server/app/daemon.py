@@ -480,6 +480,7 @@ def _data_port_settings(
         log_format=config.server.log_format,
         log_level=logging.getLogger().getEffectiveLevel(),
         metrics_directory=metrics_directory,
+        tracing=config.tracing if config.tracing.endpoint else None,
     )
 
 
