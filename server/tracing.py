@@ -130,7 +130,7 @@ _ATTRIBUTE_NAMES = {"model": MODEL, "version": VERSION, "object_id": OBJECT_ID}
 
 def record_queue(queued_at: float, running_since: float, slot: int, pid: int) -> None:
     """The wait for a free worker (time.perf_counter seconds), under the current span."""
-    if _tracer is None:
+    if not _in_traced_call():
         return
     shift = _shift()
     attributes = {WORKER_SLOT: slot, WORKER_PID: pid}
@@ -143,7 +143,7 @@ def record_worker_call(
     """One request's trip to a worker and back, under the current span: sent_at and answered_at
     are the daemon's (time.perf_counter seconds), times the worker's (monotonic ns: read the
     request, began writing the reply). Without the worker's times (it died): one span for it all."""
-    if _tracer is None:
+    if not _in_traced_call():
         return
     shift = _shift()
     sent, answered = _ns(sent_at) + shift, _ns(answered_at) + shift
@@ -155,6 +155,13 @@ def record_worker_call(
     _record("deployd.to_worker", sent, received, where)
     _record("deployd.model_run", received, replied, {**where, STATUS: "ok" if ok else "error"}, ok=ok)
     _record("deployd.to_daemon", replied, answered, where)
+
+
+def _in_traced_call() -> bool:
+    """Tracing is on and a recorded span is current: a traced call's, or its batch's. The pool
+    serves requests that are no traced call too (a session's steps, replays into a new
+    worker): their waits and hops would each be a trace of one span."""
+    return _tracer is not None and bool(_otel.get_current_span().is_recording())
 
 
 def _record(

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
@@ -324,6 +325,34 @@ def test_tracing_off_makes_no_connection(package_dir: Path, tmp_path: Path) -> N
         process.assert_clean_stop()
     with listener, pytest.raises(BlockingIOError):
         listener.accept()
+
+
+def test_the_pool_records_spans_only_under_a_traced_call() -> None:
+    """A session's step or a replay is no traced call: its wait and hops make no trace of their own."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from server import tracing as daemon_tracing
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+    daemon_tracing.start(tracer)
+    try:
+        now = time.perf_counter()
+        daemon_tracing.record_queue(now - 0.002, now - 0.001, 0, 1)
+        assert exported.get_finished_spans() == ()
+        with tracer.start_as_current_span("call") as call:
+            daemon_tracing.record_queue(now - 0.002, now - 0.001, 0, 1)
+            daemon_tracing.record_worker_call(now - 0.001, None, now, 0, 1, "obj-1", False)
+    finally:
+        daemon_tracing.stop()
+    queue, lost, _ = exported.get_finished_spans()
+    assert (queue.name, lost.name) == ("deployd.queue", "deployd.worker_call")
+    assert queue.parent is not None and queue.parent.span_id == call.get_span_context().span_id
+    assert queue.end_time - queue.start_time == pytest.approx(1_000_000, abs=1000)
+    assert not lost.status.is_ok  # the worker died: no times of its own, an error
 
 
 def test_tracing_off_imports_no_opentelemetry() -> None:
