@@ -305,6 +305,24 @@ def test_a_data_port_is_the_edge_and_records_the_run_itself(
     assert attributes_of(edge)["deployd.model"] == "echo"
 
 
+def test_a_collector_that_is_down_fails_no_call(package_dir: Path, tmp_path: Path) -> None:
+    """Spans that cannot leave are dropped on the exporter's thread: calls are answered, and the
+    daemon stops (its flush bounded) with exit 0."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        closed_port = taken.getsockname()[1]  # closed again below: nothing listens there
+    tracing = {"endpoint": f"127.0.0.1:{closed_port}", "export_delay_ms": 50}
+    config = write_config(tmp_path / "config.yaml", package_dir, tracing=tracing, pool={"workers": 1})
+    process = DaemonProcess(config).start()
+    try:
+        with InterpreterManager(process.target, timeout=60) as manager:
+            echo = manager.load_package(package_dir / "models.pt").load_pickle("models", "echo.pkl")
+            assert [echo(index) for index in range(20)] == list(range(20))
+    finally:
+        started = time.monotonic()
+        process.assert_clean_stop()
+    assert time.monotonic() - started < 30
+
+
 def test_tracing_off_makes_no_connection(package_dir: Path, tmp_path: Path) -> None:
     """Off (no tracing.endpoint), even with OpenTelemetry's own variables pointing somewhere, the
     daemon connects to no collector: nothing arrives at a listening socket."""
