@@ -190,17 +190,6 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def model_run(slot: int, pid: int, object_id: str) -> contextlib.AbstractContextManager[Any]:
-    """A model's run in this process (a worker's data port, where the worker is the edge), a
-    child of the current span; None while off."""
-    if _tracer is None:
-        return _OFF
-    attributes = {WORKER_SLOT: slot, WORKER_PID: pid, OBJECT_ID: object_id}
-    return _tracer.start_as_current_span(  # type: ignore[no-any-return]
-        "deployd.model_run", attributes=attributes, record_exception=False, set_status_on_exception=False
-    )
-
-
 # ---------------------------------------------------------------------------- batching
 
 
@@ -225,23 +214,30 @@ def batch(
 @contextlib.contextmanager
 def _batch_span(callers: list[tuple[Any, float]], sent_at: float, attributes: Mapping[str, Any]) -> Iterator[Any]:
     shift = _shift()
-    contexts = [context for context, _ in callers if context is not None and context.is_valid]
-    links = [_otel.Link(context) for context in contexts]
+    traced = [(context, arrived) for context, arrived in callers if context is not None and context.is_valid]
+    links = [_otel.Link(context) for context, _ in traced]
     # From its oldest caller's arrival: the batch's forming, then its run.
     formed_from = _ns(min((arrived for _, arrived in callers), default=sent_at)) + shift
     root = _otel.set_span_in_context(_otel.INVALID_SPAN)  # never the first caller's, whose task made this
     span = _tracer.start_span("deployd.batch", context=root, attributes=attributes, links=links, start_time=formed_from)
-    if span.is_recording():
-        batch_link = [_otel.Link(span.get_span_context())]
-        for context, arrived in callers:
-            if context is not None and context.is_valid:
-                _record(
-                    "deployd.batch_wait",
-                    _ns(arrived) + shift,
-                    _ns(sent_at) + shift,
-                    {},
-                    parent=context,
-                    links=batch_link,
-                )
+    # Each caller's wait, in the caller's trace (kept or not as the caller's is), linked to the
+    # batch (whether or not the batch's own trace is kept).
+    batch_link = [_otel.Link(span.get_span_context())]
+    for context, arrived in traced:
+        _record("deployd.batch_wait", _ns(arrived) + shift, _ns(sent_at) + shift, {}, parent=context, links=batch_link)
     with _otel.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
         yield span
+
+
+# ---------------------------------------------------------------------------- a data port
+
+
+def model_run(slot: int, pid: int, object_id: str) -> contextlib.AbstractContextManager[Any]:
+    """A model's run in this process (a worker's data port, where the worker is the edge), a
+    child of the current span; None while off."""
+    if _tracer is None:
+        return _OFF
+    attributes = {WORKER_SLOT: slot, WORKER_PID: pid, OBJECT_ID: object_id}
+    return _tracer.start_as_current_span(  # type: ignore[no-any-return]
+        "deployd.model_run", attributes=attributes, record_exception=False, set_status_on_exception=False
+    )
