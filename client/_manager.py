@@ -46,6 +46,7 @@ from client._proto import deployd_pb2_grpc as pb_grpc
 from client._replicas import refuse_change
 from client._retry import Retry
 from client._tls import TLS
+from client._trace import TraceMetadata, trace_metadata_source
 
 from ._backend import (
     Lock,
@@ -87,6 +88,9 @@ class InterpreterManager(WorkerCount):
     token: bearer token sent with every call (the daemon's auth.admin_tokens or
         auth.invoke_tokens); None: $DEPLOYD_TOKEN if set, else none.
     tls: connect with TLS (TLS(ca=...), plus cert= and key= for mutual TLS); None: plaintext.
+    propagate_trace: send the current OpenTelemetry span's context (W3C traceparent) with each
+        call to a model, so that the daemon's spans join the caller's trace; needs
+        opentelemetry-api, imported only then.
 
     num_workers: the daemon's worker count; a property in the blocking client, a coroutine
     in the asyncio one (a property cannot wait). The asyncio manager's channel belongs to the
@@ -105,12 +109,14 @@ class InterpreterManager(WorkerCount):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         direct: bool | None = None,
+        propagate_trace: bool = False,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retry = retry
         self._chunk_bytes = chunk_bytes
         self._metadata = requests.auth_metadata(token)
+        self._trace_metadata: TraceMetadata | None = trace_metadata_source() if propagate_trace else None
         options = requests.channel_options(max_message_bytes, load_balancing)
         self._worker_options = requests.channel_options(max_message_bytes, "pick_first")
         self._tls = tls
@@ -150,10 +156,16 @@ class InterpreterManager(WorkerCount):
         )
         while True:
             try:
-                return rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
+                return rpc(request, timeout=attempts.remaining(), metadata=self._call_metadata())
             except grpc.RpcError as rpc_error:
                 error = translate_rpc_error(rpc_error)
             sleep(attempts.pause_after(error))
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of one call: the token, and the caller's span when propagate_trace."""
+        if self._trace_metadata is None:
+            return self._metadata
+        return (*self._metadata, *self._trace_metadata())
 
     def call_object(
         self,
@@ -183,7 +195,7 @@ class InterpreterManager(WorkerCount):
                         self._refresh_routes()
             worker = routes.pick(unreachable) if request.object_id in routes.targets else None
             stub = self._stub if worker is None else worker.stub
-            metadata = self._metadata
+            metadata = self._call_metadata()
             call_id = 0
             if worker is not None:
                 worker.in_flight += 1

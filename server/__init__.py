@@ -10,5 +10,6 @@ Rooms, imports pointing down only (tests/test_layers.py keeps them so):
     pool/    supervises worker processes and routes calls to them
     ipc/     the daemon <-> worker protocol (messages, framing) and shared memory
     worker/  what runs inside a worker process: the only place model code and torch run
-Beside them: errors (the domain errors), logs, malloc, and proto/ (generated from protos/).
+Beside them: errors (the domain errors), logs, malloc, tracing (spans, through OpenTelemetry's API;
+server.app.tracing starts it), and proto/ (generated from protos/).
 """

@@ -16,7 +16,7 @@ import pytest
 from tests.daemon_process import REPO
 
 # What each room of server/ may import from server/ (see server/__init__.py).
-_BASE = {"errors", "logs", "malloc", "proto"}
+_BASE = {"errors", "logs", "malloc", "proto", "tracing"}
 _ALLOWED: dict[str, set[str]] = {
     "app": {"app", "api", "models", "batching", "pool", "ipc", "worker", "base"},
     "api": {"api", "models", "batching", "pool", "ipc", "base"},

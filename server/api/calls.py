@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from server import errors
+from server import errors, tracing
 from server.api.metrics import Metrics
 from server.api.model_failures import (
     REQUEST_ID_KEY,
@@ -109,6 +109,7 @@ def call_handlers(
     model_of: Callable[[Any], str],
     per_model: frozenset[str] = frozenset(),
     loads: Mapping[str, str] | None = None,
+    service: str = "",
 ) -> Callable[[Handler], Handler]:
     """A decorator for one protocol's handlers, unary (a coroutine) and streaming (an async
     generator) alike: a domain error raised by a handler becomes its status, its message cut to
@@ -122,6 +123,9 @@ def call_handlers(
     model_of: what the request addresses (an object id or a model name), for the log line;
     per_model: the methods whose metrics carry it as a label (others are few, and their series
     would outlive the model); loads: method -> kind, for the load duration histogram.
+
+    With tracing on, each call of a per_model method (a call to a model) has a span named
+    "service/method", continuing the caller's traceparent (server.tracing.edge).
     """
     load_kinds = dict(loads or {})
 
@@ -153,9 +157,9 @@ def call_handlers(
 
             return stream_wrapper  # type: ignore[return-value]
 
-        @functools.wraps(handler)
-        async def wrapper(self: Servicer, request: Any, context: Context) -> Any:
+        async def serve(self: Servicer, request: Any, context: Context, span: Any = None) -> Any:
             call = start(self, request, context)
+            call.span = span
             try:
                 _refuse_malformed(request)
                 response = await handler(self, request, context)
@@ -167,7 +171,20 @@ def call_handlers(
             call.finish(grpc.StatusCode.OK)
             return response
 
-        return wrapper  # type: ignore[return-value]
+        if method not in per_model:
+            return functools.wraps(handler)(serve)  # type: ignore[return-value]
+        span_name = f"{service}/{method}"
+
+        @functools.wraps(handler)
+        async def traced(self: Servicer, request: Any, context: Context) -> Any:
+            if not tracing.enabled():
+                return await serve(self, request, context)
+            model = "" if isinstance(request, MalformedRequest) else _cut(model_of(request), MAX_LOGGED_TARGET)
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method, tracing.MODEL: model}
+            with tracing.edge(span_name, context.invocation_metadata, attributes) as span:
+                return await serve(self, request, context, span)
+
+        return traced  # type: ignore[return-value]
 
     return decorate
 
@@ -195,6 +212,7 @@ class _Call:
         self._counted = False
         self._call_id = ""
         self._code, self._seconds = grpc.StatusCode.OK, 0.0
+        self.span: Any = None  # the call's edge span (server.tracing), when traced
         self._metrics.calls_in_flight.inc()
 
     def finish(self, code: grpc.StatusCode) -> None:
@@ -214,6 +232,7 @@ class _Call:
                 # Once the answer has left: the line costs the caller no latency.
                 self._context.add_done_callback(lambda _: self._log())
         self._code, self._seconds = code, seconds
+        tracing.set_status(self.span, code.name, code == grpc.StatusCode.OK)
 
     @property
     def call_id(self) -> str:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from server import tracing
 from server.api import deployd_v1, kserve_v2
 from server.api.auth import TokenAuth
 from server.api.calls import Context
@@ -84,6 +85,9 @@ class DataPortSettings(NamedTuple):
     log_format: str = "plain"  # server.log_format
     log_level: int = 20  # the daemon's (INFO): the call lines of a data port are logged as the daemon's
     metrics_directory: str = ""  # where the call series go for the daemon's /metrics ("": nowhere)
+    # The daemon's tracing section (server.app.config.TracingSection), which the worker's
+    # process starts its own tracing from (server.app.worker_process); None: off.
+    tracing: object = None
 
 
 class LocalPool:
@@ -125,6 +129,7 @@ class LocalModels:
 
     def __init__(self, run: Run, row: WorkerRow | None, metrics: Metrics | None = None, max_queued: int = 1000) -> None:
         self.generation = 0
+        self.slot = -1  # the worker's, once its port opens (for its spans)
         self._run_request = run
         self._row = row
         self._names = ModelNames()
@@ -196,7 +201,10 @@ class LocalModels:
         if row is not None:
             row.begin(_caller_deadline.get(), _call_id.get())
         try:
-            reply, out_buffers = self._run_request(message, buffers)
+            with tracing.model_run(self.slot, os.getpid(), getattr(message, "object_id", "")) as span:
+                reply, out_buffers = self._run_request(message, buffers)
+                ran = isinstance(reply, protocol.Result)
+                tracing.set_status(span, "ok" if ran else "error", ran)
         except SystemExit as stop:
             # Model code ended the process (sys.exit(n); the runtime turns every Exception into
             # a Failure). grpc would swallow it in the call's task: end now with its code, the
@@ -287,6 +295,7 @@ class DataPort:
         if self._server is not None:
             raise InvalidArgument("the data port is already open")
         settings = self._settings
+        self.models.slot = request.slot
         if settings.board:
             self.models._row = WorkerRow(settings.board, request.slot)
         metrics = self._metrics

@@ -34,7 +34,9 @@ def _object_of(request: Any) -> str:
 
 
 # Invoke and HasAttr carry their object (or model name) as a metrics label; others are few.
-_reports_errors = call_handlers(_object_of, per_model=frozenset({"Invoke", "HasAttr"}), loads=_LOADS)
+_reports_errors = call_handlers(
+    _object_of, per_model=frozenset({"Invoke", "HasAttr"}), loads=_LOADS, service=SERVICE_NAME
+)
 
 
 class InvokeHandlers(Servicer):

@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from server import errors
+from server import errors, tracing
 from server.api.auth import ADMIN, BearerTokens
 from server.api.calls import MAX_MESSAGE_BYTES, calls_log
 from server.api.kserve_calls import EXTENSIONS, SERVER_NAME, V2Calls, V2Repository, server_version
@@ -222,7 +222,7 @@ class KServeHttp:
         metrics = self._metrics
         settings = self._settings
 
-        async def serve(request: web.Request) -> web.Response:
+        async def serve(request: web.Request, span: Any = None) -> web.Response:
             started = time.perf_counter()
             metrics.calls_in_flight.inc()
             target = request.match_info.get("name", "")[:200]
@@ -266,6 +266,7 @@ class KServeHttp:
                 # name would be a series for good (gRPC's token check counts refusals alike).
                 label = target if per_model and code not in _UNLABELLED else ""
                 metrics.observe_call(method, label, code, seconds, HTTP)
+                tracing.set_status(span, code, code == "OK")
                 sent = response.content_length or 0 if response is not None else 0
                 metrics.observe_http_bytes(request.content_length or 0, sent)
                 request_id = call_id or request.headers.get(REQUEST_ID_KEY, "")[:MAX_REQUEST_ID] or new_call_id()
@@ -284,7 +285,22 @@ class KServeHttp:
                     calls_log.info("call", extra={"fields": fields})
             return response
 
-        return serve
+        if not per_model:
+            return serve
+
+        async def traced(request: web.Request) -> web.Response:
+            """A call to a model: a span, continuing the caller's traceparent header (server.tracing)."""
+            if not tracing.enabled():
+                return await serve(request)
+            attributes = {
+                "http.request.method": request.method,
+                "url.path": request.path[:200],
+                tracing.MODEL: request.match_info.get("name", "")[:200],
+            }
+            with tracing.edge(f"HTTP {method}", lambda: request.headers, attributes) as span:
+                return await serve(request, span)
+
+        return traced
 
     def _refusal(self, request: web.Request, method: str, admin: bool) -> tuple[str, web.Response] | None:
         tokens = self._settings.tokens

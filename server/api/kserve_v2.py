@@ -35,7 +35,9 @@ def _model_of(request: Any) -> str:
     return str(getattr(request, "model_name", "") or getattr(request, "name", ""))
 
 
-_handles_call = call_handlers(_model_of, per_model=frozenset({"ModelInfer"}), loads={"RepositoryModelLoad": "model"})
+_handles_call = call_handlers(
+    _model_of, per_model=frozenset({"ModelInfer"}), loads={"RepositoryModelLoad": "model"}, service=SERVICE_NAME
+)
 
 
 class InferHandlers(Servicer):

@@ -136,6 +136,18 @@ class TlsSection:
 
 
 @dataclass(frozen=True)
+class TracingSection:
+    """OpenTelemetry spans of the calls to models, sent over OTLP/gRPC (README: "Tracing")."""
+
+    endpoint: str = ""  # the collector's host:port (OTLP over gRPC); empty: tracing off
+    sample_ratio: float = 1.0  # of the traces the daemon starts; a caller's sampled flag is followed
+    service_name: str = "deployd"  # the spans' service.name
+    insecure: bool = True  # plaintext to the collector; false: TLS, with the system's root certificates
+    # How often finished spans are sent (in batches); a call's spans reach the collector within it.
+    export_delay_ms: float = 5000.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     pool: PoolSection = field(default_factory=PoolSection)
@@ -145,6 +157,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     auth: AuthSection = field(default_factory=AuthSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    tracing: TracingSection = field(default_factory=TracingSection)
     # Not sections: the model repository, loaded before the daemon serves (README: Models by name).
     models: tuple[ModelEntry, ...] = ()
     models_on_error: str = "stop"  # a model that cannot load: stop (exit 2) or continue without it
@@ -332,6 +345,13 @@ def _validate(config: Config) -> None:
             not config.server.http_address or _is_address(config.server.http_address),
         ),
         ("server.http_max_body_bytes", config.server.http_max_body_bytes, config.server.http_max_body_bytes >= 1),
+        ("tracing.sample_ratio", config.tracing.sample_ratio, 0.0 <= config.tracing.sample_ratio <= 1.0),
+        ("tracing.export_delay_ms", config.tracing.export_delay_ms, config.tracing.export_delay_ms > 0),
+        (
+            "tracing.endpoint",
+            config.tracing.endpoint,
+            not config.tracing.endpoint or _is_address(config.tracing.endpoint.split("://")[-1]),
+        ),
     ]
     checks += [
         ("server.log_format", config.server.log_format, config.server.log_format in ("plain", "json")),

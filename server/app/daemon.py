@@ -42,6 +42,7 @@ from server.api.values import ValueLimits
 from server.app import eventloop, worker_process
 from server.app.config import Config, ConfigError, ServerSection, split_address, worker_user
 from server.app.exit_codes import ExitCode
+from server.app.tracing import start_tracing
 from server.batching.batcher import BatchObserver
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
 from server.ipc.shm import remove_stale_segments, set_worker_group
@@ -479,6 +480,7 @@ def _data_port_settings(
         log_format=config.server.log_format,
         log_level=logging.getLogger().getEffectiveLevel(),
         metrics_directory=metrics_directory,
+        tracing=config.tracing if config.tracing.endpoint else None,
     )
 
 
@@ -492,6 +494,7 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
 
     async def main() -> int:
         # Built inside the loop: grpc.aio binds its server to the running loop.
+        stop_tracing = start_tracing(config.tracing)
         try:
             return await Daemon(config, reload_config).run()
         except (StartupError, WorkerCrashed) as error:
@@ -500,6 +503,9 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
         except ModelLoadFailed as error:
             log.error("cannot start: %s", error)
             return ExitCode.CONFIG_ERROR  # models_on_error: stop
+        finally:
+            if stop_tracing is not None:
+                stop_tracing()
 
     return eventloop.run(main(), config.server.event_loop)
 

@@ -24,6 +24,8 @@ from typing import Any
 from server import logs
 from server.api.dataport import DataPort, DataPortSettings
 from server.app import eventloop
+from server.app.config import TracingSection
+from server.app.tracing import start_tracing
 from server.errors import DeploydError
 from server.ipc import protocol
 from server.worker.entry import WorkerSettings
@@ -40,9 +42,14 @@ def run_worker(channel: socket.socket, settings: WorkerSettings, data: DataPortS
     logs.use_format(data.log_format)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_tag)
+    # The port is this call's edge: its spans are made and sent here (started after the fork:
+    # the fork server never runs grpc, nor any thread).
+    stop_tracing = start_tracing(data.tracing) if isinstance(data.tracing, TracingSection) else None
     try:
         eventloop.run(_serve(channel, runtime, settings, data), data.event_loop)
     finally:
+        if stop_tracing is not None:
+            stop_tracing()
         logs.stop()
 
 

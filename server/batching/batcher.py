@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from server import tracing
 from server.batching.merge import Unbatchable, batch_key, merge, rows_of, split
 from server.errors import InvalidArgument, Overloaded
 from server.ipc import protocol
@@ -73,6 +74,7 @@ class _Waiting:
     kwargs: dict[str, Any]
     buffers: list[Any]
     arrived: float
+    trace: Any  # the caller's span context, for its batch to link to (server.tracing); None: off
     answer: asyncio.Future[tuple[Any, list[Any]]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -124,7 +126,8 @@ class Batcher:
             )
         if not self._pending and not self._running and self._pool.idle_count() > self._unstarted:
             return await self._alone(method, args, kwargs, buffers, rows)
-        waiting = _Waiting(method, batch_key(method, args, kwargs), rows, args, kwargs, buffers, time.perf_counter())
+        key = batch_key(method, args, kwargs)
+        waiting = _Waiting(method, key, rows, args, kwargs, buffers, time.perf_counter(), tracing.caller())
         self._pending.append(waiting)
         self._wakeup.set()
         if self._loop_task is None or self._loop_task.done():
@@ -227,9 +230,20 @@ class Batcher:
         now = time.perf_counter()
         for waiting in batch:
             self._observer.waited(self._label, now - waiting.arrived)
-        self._observer.batch(self._label, sum(waiting.rows for waiting in batch))
+        rows = sum(waiting.rows for waiting in batch)
+        self._observer.batch(self._label, rows)
         self._running += 1
-        task = asyncio.create_task(self._run_batch(batch, batch[0].method, self._Start(self)))
+        span = tracing.batch(
+            [(waiting.trace, waiting.arrived) for waiting in batch],
+            now,
+            {
+                tracing.MODEL: self._label,
+                tracing.OBJECT_ID: self._object_id,
+                tracing.BATCH_SIZE: rows,
+                tracing.BATCH_CALLS: len(batch),
+            },
+        )
+        task = asyncio.create_task(self._run_batch(batch, batch[0].method, self._Start(self), span))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
@@ -251,7 +265,14 @@ class Batcher:
             self()  # never got a worker: no longer about to take one
             self._batcher._wakeup.set()  # less load now: the loop may look again
 
-    async def _run_batch(self, batch: list[_Waiting], method: str, on_start: Batcher._Start) -> None:
+    async def _run_batch(
+        self, batch: list[_Waiting], method: str, on_start: Batcher._Start, span: contextlib.AbstractContextManager[Any]
+    ) -> None:
+        """span: the batch's (server.tracing), current while it runs: the pool's spans go under it."""
+        with span:
+            await self._run_batch_now(batch, method, on_start)
+
+    async def _run_batch_now(self, batch: list[_Waiting], method: str, on_start: Batcher._Start) -> None:
         caller_gone = asyncio.ensure_future(_all_cancelled([waiting.answer for waiting in batch]))
         try:
             if len(batch) == 1:

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, NamedTuple
 
+from server import tracing
 from server.batching.batcher import Batcher, BatchObserver, BatchPolicy
 from server.batching.batcher import Pool as BatchPool
 from server.errors import (
@@ -324,6 +325,7 @@ class ModelService:
         """Call a method of an object or a model (its serving version, or the one pinned) on a
         free worker: packed values in, a packed value out."""
         object_id = self._resolve(target, version)
+        tracing.annotate(model=target, version=version, object_id=object_id)
         batcher = self._batchers.get(object_id)
         if batcher is not None:
             return await self._counted(object_id, batcher.call(method, args, kwargs, buffers))
@@ -331,6 +333,7 @@ class ModelService:
 
     async def has_attr(self, target: str, version: int, name: str) -> bool:
         object_id = self._resolve(target, version)
+        tracing.annotate(model=target, version=version, object_id=object_id)
         present, _ = await self._counted_call(object_id, protocol.HasAttr(object_id, name), [])
         return bool(present)
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from server import tracing
 from server.errors import Overloaded, PoolClosed, WorkerCrashed
 from server.ipc import protocol
 from server.pool.events import WorkerEvent, WorkerExited, WorkerServing
@@ -181,9 +182,11 @@ class Dispatcher:
         queued_at: float,
         on_start: Callable[[], None] | None,
     ) -> tuple[Any, list[Any]]:
-        """Run a request on a worker this call holds (state busy), then let it go."""
+        """Run a request on a worker this call holds (state busy), then let it go. With tracing
+        on, the wait and the trip to the worker are spans under the caller's."""
         running_since = time.perf_counter()
         self._on_queue_wait(running_since - queued_at)
+        tracing.record_queue(queued_at, running_since, worker.index, worker.pid)
         if on_start is not None:
             on_start()
         try:
@@ -201,8 +204,18 @@ class Dispatcher:
             raise
         except BaseException:
             self._release(worker)
+            if tracing.enabled():
+                tracing.record_worker_call(
+                    running_since, None, time.perf_counter(), worker.index, worker.pid, _object_of(message), False
+                )
             raise
         self._release(worker)
+        if tracing.enabled():
+            ok = not isinstance(frame.message, protocol.Failure)
+            times = frame.notes.get("times")
+            tracing.record_worker_call(
+                running_since, times, time.perf_counter(), worker.index, worker.pid, _object_of(message), ok
+            )
         if isinstance(message, protocol.Invoke):
             self._on_run(message.object_id, time.perf_counter() - running_since)
         return interpret_reply(frame)
@@ -304,6 +317,11 @@ class Dispatcher:
     def queue_depth(self) -> int:
         """Calls waiting for a free worker."""
         return self._waiting
+
+
+def _object_of(message: protocol.Request) -> str:
+    object_id = getattr(message, "object_id", "")
+    return object_id if isinstance(object_id, str) else ""
 
 
 def describe_request(message: protocol.Request) -> str:
