@@ -16,8 +16,8 @@ from client import (
     PermissionDeniedError,
     RemoteError,
 )
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
 
 def assert_still_serving(manager: InterpreterManager, package_dir: Path) -> None:

@@ -28,7 +28,7 @@ passes, which xfail(strict) fails: remove the marker and the KNOWN_BUGS entry.
 RepositoryModelLoad and RepositoryModelUnload are left out: they change what is loaded, which
 the oracle takes as fixed (tests/test_kserve_v2.py covers them).
 
-The v2 messages are tritonclient's (`tritonclient.grpc.service_pb2`), never server/proto's:
+The v2 messages are tritonclient's (`tritonclient.grpc.service_pb2`), never deployd_wire/proto's:
 both register the protobuf package `inference` and one process's descriptor pool refuses two.
 """
 

@@ -16,7 +16,7 @@ import pytest
 from tests.daemon_process import REPO
 
 # What each room of server/ may import from server/ (see server/__init__.py).
-_BASE = {"errors", "logs", "malloc", "proto"}
+_BASE = {"errors", "logs", "malloc"}
 _ALLOWED: dict[str, set[str]] = {
     "app": {"app", "api", "models", "batching", "pool", "ipc", "worker", "base"},
     "api": {"api", "models", "batching", "pool", "ipc", "base"},
@@ -27,7 +27,7 @@ _ALLOWED: dict[str, set[str]] = {
     "worker": {"worker", "ipc"},
     "base": {"ipc", "base"},
 }
-_GRPC_ROOMS = {"app", "api", "base"}  # base: proto/ (generated stubs)
+_GRPC_ROOMS = {"app", "api"}
 _TORCH_ROOMS = {"worker"}
 _HTTP_ROOMS = {"app", "api"}  # aiohttp: the HTTP edge (server.api.kserve_http)
 

@@ -29,8 +29,8 @@ from client import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from server.api.calls import MAX_MESSAGE_BYTES, call_handlers
 from server.api.metrics import Metrics
 from server.errors import NotFound
