@@ -1,7 +1,12 @@
 """The layers keep to their imports: arrows point down, grpc stays at the edge, torch in workers.
 
-The static check reads every module's imports (also those inside functions); the run-time
-check imports a module in a fresh interpreter and looks at what it pulled in.
+Between the top-level packages: the wire format (deployd_wire) imports none of them; the server
+and the client import it and never each other; the command line (deployd_cli) is the one place
+that imports both. Inside server/, its rooms import only downward.
+
+The static check reads every module's imports from the source files (also those inside
+functions, relative ones resolved); the run-time check imports a module in a fresh interpreter
+and looks at what it pulled in.
 """
 
 from __future__ import annotations
@@ -14,6 +19,14 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_process import REPO
+
+# Which other top-level packages each may import.
+_PACKAGES: dict[str, set[str]] = {
+    "deployd_wire": set(),
+    "server": {"deployd_wire"},
+    "client": {"deployd_wire"},
+    "deployd_cli": {"server", "client", "deployd_wire"},
+}
 
 # What each room of server/ may import from server/ (see server/__init__.py).
 _BASE = {"errors", "logs", "malloc"}
@@ -42,47 +55,66 @@ def _room(module: str) -> str:
 
 
 def _modules() -> list[tuple[str, Path]]:
+    """(dotted name, path) of every source file of the packages; an __init__.py keeps its name."""
     found = []
-    for path in sorted((REPO / "server").rglob("*.py")):
-        relative = path.relative_to(REPO).with_suffix("")
-        found.append((".".join(relative.parts), path))
+    for package in _PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            relative = path.relative_to(REPO).with_suffix("")
+            found.append((".".join(relative.parts), path))
     return found
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, module: str) -> set[str]:
+    """Every name path imports, read as module: `from . import x` inside server/api is server.api.x."""
+    package = module.split(".")[:-1]
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[: len(package) - node.level + 1], *([node.module] if node.module else [])])
+            if node.level == 0:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
-def test_server_rooms_import_only_downward() -> None:
+def violations(module: str, path: Path) -> list[str]:
+    """The imports in path (read as module) that break an arrow: one line each."""
+    package = module.split(".")[0]
+    room = _room(module)
     wrong = []
-    for module, path in _modules():
-        room = _room(module)
-        for name in _imports(path):
-            top = name.split(".")[0]
-            if top == "server" and name.count(".") >= 1:
-                target = _room(name)
-                if target not in _ALLOWED[room] and not (name == "server" or name.startswith("server.__")):
-                    wrong.append(f"{module} ({room}) imports {name} ({target})")
-            if (top == "grpc" or top.startswith("grpc_")) and room not in _GRPC_ROOMS:
-                wrong.append(f"{module} ({room}) imports {name}")
-            if top == "torch" and room not in _TORCH_ROOMS:
-                wrong.append(f"{module} ({room}) imports {name}")
-            if top == "aiohttp" and room not in _HTTP_ROOMS:
-                wrong.append(f"{module} ({room}) imports {name}")
+    for name in sorted(_imports(path, module)):
+        top = name.split(".")[0]
+        if top in _PACKAGES and top != package and top not in _PACKAGES[package]:
+            wrong.append(f"{module} imports {name}: {package} may import {sorted(_PACKAGES[package]) or 'none'}")
+        if package != "server":
+            continue
+        if top == "server" and name.count(".") >= 1:
+            target = _room(name)
+            if target not in _ALLOWED[room] and not name.startswith("server.__"):
+                wrong.append(f"{module} ({room}) imports {name} ({target})")
+        if (top == "grpc" or top.startswith("grpc_")) and room not in _GRPC_ROOMS:
+            wrong.append(f"{module} ({room}) imports {name}")
+        if top == "torch" and room not in _TORCH_ROOMS:
+            wrong.append(f"{module} ({room}) imports {name}")
+        if top == "aiohttp" and room not in _HTTP_ROOMS:
+            wrong.append(f"{module} ({room}) imports {name}")
+    return wrong
+
+
+def test_every_module_imports_only_what_its_layer_may() -> None:
+    modules = _modules()
+    assert {module.split(".")[0] for module, _ in modules} == set(_PACKAGES)  # the walk found every package
+    wrong = [line for module, path in modules for line in violations(module, path)]
     assert not wrong, "\n".join(wrong)
 
 
 def test_the_static_check_sees_a_wrong_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from server.api.deployd_v1 import DeploydServicer\n")
-    assert "server.api.deployd_v1" in _imports(bad)
+    assert "server.api.deployd_v1" in _imports(bad, "server.pool.bad")
     assert "api" not in _ALLOWED[_room("server.pool.supervisor")]
 
 
@@ -99,6 +131,12 @@ def test_the_static_check_sees_a_wrong_import(tmp_path: Path) -> None:
         ("server.app.worker_process", "aiohttp"),  # a worker's data port speaks gRPC only
         ("server.api.kserve_calls", "aiohttp"),  # the operations know no protocol
         ("server.api.kserve_rest", "aiohttp"),
+        ("server.app.daemon", "client"),  # the server never imports the client...
+        ("server.app.cli", "client"),
+        ("client", "server"),  # ...nor the client the server
+        ("client.aio", "server"),
+        ("deployd_wire.proto.deployd_pb2", "server"),
+        ("deployd_wire.proto.deployd_pb2", "client"),
     ],
 )
 def test_module_does_not_import(module: str, forbidden: str) -> None:

@@ -349,7 +349,7 @@ def test_status_and_the_cli_show_open_sessions(manager: InterpreterManager, daem
         shown = {entry.session_id: entry for entry in manager.status().sessions}
         assert shown[session.id].objects == 2 and shown[session.id].worker == session.worker
         report = subprocess.run(
-            [sys.executable, "-m", "server", "status", "--json", "--address", daemon.target],
+            [sys.executable, "-m", "deployd_cli", "status", "--json", "--address", daemon.target],
             cwd=REPO,
             capture_output=True,
             text=True,
