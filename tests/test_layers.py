@@ -111,11 +111,45 @@ def test_every_module_imports_only_what_its_layer_may() -> None:
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_static_check_sees_a_wrong_import(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from server.api.deployd_v1 import DeploydServicer\n")
-    assert "server.api.deployd_v1" in _imports(bad, "server.pool.bad")
-    assert "api" not in _ALLOWED[_room("server.pool.supervisor")]
+@pytest.mark.parametrize(
+    ("module", "source", "wrong"),
+    [
+        ("server.app.cli", "def main():\n    from client import cli\n", "imports client"),
+        ("client._manager", "from server.errors import NotFound\n", "imports server.errors"),
+        ("deployd_wire.dtypes", "import deployd_cli.main\n", "imports deployd_cli.main"),
+        ("server.pool.supervisor", "def f():\n    from server.api.deployd_v1 import X\n", "(pool) imports server.api"),
+        ("server.pool.dispatcher", "from ..api import calls\n", "(pool) imports server.api.calls"),
+        ("server.models.service", "import grpc\n", "(models) imports grpc"),
+        ("server.api.calls", "import torch\n", "(api) imports torch"),
+    ],
+    ids=["server->client", "client->server", "wire->cli", "room-up", "relative-room-up", "grpc", "torch"],
+)
+def test_the_check_fails_on_a_planted_import(tmp_path: Path, module: str, source: str, wrong: str) -> None:
+    """The checker the real files go through, on a file with one bad import: it names it."""
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"import os\nfrom deployd_wire.dtypes import DTYPES\n{source}")
+    found = violations(module, planted)
+    assert any(wrong in line for line in found), found
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("deployd_cli.main", "import grpc\nfrom client import InterpreterManager\nfrom server.app import cli\n"),
+        (
+            "server.api.calls",
+            "import grpc\nfrom deployd_wire.proto import deployd_pb2\nfrom ..models import x\n",
+        ),
+        (
+            "client._manager",
+            "import torch\nfrom deployd_wire.tensors import tensor_bytes\nfrom . import _backend\n",
+        ),
+    ],
+)
+def test_the_check_passes_allowed_imports(tmp_path: Path, module: str, source: str) -> None:
+    planted = tmp_path / "planted.py"
+    planted.write_text(source)
+    assert violations(module, planted) == []
 
 
 @pytest.mark.parametrize(
