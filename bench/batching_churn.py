@@ -4,6 +4,8 @@ Prints the daemon's and workers' RSS and fds and /dev/shm's segments every 100 c
 must stay flat (each load makes a batcher, each unload closes it).
 
     python -m bench.batching_churn [CYCLES]      (default 1000)
+
+In the suite (`python -m bench`, run()): 200 cycles; with --smoke, 5 (the code works, no trend).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.common import Context
 from client import Batching, InterpreterManager
 from server.pool.procinfo import descendants_of
 from tests.daemon_process import REPO, DaemonProcess, shm_segments
@@ -35,6 +38,19 @@ def _fds(pid: int) -> int:
 
 def _call(model: object, x: torch.Tensor, answers: list[object], index: int) -> None:
     answers[index] = model(x)  # type: ignore[operator]
+
+
+SUITE_CYCLES, SMOKE_CYCLES = 200, 5
+
+
+def run(ctx: Context) -> None:
+    cycles = SMOKE_CYCLES if ctx.smoke else SUITE_CYCLES
+    started = time.monotonic()
+    main(cycles)
+    ctx.report.line(
+        f"batching_churn: {cycles} cycles of load (batching) / 8 concurrent calls / unload in"
+        f" {time.monotonic() - started:.1f} s (the daemon's start and stop included); it stopped clean"
+    )
 
 
 def main(cycles: int) -> None:

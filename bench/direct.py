@@ -305,7 +305,7 @@ def side_by_side_load(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def data_ports(stub: Any, timeout: float = 120.0) -> list[Any]:
     """The workers' endpoints once each serves both models on its data port."""
-    from client._proto import deployd_pb2 as pb
+    from deployd_wire.proto import deployd_pb2 as pb
 
     deadline = time.monotonic() + timeout
     while True:
@@ -323,8 +323,8 @@ async def _side_by_side(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from bench.echo import Blob, echo_method
-    from client._proto import deployd_pb2 as pb
-    from client._proto import deployd_pb2_grpc as pb_grpc
+    from deployd_wire.proto import deployd_pb2 as pb
+    from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
     inputs = {
         IDENTITY: torch.arange(16, dtype=torch.float32),
@@ -427,7 +427,7 @@ async def serve_floor(packages: dict[str, str], lifetime: float) -> None:
     import torch
     from torch.package import PackageImporter
 
-    from server.proto import deployd_pb2 as pb
+    from deployd_wire.proto import deployd_pb2 as pb
 
     warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
     warnings.filterwarnings("ignore", message="The given buffer is not writable")

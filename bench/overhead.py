@@ -122,8 +122,8 @@ def in_flight_load(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def invoke_request(object_id: str, x: Any) -> Any:
-    from client._proto import deployd_pb2 as pb
     from client._values import to_wire
+    from deployd_wire.proto import deployd_pb2 as pb
 
     request = pb.InvokeRequest(object_id=object_id)
     to_wire(x, request.args.add())
@@ -133,7 +133,7 @@ def invoke_request(object_id: str, x: Any) -> Any:
 async def in_flight_rounds(spec: dict[str, Any], object_id: str, x: Any) -> dict[str, Any]:
     import grpc
 
-    from client._proto import deployd_pb2_grpc as pb_grpc
+    from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
     payload = x.numpy().tobytes()
     async with (

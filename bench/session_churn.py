@@ -26,6 +26,10 @@ their RSS stays put. Exits 1 if any check fails.
 
 It stops early, and says so, when SECONDS have passed (the trend is judged on the readings
 taken by then).
+
+In the suite (`python -m bench`, run()): 1000 cycles (at most 300 s), judged as above; with
+--smoke, 50 cycles (each kind of cycle met: a movable, an abandoned session), where only the
+open sessions and the workers are judged: a handful of readings makes no trend.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.common import Context
 from client import InterpreterManager
 from server.pool.procinfo import anonymous_resident_bytes, memory_usage
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until
@@ -203,7 +208,29 @@ def verdict(readings: list[Reading]) -> list[str]:
     return lines
 
 
+SUITE = (1000, 300.0)  # cycles, seconds
+SMOKE = (ABANDON_EVERY, 120.0)
+
+
+def run(ctx: Context) -> None:
+    cycles, budget = SMOKE if ctx.smoke else SUITE
+    lines = churn(cycles, budget)
+    for line in lines:
+        ctx.report.line(f"session_churn: {line}")
+    trends = tuple(f"FAIL {what}:" for what, _, _ in FIGURES)
+    failed = [line for line in lines if line.startswith("FAIL") and not (ctx.smoke and line.startswith(trends))]
+    if failed:
+        raise AssertionError("session churn: " + "; ".join(failed))
+
+
 def main(cycles: int, budget: float) -> int:
+    lines = churn(cycles, budget)
+    print("\n".join(lines))
+    return 1 if any(line.startswith("FAIL") for line in lines) else 0
+
+
+def churn(cycles: int, budget: float) -> list[str]:
+    """Run the cycles against a daemon of its own; the verdict's lines (module docstring)."""
     with tempfile.TemporaryDirectory() as work:
         config = Path(work) / "config.yaml"
         settings = {
@@ -241,9 +268,7 @@ def main(cycles: int, budget: float) -> int:
                 print(f"{done} cycles in {elapsed:.0f} s: {elapsed / done * 1000:.0f} ms a cycle")
         finally:
             daemon.assert_clean_stop()
-    lines = verdict(readings)
-    print("\n".join(lines))
-    return 1 if any(line.startswith("FAIL") for line in lines) else 0
+    return verdict(readings)
 
 
 if __name__ == "__main__":

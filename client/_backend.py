@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, T
 import grpc
 
 from client._errors import DeployError
-from client._proto import deployd_pb2 as pb
 from client._replicas import replicas_now as replicas_now
 from client._requests import chunks_of_file
+from deployd_wire.proto import deployd_pb2 as pb
 
 if TYPE_CHECKING:
     from typing import TypeAlias

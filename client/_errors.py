@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from client._proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2 as pb
 
 ERROR_DETAIL_KEY = "deployd-error-detail-bin"
 REQUEST_ID_KEY = "x-request-id"

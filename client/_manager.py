@@ -41,12 +41,12 @@ from client._direct import (
     new_call_id,
 )
 from client._errors import translate_rpc_error
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
 from client._replicas import refuse_change
 from client._retry import Retry
 from client._tls import TLS
 from client._trace import TraceMetadata, trace_metadata_source
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
 from ._backend import (
     Lock,

@@ -14,8 +14,8 @@ import grpc
 
 from client._batching import Batching
 from client._errors import DeployError, InvalidArgumentError
-from client._proto import deployd_pb2 as pb
 from client._retry import Retry
+from deployd_wire.proto import deployd_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 1024 * 1024

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from client._proto import deployd_pb2 as pb
 from deployd_wire.dtypes import DTYPES
+from deployd_wire.proto import deployd_pb2 as pb
 from deployd_wire.tensors import TORCH_DTYPES, tensor_bytes
 
 _DTYPES: dict[torch.dtype, int] = {TORCH_DTYPES[dtype.name]: pb.DType.Value(dtype.proto_enum) for dtype in DTYPES}

@@ -1,10 +1,10 @@
 """Regenerate the gRPC stubs from protos/ (never edit the generated files).
 
-deployd.v1's stubs are written into two places, `server/proto/` and `client/_proto/`,
-so that the client package stands alone and the daemon never imports the client
-(which imports torch). KServe v2's (protos/inference/, vendored) go to the daemon only:
-its clients are tritonclient and the like. `--check` regenerates into a temporary
-directory and fails if the checked-in files differ: CI runs it.
+All stubs have one home, `deployd_wire/proto/`, beside the rest of the wire format: the daemon
+and the client both import deployd.v1's from there (neither imports the other). KServe v2's
+(protos/inference/, vendored) are there too; only the daemon imports them (its clients are
+tritonclient and the like). `--check` regenerates into a temporary directory and fails if the
+checked-in files differ: CI runs it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-SERVER, CLIENT = ROOT / "server" / "proto", ROOT / "client" / "_proto"
-# proto file (under protos/) -> where its stubs go
-PROTOS = {"deployd/v1/deployd.proto": [SERVER, CLIENT], "inference/grpc_predict_v2.proto": [SERVER]}
-TARGETS = [SERVER, CLIENT]
+TARGET = ROOT / "deployd_wire" / "proto"
+PROTOS = ["deployd/v1/deployd.proto", "inference/grpc_predict_v2.proto"]  # under protos/
 INIT_TEXT = '"""Generated from protos/ by scripts/generate_protos.py: never edit these files."""\n'
 
 
@@ -32,16 +30,14 @@ def _generated(proto: str) -> list[str]:
     return [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"]
 
 
-def _expected(target: Path) -> list[str]:
-    return [name for proto, targets in PROTOS.items() if target in targets for name in _generated(proto)]
+def _expected() -> list[str]:
+    return [name for proto in PROTOS for name in _generated(proto)]
 
 
-def generate(out_dir: Path, target: Path) -> None:
-    """Run protoc for target's protos into out_dir, flattening package paths, imports made relative."""
+def generate(out_dir: Path) -> None:
+    """Run protoc for every proto into out_dir, flattening package paths, imports made relative."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for proto, targets in PROTOS.items():
-        if target not in targets:
-            continue
+    for proto in PROTOS:
         with tempfile.TemporaryDirectory() as raw:
             args = [
                 "grpc_tools.protoc",
@@ -68,18 +64,15 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if checked-in stubs are stale")
     options = parser.parse_args()
     if not options.check:
-        for target in TARGETS:
-            generate(target, target)
+        generate(TARGET)
         return 0
-    stale = []
-    for target in TARGETS:
-        with tempfile.TemporaryDirectory() as fresh:
-            generate(Path(fresh), target)
-            stale += [
-                str(target / name)
-                for name in [*_expected(target), "__init__.py"]
-                if not (target / name).exists() or not filecmp.cmp(Path(fresh) / name, target / name, shallow=False)
-            ]
+    with tempfile.TemporaryDirectory() as fresh:
+        generate(Path(fresh))
+        stale = [
+            str(TARGET / name)
+            for name in [*_expected(), "__init__.py"]
+            if not (TARGET / name).exists() or not filecmp.cmp(Path(fresh) / name, TARGET / name, shallow=False)
+        ]
     if stale:
         print("stale generated stubs (run: python scripts/generate_protos.py):", *stale, sep="\n  ")
         return 1

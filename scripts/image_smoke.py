@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch.package import PackageImporter
 
 from client import InterpreterManager, UnauthenticatedError
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
 # torch.package's own use of a deprecated torch API, nothing of ours.
 warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)

@@ -1,7 +1,7 @@
 """deployd: a gRPC daemon that serves torch.package models from a pool of worker processes.
 
 Rooms, imports pointing down only (tests/test_layers.py keeps them so):
-    app/     daemon (composition root, signals, shutdown order), config, CLI, event loop
+    app/     daemon (composition root, signals, shutdown order), config, `serve`, event loop
     api/     one module per protocol (deployd_v1, ...): protobuf in, domain calls out; auth,
              health, metrics. With app/, the only place grpc is imported.
     models/  the domain service (what is loaded, by id and by name), the model repository,
@@ -11,5 +11,6 @@ Rooms, imports pointing down only (tests/test_layers.py keeps them so):
     ipc/     the daemon <-> worker protocol (messages, framing) and shared memory
     worker/  what runs inside a worker process: the only place model code and torch run
 Beside them: errors (the domain errors), logs, malloc, tracing (spans, through OpenTelemetry's API;
-server.app.tracing starts it), and proto/ (generated from protos/).
+server.app.tracing starts it). The gRPC stubs are deployd_wire.proto's; the operator commands
+live in deployd_cli (the server never imports the client).
 """

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from client import InterpreterManager, NotFoundError, Package
+from client import InterpreterManager, NotFoundError, Obj, Package, ReplicatedObj
+
+
+def on_every_worker(manager: InterpreterManager, obj: ReplicatedObj, call: Callable[[Obj], Obj]) -> dict[int, Any]:
+    """call(obj's replica) run on each worker in turn, through a session that holds that worker:
+    {worker pid: the value it answered}. Fails unless every worker of the pool answered."""
+    pids = {worker.index: worker.pid for worker in manager.status().workers}
+    answers: dict[int, Any] = {}
+    for instance in manager.all_instances():
+        with instance.acquire_session() as session:
+            assert (session.worker, session.worker_pid) == (instance.index, pids[instance.index])
+            answers[session.worker_pid] = call(session.from_movable(obj)).to_value()
+    assert len(pids) > 1 and set(answers) == set(pids.values()), f"answered by {set(answers)}, workers {pids}"
+    return answers
 
 
 @pytest.fixture
@@ -95,9 +110,8 @@ def test_package_larger_than_grpc_default_message(manager: InterpreterManager, p
 def test_two_packages_with_the_same_module_name_stay_isolated(manager: InterpreterManager, package_dir: Path) -> None:
     twin_a = manager.load_package(package_dir / "twin_a.pt").load_pickle("twins", "twin.pkl")
     twin_b = manager.load_package(package_dir / "twin_b.pt").load_pickle("twins", "twin.pkl")
-    for _ in range(4):  # every worker holds both
-        assert twin_a() == "a"
-        assert twin_b() == "b"
+    assert set(on_every_worker(manager, twin_a, lambda twin: twin()).values()) == {"a"}  # every worker holds both
+    assert set(on_every_worker(manager, twin_b, lambda twin: twin()).values()) == {"b"}
 
 
 def test_extern_numpy_dependency(models: Package) -> None:
@@ -107,13 +121,14 @@ def test_extern_numpy_dependency(models: Package) -> None:
 
 def test_extra_sys_paths_reach_every_worker(manager: InterpreterManager, package_dir: Path) -> None:
     model = manager.load_package(package_dir / "uses_extra.pt").load_pickle("extra", "model.pkl")
-    for value in range(4):
-        assert model(value) == value * 3
+    assert set(on_every_worker(manager, model, lambda replica: replica(7)).values()) == {21}
 
 
 def test_register_module_source(manager: InterpreterManager, models: Package) -> None:
     manager.register_module_source("deployd_test_registered", "def greet(name):\n    return 'hello ' + name\n")
     scale = models.load_pickle("models", "scale.pkl")
-    for _ in range(4):
-        assert scale.call_method("call_module", "deployd_test_registered", "greet", "x") == "hello x"
+    answers = on_every_worker(
+        manager, scale, lambda replica: replica.call_method("call_module", "deployd_test_registered", "greet", "x")
+    )
+    assert set(answers.values()) == {"hello x"}
     assert "deployd_test_registered" in manager.status().modules

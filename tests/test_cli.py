@@ -1,5 +1,5 @@
 """The operator commands (`deployd status|load|unload|invoke|health`), run as the real CLI
-in a subprocess against the real daemon; exit codes as client/cli.py documents them."""
+in a subprocess against the real daemon; exit codes as deployd_cli/commands.py documents them."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import pytest
 import torch
 from torch.package import PackageExporter
 
-from client import InterpreterManager, NotFoundError, ReplicatedObj, cli
-from server.app.cli import build_parser
+from client import InterpreterManager, NotFoundError, ReplicatedObj
+from deployd_cli import commands
+from deployd_cli.main import build_parser
+from deployd_cli.status_view import status_text
 from server.app.exit_codes import ExitCode, WorkerExitCode
 from tests.daemon_process import REPO, DaemonProcess
 
@@ -26,7 +28,7 @@ from tests.daemon_process import REPO, DaemonProcess
 def deployd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k not in ("DEPLOYD_ADDRESS", "DEPLOYD_TOKEN")}
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "deployd_cli", *args],
         cwd=REPO,
         env={**environ, **(env or {})},
         stdin=subprocess.DEVNULL,
@@ -196,7 +198,7 @@ def test_malformed_arg_exits_2(daemon: DaemonProcess) -> None:
     environ = {k: v for k, v in os.environ.items() if k not in ("DEPLOYD_ADDRESS", "DEPLOYD_TOKEN")}
     runs = [  # side by side: each is a process start and nothing else
         subprocess.Popen(
-            [sys.executable, "-m", "server", "invoke", "obj-whatever", *args, "--address", daemon.target],
+            [sys.executable, "-m", "deployd_cli", "invoke", "obj-whatever", *args, "--address", daemon.target],
             cwd=REPO,
             env=environ,
             stdin=subprocess.DEVNULL,
@@ -262,13 +264,23 @@ def test_load_with_batching(daemon: DaemonProcess, package_dir: Path) -> None:
         unload_model(daemon.target, "cli-batched")
 
 
-def test_serve_loads_neither_client_nor_torch() -> None:
+@pytest.mark.parametrize("entry", ["deployd_cli.main", "server.app.cli"])  # `deployd`, `python -m server`
+def test_serve_loads_neither_client_nor_torch(entry: str) -> None:
     code = (
-        "import sys; from server.app.cli import main; code = main(['serve', '--config', '/nonexistent/deployd.yaml']);"
+        f"import sys; from {entry} import main; code = main(['serve', '--config', '/nonexistent/deployd.yaml']);"
         " sys.exit(10 + code if 'client' in sys.modules or 'torch' in sys.modules else code)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr  # with no client imported
+
+
+def test_python_m_server_serves_and_points_to_deployd_for_the_rest() -> None:
+    """`python -m server` is the daemon alone: it knows `serve`, and names deployd for the rest."""
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "serve" in result.stdout and "python -m deployd_cli" in result.stdout
 
 
 def unload_model(target: str, name: str) -> None:
@@ -377,7 +389,7 @@ def test_unload_by_target_form_object_and_package(daemon: DaemonProcess, tmp_pat
     ids=["name", "object", "package", "uppercase-hex", "--model", "--object", "--package"],
 )
 def test_unload_target_kind(args: list[str], expected: tuple[str, str]) -> None:
-    assert cli._unload_target(build_parser().parse_args(["unload", *args])) == expected
+    assert commands._unload_target(build_parser().parse_args(["unload", *args])) == expected
 
 
 def test_status_text_shows_draining_versions() -> None:
@@ -397,7 +409,7 @@ def test_status_text_shows_draining_versions() -> None:
         "modules": [],
         "sessions": [{"session_id": "s1", "worker": 1, "objects": 4, "idle_seconds": 2.5, "steps_running": 0}],
     }
-    lines = cli._status_text(report).splitlines()
+    lines = status_text(report).splitlines()
     assert lines[lines.index("sessions: 1") + 2].split() == ["s1", "1", "4", "2.5", "0"]
     at = lines.index("  swap  serving version none")
     assert lines[at + 2].split() == ["1", "draining", "obj-1", "3", "m:f.pkl", "p" * 64]

@@ -19,8 +19,8 @@ import pytest
 import client
 import client.aio
 from client import InterpreterManager
-from client._proto import deployd_pb2 as pb
 from client.aio import AsyncInterpreterManager
+from deployd_wire.proto import deployd_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "generate_sync_client.py"

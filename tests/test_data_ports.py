@@ -26,8 +26,8 @@ from tritonclient.grpc import service_pb2 as v2  # the v2 messages as Triton's c
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from client import InterpreterManager
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, wait_until
 

@@ -20,8 +20,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import InterpreterManager
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from server.app.config import load_config
 from tests.daemon_process import REPO, DaemonProcess
 from tests.tools import require_program

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -10,14 +15,23 @@ import torch
 
 from client import (
     DeployError,
+    FailedPreconditionError,
     InterpreterManager,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     RemoteError,
+    ResourceExhaustedError,
+    UnavailableError,
 )
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from client._errors import translate_rpc_error
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
+from server import errors
+from server.api.calls import register_service
+from server.api.deployd_v1 import InvokeHandlers
+from server.api.metrics import Metrics
+from server.api.values import DEFAULT_LIMITS
 
 
 def assert_still_serving(manager: InterpreterManager, package_dir: Path) -> None:
@@ -134,9 +148,107 @@ def test_bad_module_source(manager: InterpreterManager, package_dir: Path) -> No
     assert_still_serving(manager, package_dir)
 
 
-def test_every_error_is_a_deploy_error() -> None:
-    for error_type in (InvalidArgumentError, NotFoundError, PermissionDeniedError, RemoteError):
-        assert issubclass(error_type, DeployError)
+class _Raising:
+    """The models as the Invoke handler sees them (ModelCalls): every call raises one error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def invoke(self, *args: Any) -> tuple[Any, list[Any]]:
+        raise self.error
+
+
+class _InvokeOnly(InvokeHandlers, pb_grpc.DeploydServicer):
+    """The daemon's own Invoke handler (and its error wrapper) over models that raise."""
+
+    def __init__(self, service: Any) -> None:
+        self._service = service
+        self._metrics = Metrics()
+        self._log_calls = False
+        self._value_limits = DEFAULT_LIMITS
+
+
+@contextlib.contextmanager
+def invoke_served(service: Any) -> Iterator[str]:
+    """A grpc.aio server in a thread of its own, serving _InvokeOnly as the daemon registers it."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    servicer = _InvokeOnly(service)
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        service_descriptor = pb.DESCRIPTOR.services_by_name["Deployd"]
+        adds = pb_grpc.add_DeploydServicer_to_server
+        register_service(server, servicer, adds, service_descriptor, servicer._metrics, only=frozenset({"Invoke"}))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+# Each domain error of the daemon (server.errors), as the caller meets it: its status, the client's
+# exception for it, and what that exception carries. Through the real handler, wire and client.
+_TRAVELS = [
+    (errors.ObjectNotFound("obj-gone"), grpc.StatusCode.NOT_FOUND, NotFoundError, "no object 'obj-gone' is loaded"),
+    (errors.InvalidValue("not a tensor"), grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError, "not a tensor"),
+    (errors.PathNotAllowed("outside"), grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError, "outside"),
+    (errors.TooLarge("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError, "too big"),
+    (errors.Overloaded("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhaustedError, "queue full"),
+    (
+        errors.SessionEnded("s1", "closed"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        FailedPreconditionError,
+        "session 's1' has ended: closed",
+    ),
+    (
+        errors.WorkerCrashed("worker 1 died", caused_by_call=True),
+        grpc.StatusCode.UNAVAILABLE,
+        UnavailableError,
+        "worker 1 died",
+    ),
+    (errors.PoolClosed(), grpc.StatusCode.UNAVAILABLE, UnavailableError, "the daemon is shutting down"),
+    (
+        errors.ModelError("ValueError: no", remote_type="ValueError", remote_traceback="Traceback ...\nValueError: no"),
+        grpc.StatusCode.UNKNOWN,
+        RemoteError,
+        "ValueError: no",
+    ),
+    (errors.DeploydError("unnamed"), grpc.StatusCode.INTERNAL, DeployError, "unnamed"),
+    (RuntimeError("a bug"), grpc.StatusCode.INTERNAL, DeployError, "internal error: RuntimeError: a bug"),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "client_error", "details"), _TRAVELS, ids=[type(error).__name__ for error, *_ in _TRAVELS]
+)
+def test_each_daemon_error_reaches_the_caller_as_its_status_and_client_error(
+    error: Exception, code: grpc.StatusCode, client_error: type[DeployError], details: str
+) -> None:
+    with (
+        invoke_served(_Raising(error)) as target,
+        grpc.insecure_channel(target) as channel,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        pb_grpc.DeploydStub(channel).Invoke(pb.InvokeRequest(object_id="obj-1"), timeout=30)
+    assert raised.value.code() == code  # type: ignore[attr-defined]
+    translated = translate_rpc_error(raised.value)
+    assert type(translated) is client_error and isinstance(translated, DeployError)
+    assert (translated.code, translated.details) == (code, details)
+    assert translated.remote_type == getattr(error, "remote_type", "")
+    assert translated.remote_traceback == getattr(error, "remote_traceback", "")
+    # A call that ended its worker says so, and tells gRPC's own retries not to send it again.
+    assert translated.call_killed_worker == isinstance(error, errors.WorkerCrashed)
+    pushback = dict(raised.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")  # type: ignore[attr-defined]
+    assert pushback == ("-1" if isinstance(error, errors.WorkerCrashed) else None)
 
 
 @pytest.mark.parametrize("text", ["x" * 20000, "é" * 5000], ids=["ascii", "non-ascii"])

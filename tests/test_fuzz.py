@@ -40,7 +40,7 @@ import grpc
 import pytest
 
 from client import InterpreterManager, NotFoundError
-from client._proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2 as pb
 from server.pool.procinfo import descendants_of
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until

@@ -39,11 +39,11 @@ failure prints the seed, and the same seed replays the same inputs (the raw fuzz
 concurrently, so only their inputs replay, not their interleaving).
 
 Bugs the fuzz found are kept as tests (the section "Found by the fuzz"); the open ones are
-xfail(strict=False), and the fuzz tolerates exactly those bugs' answers (KNOWN_BUGS: status and message; PIPELINE_BUG:
-the answers it drops) for exactly the inputs that meet them, so it goes on checking everything
+xfail(strict=False). One is open, aiohttp's (PIPELINE_BUG: the answers it drops): the fuzz
+tolerates exactly that for exactly the inputs that meet it, so it goes on checking everything
 else; a body not in its Content-Encoding, which may hang a call for 60 s, is sent only by its
-own test. Once a bug is fixed its test passes (XPASS): remove the marker and the KNOWN_BUGS
-entry (and send undecodable Content-Encoding bodies from the fuzz).
+own test. Once a bug is fixed its test passes (XPASS): remove the marker and PIPELINE_BUG (and
+send undecodable Content-Encoding bodies from the fuzz).
 """
 
 from __future__ import annotations
@@ -105,10 +105,7 @@ MODELS: list[dict[str, Any]] = [
 ]
 BY_MODEL = {model["name"]: model for model in MODELS}
 
-# Bugs the fuzz found (tests in "Found by the fuzz"): key -> the status and a tell-tale text of
-# the body that comes instead of a proper answer, and of the daemon's ERROR record for it.
-# (None open: the three it found are fixed, their tests below pass.)
-KNOWN_BUGS: dict[str, tuple[int, str, str]] = {}
+# Bugs the fuzz found in deployd: the three are fixed, their tests below ("Found by the fuzz") pass.
 # Requests pipelined in one write before one aiohttp's parser refuses: it answers only the 400
 # for the bad one and closes, the good ones before it unanswered (web_protocol.data_received
 # replaces the messages it parsed with the error). The fuzz tolerates it where a pipeline ends
@@ -147,30 +144,16 @@ class Reply:
 @dataclass
 class Expect:
     """What an answer may be: its statuses; the route that answers (for what a 200 or 503 must
-    hold); the known bugs (KNOWN_BUGS) whose answer may come instead."""
+    hold)."""
 
     statuses: set[int]
     route: str = ""  # infer, metadata, ready, live, health-ready, server, index, load, unload; "" unknown
     model: str = ""  # the model an infer or metadata names ("" unknown)
     head: bool = False
-    bugs: tuple[str, ...] = ()
-
-
-def known_bug(reply: Reply, expect: Expect) -> str | None:
-    """The known bug of expect's whose answer reply is (an answer to HEAD: by its status)."""
-    for bug in expect.bugs:
-        status, text, _ = KNOWN_BUGS[bug]
-        if reply.status == status and (text.encode() in reply.body or (expect.head and not reply.body)):
-            return bug
-    return None
 
 
 def check_reply(target: Target, reply: Reply, expect: Expect, what: Callable[[], str]) -> None:
     """reply against the oracle (module docstring); a failure names the request (what())."""
-    bug = known_bug(reply, expect)
-    if bug is not None:
-        target.counts[f"known bug {bug}"] += 1
-        return
     target.counts[f"status {reply.status}"] += 1
 
     def fail(why: str) -> str:
@@ -388,7 +371,7 @@ class Target:
 
     def assert_nothing_leaked(self, context: str) -> None:
         """Once every connection is closed: the daemon's fds, processes, segments and calls in
-        flight as at the start; no ERROR in its log (but a known bug's)."""
+        flight as at the start; no ERROR in its log."""
         self.client.close()
         self.assert_serving(context)
         self.client.close()
@@ -408,7 +391,7 @@ class Target:
         self.assert_log_clean(context)
 
     def assert_log_clean(self, context: str) -> None:
-        """No ERROR (or worse) record in the daemon's log since the last look, but a known bug's."""
+        """No ERROR (or worse) record in the daemon's log since the last look."""
         lines = self.daemon.lines[self.log_checked :]
         self.log_checked += len(lines)
         records: list[tuple[str, list[str]]] = []  # (level, lines: the first and a traceback's)
@@ -417,11 +400,9 @@ class Target:
                 records.append((found.group(1), [line]))
             elif records:
                 records[-1][1].append(line)
-        markers = [marker for _, _, marker in KNOWN_BUGS.values()]
         for level, record in records:
-            text = "".join(record)
-            if level in ("ERROR", "CRITICAL") and not any(marker in text for marker in markers):
-                raise AssertionError(f"{context}: the daemon logged\n{text}")
+            if level in ("ERROR", "CRITICAL"):
+                raise AssertionError(f"{context}: the daemon logged\n{''.join(record)}")
 
 
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\w+) ")
@@ -495,12 +476,12 @@ def random_auth(rng: random.Random, weights: tuple[float, float, float, float]) 
     return kind, [] if value is None else [("Authorization", value)]
 
 
-def token_outcome(kind: str) -> tuple[set[int] | None, tuple[str, ...]]:
-    """What a route behind a token answers for this kind of token before anything else: 401
-    (and the known bug it may meet instead), or None: the token passes."""
+def token_outcome(kind: str) -> set[int] | None:
+    """What a route behind a token answers for this kind of token before anything else: 401, or
+    None: the token passes."""
     if kind in ("invoke", "admin"):
-        return None, ()
-    return {401}, ()
+        return None
+    return {401}
 
 
 ODD_HEADERS: list[tuple[str, bytes]] = [
@@ -774,9 +755,9 @@ def infer_expect(model: str, version: str, token: str) -> Expect:
     """What an infer of model at version may answer, its body aside: the token first, then the
     name (not loaded: 404 whatever the version), the version's text, then the body; a version
     not loaded is found after the body is read."""
-    refused, bugs = token_outcome(token)
+    refused = token_outcome(token)
     if refused is not None:
-        return Expect(refused, "infer", model, bugs=bugs)
+        return Expect(refused, "infer", model)
     if model not in BY_MODEL:
         return Expect({404}, "infer", model)
     if version and not valid_version(version):
@@ -947,7 +928,7 @@ def predict_path(method: str, segments: list[str], token: str) -> Expect:
     """The answer to method on /segments, when every segment is plain (else: any allowed)."""
     head = method == "HEAD"
     if not all(_PLAIN.fullmatch(segment) for segment in segments) or method in ("get", "FOO"):
-        return Expect(ALLOWED, head=head, bugs=())
+        return Expect(ALLOWED, head=head)
     matching = [
         (methods, route, values)
         for pattern, methods, route in ROUTES
@@ -959,13 +940,13 @@ def predict_path(method: str, segments: list[str], token: str) -> Expect:
     route, values = served[0]
     if route in ("live", "health-ready"):
         return Expect({200}, route, head=head)
-    refused, bugs = token_outcome(token)
+    refused = token_outcome(token)
     if refused is not None:
-        return Expect(refused, route, head=head, bugs=bugs)
+        return Expect(refused, route, head=head)
     if route in ("index", "load", "unload"):
         if token != "admin":
             return Expect({403}, route, head=head)
-        return Expect({200, 400} if route == "index" else {400, 404}, route, head=head, bugs=())
+        return Expect({200, 400} if route == "index" else {400, 404}, route, head=head)
     if route == "server":
         return Expect({200}, route, head=head)
     name, version = values[0], values[1] if len(values) > 1 else ""
@@ -1002,7 +983,7 @@ def test_random_paths_and_methods(target: Target) -> None:
         if path == "/" + "/".join(segments):
             expect = predict_path(method, segments, token)
         else:
-            expect = Expect(ALLOWED, head=method == "HEAD", bugs=())
+            expect = Expect(ALLOWED, head=method == "HEAD")
         if len(path) > 8100:  # about aiohttp's limit of a request line
             expect.statuses = expect.statuses | {400, 414}
         if body is not None and len(body) > MAX_BODY and 200 in expect.statuses:

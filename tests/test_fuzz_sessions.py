@@ -29,10 +29,8 @@ Bounded in time by DEPLOYD_FUZZ_SECONDS (default 20, shared by the two fuzz test
 runs 300) and in count; seeded from DEPLOYD_FUZZ_SEED like tests/test_fuzz.py (random when
 unset): a failure prints the seed, and the same seed replays the same requests.
 
-Bugs the fuzz found are kept as strict xfail tests ("Found by the fuzz"), and the fuzz tolerates
-exactly those bugs' answers (KNOWN_BUGS: status and message) for exactly the requests that meet
-them, so it goes on checking everything else. Once a bug is fixed its test passes, which
-xfail(strict) fails: remove the marker and the KNOWN_BUGS entry.
+Bugs the fuzz found are kept as tests ("Found by the fuzz"), all fixed: the fuzz tolerates no
+answer but a proper one.
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ import pytest
 from google.protobuf.message import DecodeError, Message
 
 from client import InterpreterManager
-from client._proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2 as pb
 from server.pool.procinfo import descendants_of
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, shm_segments, wait_until
@@ -91,12 +89,10 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 LONG_NAME = "n" * 20_000
 NO_EVENT = "OpenSession's stream ended without a SessionEvent"
 
-# Bugs the fuzz found (tests in "Found by the fuzz"): key -> the status and a tell-tale text of
-# the message that comes instead of a proper answer.
-# None open. Fixed, with their tests below: OpenSession(worker=N) outside the pool's slots was
-# UNAVAILABLE (now INVALID_ARGUMENT); a step's error quoting a long name travelled whole in the
-# error trailer, past grpc's metadata limit (its traceback is now cut to fit).
-KNOWN_BUGS: dict[str, tuple[grpc.StatusCode, str]] = {}
+# Bugs the fuzz found, fixed, with their tests below ("Found by the fuzz"): OpenSession(worker=N)
+# outside the pool's slots was UNAVAILABLE (now INVALID_ARGUMENT); a step's error quoting a long
+# name travelled whole in the error trailer, past grpc's metadata limit (its traceback is now cut
+# to fit).
 
 # ------------------------------------------------------------------ what the fuzz never runs
 
@@ -345,16 +341,12 @@ class Target:
         allowed: set[grpc.StatusCode],
         what: str | Callable[[], str],
         test: str,
-        bugs: tuple[str, ...] = (),
         details: str = "",
         method: str = "",
-    ) -> bool:
-        """Whether the answer is allowed (an AssertionError if not); False for a known bug's answer.
-        details: a text an answer of FAILED_PRECONDITION must hold."""
+    ) -> None:
+        """An AssertionError unless the answer is allowed. details: a text an answer of
+        FAILED_PRECONDITION must hold."""
         self.codes[f"{method} {answer.code.name}".strip()] += 1
-        if any(answer.code == KNOWN_BUGS[bug][0] and KNOWN_BUGS[bug][1] in answer.details for bug in bugs):
-            self.codes["known bug"] += 1
-            return False
 
         def context() -> str:
             return f"{what if isinstance(what, str) else what()}\n  got {answer}\n  {replay_hint(test)}"
@@ -367,7 +359,6 @@ class Target:
             raise AssertionError(f"OpenSession's stream ended without a first message: {context()}")
         if details and answer.code == Code.FAILED_PRECONDITION:
             assert details in answer.details, f"expected {details!r} in the message: {context()}"
-        return True
 
     def status(self) -> pb.StatusResponse:
         return self.manager.status()
@@ -575,14 +566,6 @@ def parsed(method: str, payload: bytes) -> Message | None:
         return None
 
 
-def bugs_of(method: str, request: Message | None) -> tuple[str, ...]:
-    """The known bugs a request may meet."""
-    if request is None:
-        return ()
-    bugs: list[str] = []  # add a KNOWN_BUGS key here for the requests that meet it
-    return tuple(bugs)
-
-
 def test_garbage_session_requests(sessions_target: Target) -> None:
     """Random and mutated bytes as the request of every Sessions method, on a live base session."""
     test = "test_garbage_session_requests"
@@ -611,7 +594,7 @@ def test_garbage_session_requests(sessions_target: Target) -> None:
                     assert event.session_id and event.worker in target.workers, f"{what()}: event {event}"
             else:
                 answer = target.call(method, payload)
-            target.check(answer, PROPER, what, test, bugs_of(method, request))
+            target.check(answer, PROPER, what, test)
             sent += 1
             if method == "CreateMovable" and answer.code == Code.OK:
                 target.unload(pb.CreateMovableResponse.FromString(answer.response).object_id)
@@ -641,7 +624,6 @@ class Expect:
 
     codes: set[grpc.StatusCode]
     details: str = ""  # a text a FAILED_PRECONDITION answer must hold
-    bugs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -787,12 +769,12 @@ class Fuzz:
             expect = Expect({Code.INVALID_ARGUMENT})  # a value nested past protobuf's limit: no request at all
         answer = self.target.call(method, payload)
         what = functools.partial(words, method, request, payload)
-        proper = self.target.check(answer, expect.codes, what, self.test, expect.bugs, expect.details, method)
+        self.target.check(answer, expect.codes, what, self.test, expect.details, method)
         if method in MAKES and session is not None and not session.ended:
-            self.numbered(session, method, answer, proper, what)
+            self.numbered(session, method, answer, what)
         return answer
 
-    def numbered(self, session: Held, method: str, answer: Answer, proper: bool, what: Callable[[], str]) -> None:
+    def numbered(self, session: Held, method: str, answer: Answer, what: Callable[[], str]) -> None:
         """After a step that makes an object: the number it took, and the object if it made one."""
         if answer.code == Code.OK:
             response = pb.ObjResponse.FromString(answer.response)
@@ -804,11 +786,7 @@ class Fuzz:
             session.objects[response.obj_id] = response.type_name
             session.made += 1
             session.next_number += 1
-        elif (
-            answer.code == Code.UNKNOWN
-            or (answer.code == Code.NOT_FOUND and "in this worker" in answer.details)
-            or not proper  # a known bug's answer (KNOWN_BUGS): the worker may have run it
-        ):
+        elif answer.code == Code.UNKNOWN or (answer.code == Code.NOT_FOUND and "in this worker" in answer.details):
             session.next_number += 1  # the worker ran it: its number is taken
 
     def touched(self, session: Held | None, *numbers: int) -> None:
@@ -839,7 +817,6 @@ class Fuzz:
             assert session is not None
             checks = Checks({Code.INVALID_ARGUMENT} if not module or not name else set())
             expect = self.make_expect(session, checks, {Code.OK, Code.UNKNOWN})
-        expect.bugs = bugs_of("Global", request)
         self.send("Global", request, expect, session)
 
     def misspelt(self, text: str) -> str:
@@ -927,7 +904,6 @@ class Fuzz:
             else:
                 arguments.missing |= checks.missing
                 expect = self.make_expect(session, arguments, {Code.OK, Code.UNKNOWN})
-        expect.bugs = bugs_of("Call", request)
         self.send("Call", request, expect, session)
         # What the call changed, or what its result may alias and change later.
         self.touched(session, number, *refs_in(request, session_id))
@@ -950,7 +926,6 @@ class Fuzz:
                 expect = self.make_expect(session, checks, {Code.OK, Code.UNKNOWN})
             else:
                 expect = self.step_expect(checks, {Code.OK, Code.UNKNOWN})
-        expect.bugs = bugs_of(method, request)
         answer = self.send(method, request, expect, session)
         self.touched(session, number)  # an attribute may alias the object (a tensor's .data)
         if method == "HasAttr" and answer.code == Code.OK and name == "":
@@ -1096,7 +1071,7 @@ class Fuzz:
         stream, answer = self.target.open(payload, deadline=None)
         what = functools.partial(words, "OpenSession", request, payload)
         try:
-            self.target.check(answer, expect.codes, what, self.test, expect.bugs, method="OpenSession")
+            self.target.check(answer, expect.codes, what, self.test, method="OpenSession")
         except AssertionError:
             stream.cancel()  # a session opened when it should not have: it ends with this test
             raise

@@ -20,15 +20,13 @@ Bounded in time by DEPLOYD_FUZZ_SECONDS (default 10 here, shared by the two fuzz
 two paths) and in count; seeded from DEPLOYD_FUZZ_SEED like tests/test_fuzz.py (random when
 unset): a failure prints the seed, and the same seed replays the same requests.
 
-Bugs the fuzz found are kept as strict xfail tests (the section "Found by the fuzz"), and the
-fuzz tolerates exactly those bugs' answers (KNOWN_BUGS: status and message) for exactly the
-inputs that meet them, so it goes on checking everything else. Once a bug is fixed its test
-passes, which xfail(strict) fails: remove the marker and the KNOWN_BUGS entry.
+Bugs the fuzz found are kept as tests (the section "Found by the fuzz"), all fixed: the fuzz
+tolerates no answer but a proper one.
 
 RepositoryModelLoad and RepositoryModelUnload are left out: they change what is loaded, which
 the oracle takes as fixed (tests/test_kserve_v2.py covers them).
 
-The v2 messages are tritonclient's (`tritonclient.grpc.service_pb2`), never server/proto's:
+The v2 messages are tritonclient's (`tritonclient.grpc.service_pb2`), never deployd_wire/proto's:
 both register the protobuf package `inference` and one process's descriptor pool refuses two.
 """
 
@@ -174,19 +172,8 @@ class Expect:
     raw: bool = False
     remote: str = ""  # for UNKNOWN: the exception type the model raised ("" any)
     check: Callable[[bytes], None] | None = None
-    bugs: tuple[str, ...] = ()  # known bugs (KNOWN_BUGS) whose answer may come instead
 
 
-# Bugs the fuzz found (tests in "Found by the fuzz"): key -> the status and a tell-tale text of
-# the message that comes instead of a proper answer.
-KNOWN_BUGS = {
-    "bytes-zero-inner-dim": (Code.INTERNAL, "range() arg 3 must not be zero"),
-    "version-digits": (Code.INTERNAL, "Exceeds the limit (4300 digits)"),
-    # grpc clients refuse a status message over 16 KiB (their metadata limit): the error that
-    # quotes a long name whole never arrives, the client makes RESOURCE_EXHAUSTED of it.
-    "long-text-in-error": (Code.RESOURCE_EXHAUSTED, "metadata size exceeds"),
-}
-LONG_TEXT = 4096  # bytes of names an error may quote before the bug above may show
 LONG_NAME = "n" * 20_000
 
 
@@ -199,16 +186,6 @@ def parse_version(text: str) -> int | None:
     if len(text) > 18:
         return None  # versions count up from 1: more than 18 digits is no version
     return int(text)
-
-
-def version_bug(text: str) -> tuple[str, ...]:
-    """The known bug a version meets: int() of too many digits."""
-    return ()  # fixed: a version of more than 18 digits is INVALID_ARGUMENT
-
-
-def long_text_bug(*texts: str) -> tuple[str, ...]:
-    """The known bug of an error that quotes names too long for a client to take."""
-    return ()  # fixed: the daemon cuts a status message to 2000 characters
 
 
 def elements_of(shape: list[int]) -> int:
@@ -255,9 +232,8 @@ def nest(items: list[bytes], shape: list[int]) -> Any:
     return build(items, shape)
 
 
-def decode_input(tensor: Any, name: str, raw: bytes | None, spec: dict[str, Any] | None) -> tuple[Any, bool]:
-    """The value the model gets for one input, and whether it meets the known bug of BYTES with a
-    zero-sized dimension after the first; Flaw if the input is bad."""
+def decode_input(tensor: Any, name: str, raw: bytes | None, spec: dict[str, Any] | None) -> Any:
+    """The value the model gets for one input; Flaw if the input is bad."""
     datatype, shape = tensor.datatype, list(tensor.shape)
     if datatype not in SUPPORTED:
         raise Flaw(f"{name}: datatype {datatype!r}")
@@ -286,7 +262,7 @@ def decode_input(tensor: Any, name: str, raw: bytes | None, spec: dict[str, Any]
         elif len(raw) != elements * SIZES[datatype]:
             raise Flaw(f"{name}: raw size")
         else:
-            return Tensor(datatype, tuple(shape), raw), False
+            return Tensor(datatype, tuple(shape), raw)
     else:
         if datatype not in TYPED:
             raise Flaw(f"{name}: no typed field")
@@ -297,14 +273,13 @@ def decode_input(tensor: Any, name: str, raw: bytes | None, spec: dict[str, Any]
         if datatype != "BYTES":
             if bounds is not None and any(not bounds[0] <= value <= bounds[1] for value in values):
                 raise Flaw(f"{name}: typed value out of range")
-            return Tensor(datatype, tuple(shape), struct.pack(f"<{len(values)}{fmt}", *values)), False
+            return Tensor(datatype, tuple(shape), struct.pack(f"<{len(values)}{fmt}", *values))
         items = values
-    return nest(items, shape), elements == 0 and 0 in shape[1:]
+    return nest(items, shape)
 
 
-def decode_request(request: Any, declared: list[dict[str, Any]], bugs: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """Positional and keyword arguments; Flaw if the request is bad. A known bug met on the way
-    is added to bugs (before a later input's Flaw)."""
+def decode_request(request: Any, declared: list[dict[str, Any]]) -> tuple[list[Any], dict[str, Any]]:
+    """Positional and keyword arguments; Flaw if the request is bad."""
     raws = list(request.raw_input_contents)
     if raws and len(raws) != len(request.inputs):
         raise Flaw("raw_input_contents count")
@@ -315,8 +290,7 @@ def decode_request(request: Any, declared: list[dict[str, Any]], bugs: list[str]
         name = tensor.name or f"input{position}"
         if declared and (name not in specs or name in kwargs):
             raise Flaw(f"{name}: undeclared or twice")
-        value, hit = decode_input(tensor, name, raws[position] if raws else None, specs.get(name))
-        del hit  # (was a bug: fixed)
+        value = decode_input(tensor, name, raws[position] if raws else None, specs.get(name))
         if declared:
             kwargs[name] = value
         else:
@@ -354,25 +328,21 @@ def predict_infer(request: Any) -> Expect:
     name = request.model_name
     if not name:
         return Expect({Code.INVALID_ARGUMENT})
-    names = [name, *(t.name for t in request.inputs), *(t.datatype for t in request.inputs)]
-    bugs = [*version_bug(request.model_version), *long_text_bug(*names, *(t.name for t in request.outputs))]
     # The name is looked up before the version is read: a name not loaded is NOT_FOUND whatever
     # the version (an object id too: v2 serves names).
     model = BY_MODEL.get(name)
     if model is None:
-        return Expect({Code.NOT_FOUND}, bugs=tuple(bugs))
+        return Expect({Code.NOT_FOUND})
     version = parse_version(request.model_version)
     if version is None:
-        return Expect({Code.INVALID_ARGUMENT}, bugs=tuple(bugs))
-    # A fix of the version bug may answer either way for a huge version.
-    also = {Code.INVALID_ARGUMENT, Code.NOT_FOUND} if "version-digits" in bugs else set()
+        return Expect({Code.INVALID_ARGUMENT})
     declared = model.get("inputs", []) if model else []
     try:
-        args, kwargs = decode_request(request, declared, bugs)
+        args, kwargs = decode_request(request, declared)
     except Flaw:
-        return Expect({Code.INVALID_ARGUMENT, *also}, bugs=tuple(bugs))
+        return Expect({Code.INVALID_ARGUMENT})
     if version not in (0, 1):  # every model serves its version 1
-        return Expect({Code.NOT_FOUND, *also}, bugs=tuple(bugs))
+        return Expect({Code.NOT_FOUND})
     answers: set[grpc.StatusCode] = {Code.RESOURCE_EXHAUSTED}  # an overloaded pool may refuse any call
     if name == "seed":  # a conv net: many inputs make torch raise; an answer is an FP32 tensor
         answers |= {Code.UNKNOWN}
@@ -380,10 +350,10 @@ def predict_infer(request: Any) -> Expect:
         answers |= {Code.OK} if known_outputs else {Code.INVALID_ARGUMENT}
         if any(isinstance(arg, EmptyLists) for arg in args):
             answers |= {Code.INVALID_ARGUMENT}  # it may be refused as too many lists
-        return Expect(answers, check=_seed_check(request), bugs=tuple(bugs))
+        return Expect(answers, check=_seed_check(request))
     if name == "echo":
         if len(args) != 1:
-            return Expect({Code.UNKNOWN, *answers}, remote="TypeError", bugs=tuple(bugs))
+            return Expect({Code.UNKNOWN, *answers}, remote="TypeError")
         result: Any = args[0]
     elif name == "scaled":
         result = doubled(kwargs["x"])
@@ -394,17 +364,17 @@ def predict_infer(request: Any) -> Expect:
     try:
         outputs = outputs_of(result, [spec["name"] for spec in model.get("outputs", [])])
     except NoTensorForm:
-        return Expect({Code.INVALID_ARGUMENT, *answers}, bugs=tuple(bugs))
+        return Expect({Code.INVALID_ARGUMENT, *answers})
     if name == "scaled":
         outputs = [out._replace(nan_equal=True) for out in outputs]
     requested = [output.name for output in request.outputs]
     if requested:
         by_name = {out.name: out for out in outputs}
         if any(wanted not in by_name for wanted in requested):
-            return Expect({Code.INVALID_ARGUMENT, *answers}, bugs=tuple(bugs))
+            return Expect({Code.INVALID_ARGUMENT, *answers})
         outputs = [by_name[wanted] for wanted in requested]
     raw = bool(request.raw_input_contents) or any(out.datatype in NO_TYPED_FIELD for out in outputs)
-    return Expect({Code.OK, *answers}, outputs=outputs, raw=raw, bugs=tuple(bugs))
+    return Expect({Code.OK, *answers}, outputs=outputs, raw=raw)
 
 
 def _seed_check(request: Any) -> Callable[[bytes], None]:
@@ -460,26 +430,24 @@ def _short(data: Any) -> str:
 
 
 def predict_ready(request: Any) -> Expect:
-    bugs = version_bug(request.version)
     version = parse_version(request.version)
     if version is None:
-        return Expect({Code.INVALID_ARGUMENT}, bugs=bugs)
+        return Expect({Code.INVALID_ARGUMENT})
     ready = request.name in BY_MODEL and version in (0, 1)
 
     def check(data: bytes) -> None:
         assert v2.ModelReadyResponse.FromString(data).ready == ready, f"ready should be {ready}"
 
-    return Expect({Code.OK, *([Code.INVALID_ARGUMENT] if bugs else [])}, check=check, bugs=bugs)
+    return Expect({Code.OK}, check=check)
 
 
 def predict_metadata(request: Any) -> Expect:
     if not request.name:
         return Expect({Code.INVALID_ARGUMENT})
-    bugs = (*version_bug(request.version), *long_text_bug(request.name))
     if parse_version(request.version) is None:
-        return Expect({Code.INVALID_ARGUMENT}, bugs=bugs)
+        return Expect({Code.INVALID_ARGUMENT})
     if request.name not in BY_MODEL or parse_version(request.version) not in (0, 1):
-        return Expect({Code.NOT_FOUND, *([Code.INVALID_ARGUMENT] if "version-digits" in bugs else [])}, bugs=bugs)
+        return Expect({Code.NOT_FOUND})
     model = BY_MODEL[request.name]
 
     def check(data: bytes) -> None:
@@ -587,9 +555,7 @@ class Target:
     def test_id(self, test: str) -> str:
         return f"{test}[{self.path}]"
 
-    def send(
-        self, method: str, payload: bytes, what: str | Callable[[], str], test: str, tolerate_known_bugs: bool = True
-    ) -> None:
+    def send(self, method: str, payload: bytes, what: str | Callable[[], str], test: str) -> None:
         """Send payload, and check the answer against what the rules predict. what: the request
         in words for a failure (a function: words cost time, and only a failure needs them).
         On a data port, a method it does not serve must answer UNIMPLEMENTED; for one it serves,
@@ -607,12 +573,6 @@ class Target:
             self.codes["compared with the daemon"] += 1
             daemon = self.daemon_call(method, payload)
             assert same_answers(answer, daemon), f"the daemon answered {daemon}, a data port: {context}"
-        known_bug = any(
-            answer.code == KNOWN_BUGS[bug][0] and KNOWN_BUGS[bug][1] in answer.details for bug in expect.bugs
-        )
-        if known_bug and tolerate_known_bugs:
-            self.codes["known bug"] += 1
-            return
         # The client's own refusal of an answer (a status message past its metadata limit) is no answer.
         assert "metadata size exceeds" not in answer.details, f"the client refused the answer: {context}"
         assert answer.code in expect.codes, f"expected {sorted(c.name for c in expect.codes)}: {context}"
@@ -704,7 +664,7 @@ DATATYPES += ["F" * 20_000]
 UNKNOWN_NAMES = ["", "nope", "ECHO", "echo ", "echo\x00", "é", "\U0001f600", "a" * 300, "obj-0123456789abcdef"]
 UNKNOWN_NAMES += ["\ud7ff\ue000", "../echo", "seed/1", LONG_NAME, "\u00e9" * 9000]
 VERSIONS = ["1", "01", "0", "00", "-1", "+1", " 1", "1.0", "abc", "2", "\uff11", "\u00b2", "9" * 30]
-VERSIONS += ["9" * (VERSION_DIGITS_LIMIT + 1), "1" + "0" * 5000]  # the version-digits bug
+VERSIONS += ["9" * (VERSION_DIGITS_LIMIT + 1), "1" + "0" * 5000]  # the version-digits bug (fixed)
 TEXT = ["", "x", "héllo ✓", "\x00", "\U0001f600" * 3, "a" * 300, "req-7"]
 OUTPUT_NAMES = ["output0", "output0", "output1", "output2", "image", "label", "doubled", "", "nope", "é", LONG_NAME]
 HUGE = [2**31, 2**40, 2**61, 2**62, INT64_MAX]
@@ -1022,7 +982,7 @@ def test_bytes_with_a_zero_sized_inner_dimension(v2_target: Target, shape: list[
     if raw:
         request.raw_input_contents.append(b"")
     test = "test_bytes_with_a_zero_sized_inner_dimension"
-    v2_target.send("ModelInfer", request.SerializeToString(), describe(request), test, tolerate_known_bugs=False)
+    v2_target.send("ModelInfer", request.SerializeToString(), describe(request), test)
 
 
 @pytest.mark.parametrize("method", ["ModelInfer", "ModelReady", "ModelMetadata"])
@@ -1037,7 +997,7 @@ def test_a_version_of_more_than_4300_digits(v2_target: Target, method: str) -> N
         request = v2.ModelMetadataRequest(name="echo", version=version)
     # Not loaded: NOT_FOUND, not ready (or refused, INVALID_ARGUMENT); never an internal error.
     test = "test_a_version_of_more_than_4300_digits"
-    v2_target.send(method, request.SerializeToString(), f"{method} {version[:20]}...", test, tolerate_known_bugs=False)
+    v2_target.send(method, request.SerializeToString(), f"{method} {version[:20]}...", test)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from client import DeadlineExceededError, InterpreterManager, Retry, UnavailableError
-from client._proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2 as pb
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, wait_until
 from tests.test_data_ports import endpoints, invoke, rpc_error

@@ -7,7 +7,7 @@ import struct
 from typing import Any
 
 import pytest
-from tritonclient.grpc import service_pb2 as v2  # not server/proto's: see test_kserve_v2.py
+from tritonclient.grpc import service_pb2 as v2  # not deployd_wire/proto's: see test_kserve_v2.py
 
 from server.api.kserve_tensors import BYTES, decode_inputs, fill_response, result_outputs
 from server.api.values import ValueLimits
@@ -118,8 +118,8 @@ def test_both_protocols_refuse_the_same_shapes_through_one_check(
 ) -> None:
     import server.api.kserve_tensors as kserve_tensors
     import server.api.values as values
+    from deployd_wire.proto import deployd_pb2 as pb
     from server.errors import InvalidValue
-    from server.proto import deployd_pb2 as pb
 
     checked: list[list[int]] = []
     real = values.check_shape

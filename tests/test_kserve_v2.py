@@ -1,6 +1,6 @@
 """KServe v2 / Open Inference Protocol on the daemon's port, checked with tritonclient (the
 maintained v2 client from PyPI) and, where its high-level API cannot say it (typed contents,
-a request that does not parse), with the protobuf stubs it ships. (Not with server/proto's:
+a request that does not parse), with the protobuf stubs it ships. (Not with deployd_wire/proto's:
 both register the package `inference` in one process's descriptor pool, which refuses that.)"""
 
 from __future__ import annotations

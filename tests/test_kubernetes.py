@@ -27,8 +27,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import InterpreterManager
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from server import logs
 from server.api.deployd_v1 import SERVICE_NAME
 from server.api.health import Health

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 
-from client._proto.deployd_pb2 import StatusRequest
-from client._proto.deployd_pb2_grpc import DeploydStub
+from deployd_wire.proto.deployd_pb2 import StatusRequest
+from deployd_wire.proto.deployd_pb2_grpc import DeploydStub
 from server import logs
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess

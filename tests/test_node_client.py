@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from client import InterpreterManager, RemoteError
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from tests.conftest import write_config
 from tests.daemon_process import REPO, DaemonProcess
 

@@ -26,8 +26,8 @@ from client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from client._proto import deployd_pb2 as pb
-from client._proto.deployd_pb2 import StatusRequest
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto.deployd_pb2 import StatusRequest
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, wait_until
 

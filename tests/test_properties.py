@@ -20,12 +20,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from client._proto import deployd_pb2 as client_pb
 from client._values import from_wire, to_wire
+from deployd_wire.proto import deployd_pb2 as pb
 from server.api.values import pack_value, unpack_value
 from server.errors import InvalidValue
 from server.ipc import protocol
-from server.proto import deployd_pb2 as server_pb
 from server.worker.values import MAX_DEPTH, pack, unpack
 from tests.test_values import DTYPES  # every dtype the wire carries
 
@@ -40,9 +39,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 def round_trip(value: Any) -> Any:
     """client -> wire -> daemon -> worker (torch objects) -> daemon -> wire -> client."""
-    request = client_pb.InvokeRequest(object_id="obj")
+    request = pb.InvokeRequest(object_id="obj")
     to_wire(value, request.args.add())
-    parsed = server_pb.InvokeRequest.FromString(request.SerializeToString())  # what gRPC hands the daemon
+    parsed = pb.InvokeRequest.FromString(request.SerializeToString())  # what gRPC hands the daemon
     buffers: list[Any] = []
     args = [unpack_value(item, buffers) for item in parsed.args]
     # The daemon -> worker frame: the header is marshal, the tensor bytes follow inline.
@@ -53,9 +52,9 @@ def round_trip(value: Any) -> Any:
     in_worker = unpack(message.args, [bytearray(piece) for piece in pieces[1:]])[0]
     result_buffers: list[Any] = []
     packed = pack(in_worker, result_buffers)
-    response = server_pb.InvokeResponse()
+    response = pb.InvokeResponse()
     pack_value(packed, result_buffers, response.result)
-    return from_wire(client_pb.InvokeResponse.FromString(response.SerializeToString()).result)
+    return from_wire(pb.InvokeResponse.FromString(response.SerializeToString()).result)
 
 
 def tensor_bits(tensor: torch.Tensor) -> bytes:
@@ -179,9 +178,9 @@ def test_every_tensor_comes_back_dense_with_the_values_it_read_as(tensor: torch.
 def result_of_model(value: Any) -> Any:
     """What the client reads when model code returns value (the worker packs it as it is)."""
     buffers: list[Any] = []
-    response = server_pb.InvokeResponse()
+    response = pb.InvokeResponse()
     pack_value(pack(value, buffers), buffers, response.result)
-    return from_wire(client_pb.InvokeResponse.FromString(response.SerializeToString()).result)
+    return from_wire(pb.InvokeResponse.FromString(response.SerializeToString()).result)
 
 
 @QUICK
@@ -233,34 +232,34 @@ DTYPE_NUMBERS = st.integers(-3, 20)
 
 
 @st.composite
-def wire_tensors(draw: st.DrawFn) -> server_pb.Tensor:
+def wire_tensors(draw: st.DrawFn) -> pb.Tensor:
     """Tensors as any client might send them: bad dtypes, negative or huge shapes, wrong lengths."""
-    tensor = server_pb.Tensor()
+    tensor = pb.Tensor()
     tensor.dtype = draw(DTYPE_NUMBERS)  # type: ignore[assignment]
     tensor.shape.extend(draw(st.lists(st.integers(-2, 6) | st.sampled_from([2**31, 2**62, INT64_MAX]), max_size=4)))
     tensor.data = draw(st.binary(max_size=64))
     return tensor
 
 
-def wire_values(max_leaves: int = 10) -> st.SearchStrategy[server_pb.Value]:
+def wire_values(max_leaves: int = 10) -> st.SearchStrategy[pb.Value]:
     leaf = st.one_of(
-        st.just(server_pb.Value()),  # no kind set
-        st.none().map(lambda _: server_pb.Value(none_value=server_pb.NONE_VALUE)),
-        int64s.map(lambda n: server_pb.Value(int_value=n)),
-        st.text(max_size=5).map(lambda s: server_pb.Value(string_value=s)),
-        wire_tensors().map(lambda t: server_pb.Value(tensor_value=t)),
+        st.just(pb.Value()),  # no kind set
+        st.none().map(lambda _: pb.Value(none_value=pb.NONE_VALUE)),
+        int64s.map(lambda n: pb.Value(int_value=n)),
+        st.text(max_size=5).map(lambda s: pb.Value(string_value=s)),
+        wire_tensors().map(lambda t: pb.Value(tensor_value=t)),
     )
 
-    def containers(children: st.SearchStrategy[server_pb.Value]) -> st.SearchStrategy[server_pb.Value]:
-        def as_list(items: list[server_pb.Value], tuple_: bool) -> server_pb.Value:
-            value = server_pb.Value()
+    def containers(children: st.SearchStrategy[pb.Value]) -> st.SearchStrategy[pb.Value]:
+        def as_list(items: list[pb.Value], tuple_: bool) -> pb.Value:
+            value = pb.Value()
             target = value.tuple_value if tuple_ else value.list_value
             target.SetInParent()
             target.items.extend(items)
             return value
 
-        def as_dict(entries: list[tuple[int, str | int, server_pb.Value]]) -> server_pb.Value:
-            value = server_pb.Value()
+        def as_dict(entries: list[tuple[int, str | int, pb.Value]]) -> pb.Value:
+            value = pb.Value()
             value.dict_value.SetInParent()
             for key_kind, key, item in entries:
                 entry = value.dict_value.entries.add(value=item)
@@ -280,7 +279,7 @@ def wire_values(max_leaves: int = 10) -> st.SearchStrategy[server_pb.Value]:
 
 @QUICK
 @given(wire_values())
-def test_the_daemon_takes_a_wire_value_or_says_why_not(value: server_pb.Value) -> None:
+def test_the_daemon_takes_a_wire_value_or_says_why_not(value: pb.Value) -> None:
     buffers: list[Any] = []
     try:
         packed = unpack_value(value, buffers)
@@ -289,7 +288,7 @@ def test_the_daemon_takes_a_wire_value_or_says_why_not(value: server_pb.Value) -
         return
     # What it takes, it can send back, and that parses to the same packed value
     # (not to the same message: a dict with a repeated key keeps its last entry).
-    out = server_pb.Value()
+    out = pb.Value()
     pack_value(packed, buffers, out)
     again: list[Any] = []
     assert unpack_value(out, again) == packed

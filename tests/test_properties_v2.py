@@ -7,7 +7,7 @@ request was. BYTES elements come back as sent: one element is bytes, more a list
 shape. Any request meets a bad shape, datatype or byte count with InvalidArgument, nothing else.
 
 The messages are tritonclient's (`tritonclient.grpc.service_pb2`): the codec only reads and
-sets their fields, and server/proto's v2 stubs may not be imported beside them (both register
+sets their fields, and deployd_wire/proto's v2 stubs may not be imported beside them (both register
 the protobuf package `inference`).
 """
 

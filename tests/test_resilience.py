@@ -180,9 +180,9 @@ def test_poison_call_carries_a_negative_retry_pushback(
     daemon = daemon_with()
     with InterpreterManager(daemon.target, timeout=60) as manager:
         object_id = load_scale(manager, package_dir).id
-    from client._proto import deployd_pb2 as pb
-    from client._proto import deployd_pb2_grpc as pb_grpc
     from client._values import to_wire
+    from deployd_wire.proto import deployd_pb2 as pb
+    from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
     request = pb.InvokeRequest(object_id=object_id, method="exit_now")
     to_wire(6, request.args.add())

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from deployd_wire.proto import deployd_pb2 as pb
 from server.api.calls import MalformedRequest, _parse_or_mark, _serialize_counted
 from server.api.deployd_v1 import _reports_errors
 from server.api.metrics import Metrics
 from server.errors import NotFound
-from server.proto import deployd_pb2 as pb
 
 
 class Tripwire:

@@ -29,8 +29,8 @@ from client import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from server.api.calls import MAX_MESSAGE_BYTES, call_handlers
 from server.api.metrics import Metrics
 from server.errors import NotFound
@@ -349,7 +349,7 @@ def test_status_and_the_cli_show_open_sessions(manager: InterpreterManager, daem
         shown = {entry.session_id: entry for entry in manager.status().sessions}
         assert shown[session.id].objects == 2 and shown[session.id].worker == session.worker
         report = subprocess.run(
-            [sys.executable, "-m", "server", "status", "--json", "--address", daemon.target],
+            [sys.executable, "-m", "deployd_cli", "status", "--json", "--address", daemon.target],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from client import InterpreterManager, RemoteError
-from client._proto import deployd_pb2 as pb
-from client._proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from server.errors import ModelError, RemoteTraceback, error_from_failure
 from server.ipc import protocol
 from server.logs import JsonFormatter, PlainFormatter

@@ -20,8 +20,8 @@ import grpc
 import grpc.aio
 
 from client._errors import DeployError
-from client._proto import deployd_pb2 as pb
 from client._replicas import distinct_hosts, dns_host_and_port, replicas_listed
+from deployd_wire.proto import deployd_pb2 as pb
 
 if TYPE_CHECKING:
     from client.aio._sessions import AsyncObj

@@ -19,8 +19,8 @@ import grpc
 
 from client import _requests as requests
 from client._errors import DeployError, translate_rpc_error
-from client._proto import deployd_pb2 as pb
 from client._retry import Retry
+from deployd_wire.proto import deployd_pb2 as pb
 
 from ._backend import attribute, first_event
 

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, NoReturn, Protocol, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
+from deployd_wire.proto import deployd_pb2 as pb
 from server import errors, tracing
 from server.api.metrics import Metrics
 from server.api.model_failures import (
@@ -36,7 +37,6 @@ from server.api.model_failures import (
 )
 from server.errors import DeploydError, InvalidArgument
 from server.models.names import NamedModel
-from server.proto import deployd_pb2 as pb
 
 log = logging.getLogger(__name__)
 calls_log = logging.getLogger("deployd.calls")

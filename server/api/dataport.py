@@ -29,6 +29,10 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
+from deployd_wire.proto import grpc_predict_v2_pb2 as v2
+from deployd_wire.proto import grpc_predict_v2_pb2_grpc as v2_grpc
 from server import tracing
 from server.api import deployd_v1, kserve_v2
 from server.api.auth import TokenAuth
@@ -44,10 +48,6 @@ from server.ipc import protocol
 from server.ipc.call_board import WorkerRow
 from server.models.entry import TensorSpec
 from server.models.names import ModelNames, NamedModel
-from server.proto import deployd_pb2 as pb
-from server.proto import deployd_pb2_grpc as pb_grpc
-from server.proto import grpc_predict_v2_pb2 as v2
-from server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
 
 _NO_OBSERVER = BatchObserver(lambda model, rows: None, lambda model, seconds: None)
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from server.api.calls import Context, MalformedRequest, ModelCalls, Servicer, call_handlers, register_service
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
@@ -20,8 +22,6 @@ from server.models.names import NamedModel
 from server.models.repository import ModelRepository, ReloadReport
 from server.models.service import ModelService, StatusSnapshot
 from server.models.sessions import Session
-from server.proto import deployd_pb2 as pb
-from server.proto import deployd_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Deployd"].full_name
 # What an invoke token may call; anything else in the service needs admin (server.api.auth).

@@ -33,7 +33,7 @@ from server.errors import InvalidArgument
 from server.models.entry import TensorSpec
 
 if TYPE_CHECKING:  # only for the annotations: any stubs of the v2 messages will do
-    from server.proto import grpc_predict_v2_pb2 as v2
+    from deployd_wire.proto import grpc_predict_v2_pb2 as v2
 
 BYTES = "BYTES"
 SUPPORTED = (*BY_KSERVE, BYTES)

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from deployd_wire.proto import grpc_predict_v2_pb2 as v2
+from deployd_wire.proto import grpc_predict_v2_pb2_grpc as v2_grpc
 from server.api.calls import Context, Servicer, call_handlers, register_service
 from server.api.kserve_calls import EXTENSIONS, SERVER_NAME, TensorMetadata, V2Calls, V2Repository, server_version
 from server.api.kserve_tensors import fill_response, input_tensors
@@ -23,8 +25,6 @@ from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits
 from server.models.repository import ModelRepository
 from server.models.service import ModelService
-from server.proto import grpc_predict_v2_pb2 as v2
-from server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 # What an invoke token may call; the model repository extension (index, load, unload) needs admin.

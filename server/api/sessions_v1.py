@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from deployd_wire.proto import deployd_pb2 as pb
+from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from server.api.calls import Context, Servicer, call_handlers, register_service
 from server.api.metrics import Metrics
 from server.api.values import DEFAULT_LIMITS, ValueLimits, pack_value, unpack_value
 from server.errors import DeploydError, FailedPrecondition, InvalidArgument
 from server.ipc import protocol
 from server.models.sessions import ObjInfo, Session, Sessions
-from server.proto import deployd_pb2 as pb
-from server.proto import deployd_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sessions"].full_name
 INVOKE_METHODS: frozenset[str] = frozenset()  # admin only

@@ -12,8 +12,8 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from deployd_wire.dtypes import DTYPES
+from deployd_wire.proto import deployd_pb2 as pb
 from server.errors import InvalidArgument, InvalidValue
-from server.proto import deployd_pb2 as pb
 
 # DType enum value -> (name used in packed values, bytes per element)
 _DTYPES: dict[int, tuple[str, int]] = {

@@ -1,5 +1,9 @@
-"""The `deployd` command line (also `python -m server`): `serve` runs the daemon; status, load,
-unload, invoke and health are operator commands, a client of the daemon (client/cli.py)."""
+"""The daemon's command line: `serve` runs it (`python -m server serve`, and `deployd serve`).
+
+The operator commands (status, load, unload, invoke, reload, health) are a client of the daemon
+and live in deployd_cli, which adds this `serve` to the one `deployd` parser: the server never
+imports the client. Nothing here loads torch or grpc before the config is good.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,8 @@ from server.app.config import Config, ConfigError, load_config
 from server.app.exit_codes import ExitCode
 
 
-def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="deployd",
-        description="Serve torch.package models over gRPC, and operate a running daemon.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_serve_command(commands: Any) -> None:
+    """Add `serve` to a parser's subparsers (deployd_cli's, or build_parser's here)."""
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", help="config file (default: $DEPLOYD_CONFIG, else built-in defaults)")
     serve.add_argument("--address", help="host:port to serve gRPC on (port 0: any free port)")
@@ -30,24 +29,26 @@ def build_parser(*, client_commands: bool = True) -> argparse.ArgumentParser:
         "--data-ports", type=int, help="workers serve calls on ports P..P+N-1 (0: any free ones, -1: none)"
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    if client_commands:
-        # The operator commands are a client of the daemon, and the daemon core never imports
-        # the client: this command line is the one place where the two meet. Imported only
-        # here, so that `deployd serve` loads neither the client nor torch.
-        from client import cli as client_cli
 
-        client_cli.add_commands(commands)
-        parser.epilog = client_cli.EPILOG
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m server`'s parser: `serve` only (the operator commands: `deployd`, deployd_cli)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve torch.package models over gRPC.",
+        epilog="The operator commands (status, load, unload, invoke, reload, health): `deployd`"
+        " (python -m deployd_cli).",
+    )
+    add_serve_command(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    options = build_parser(client_commands=args[:1] != ["serve"]).parse_args(args)
-    if options.command != "serve":
-        from client import cli as client_cli  # see build_parser
+    return serve(build_parser().parse_args(argv))
 
-        return client_cli.run(options)
+
+def serve(options: argparse.Namespace) -> int:
+    """Run the daemon as `serve`'s options say; returns the exit code."""
     logs.start(options.log_level)
     try:
         return _serve(options)

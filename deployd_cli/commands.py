@@ -1,7 +1,9 @@
 """The operator commands of `deployd`: status, load, unload, invoke, health.
 
-They are a client of a running daemon, built on the public client (InterpreterManager), so
-they live here; server/app/cli.py adds them to the one `deployd` parser and calls run().
+They are a client of a running daemon, built on the public client (InterpreterManager);
+deployd_cli.main adds them to the one `deployd` parser,
+beside server.app.cli's `serve`, and calls run(). What an ARG may be is deployd_cli.tensor_args;
+how status prints is deployd_cli.status_view.
 
     deployd status                                   workers, models, packages, objects, modules, queue
     deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...] [--name NAME [--batching ROWS[:DELAY_MS]]]
@@ -37,7 +39,6 @@ Exit codes (EXIT_CODES is the one table, and the --help epilog):
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import math
@@ -45,20 +46,17 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from client import TLS, Batching, DeployError, InterpreterManager, Package, ReplicatedObj
-from deployd_wire.dtypes import DTYPES
-
-if TYPE_CHECKING:
-    import torch
+from deployd_cli.status_view import status_report, status_text
+from deployd_cli.tensor_args import ARGS_HELP, MAX_PRINTED_VALUES, BadArg, parse_arg, to_json
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_SECONDS = 30.0
 HEALTH_TIMEOUT_SECONDS = 5.0  # Docker's HEALTHCHECK runs `deployd health`: fail fast
-MAX_PRINTED_VALUES = 1000
 _REACHABLE_PROBE_SECONDS = 2.0
 
 EXIT_OK = 0
@@ -90,21 +88,6 @@ _EXIT_FOR_STATUS = {status: exit_code for exit_code, _, statuses in EXIT_CODES f
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {exit_code}  {meaning}" for exit_code, meaning, _ in EXIT_CODES)
 
-INVOKE_DETAILS = """
-
-An ARG (and a --kwarg value) is JSON, or a tensor:
-  2  1.5  '"text"'  true  null  '[1, 2]'  '{"k": 1}'    JSON (a string needs its quotes)
-  'tensor:[[1,2],[3,4]]'                               float32 from nested JSON lists
-  'tensor:int64:[1,2]'                                 any dtype: float16 float32 float64
-                                                       bfloat16 int8 int16 int32 int64 uint8 bool
-  ones:1,3,8,8  zeros:2,2  rand:2,3  ones:int64:2,2    float32 (or the dtype) of that shape
-The result prints as one line of JSON: a tensor as {"tensor": {"dtype", "shape", "values"}}
-(over 1000 values: the first 1000, flattened, unless --full), tuples as lists, bytes as
-{"bytes_base64": ...}."""
-
-# complex dtypes have no literal form in ARG
-_TENSOR_DTYPES = tuple(dtype.name for dtype in DTYPES if not dtype.name.startswith("complex"))
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # What a TARGET's form says it is (server/models/names.py: no model name starts with "obj-").
 _PACKAGE_ID = re.compile(r"[0-9a-f]{64}")
 _OBJECT_ID_PREFIX = "obj-"
@@ -214,7 +197,7 @@ def add_commands(subparsers: Any) -> None:
     which.add_argument("--object", metavar="ID", help="the object to unload")
     which.add_argument("--package", metavar="ID", help="the package to unload, with its objects")
 
-    invoke = add("invoke", _invoke, "call a model or a loaded object and print the result as JSON", INVOKE_DETAILS)
+    invoke = add("invoke", _invoke, "call a model or a loaded object and print the result as JSON", ARGS_HELP)
     invoke.__class__ = _InvokeParser  # add_parser makes every subparser of one class
     invoke.add_argument("target", metavar="TARGET", help="a model name, or an object id (obj-...)")
     invoke.add_argument(
@@ -252,7 +235,7 @@ def run(options: argparse.Namespace) -> int:
     """Run the command that add_commands' parser parsed; returns the exit code."""
     try:
         return int(options.handler(options))
-    except (UsageError, OSError) as error:  # OSError: a local file (package, TLS) that cannot be read
+    except (UsageError, BadArg, OSError) as error:  # OSError: a local file (package, TLS) that cannot be read
         print(f"deployd: {error}", file=sys.stderr)
         return EXIT_USAGE
     except DeployError as error:
@@ -331,148 +314,12 @@ def _print_json(value: Any) -> None:
 def _status(options: argparse.Namespace) -> int:
     with _manager(options) as manager:
         status = manager.status()
-    report = {
-        "workers": [
-            {
-                "index": worker.index,
-                "pid": worker.pid,
-                "state": worker.state,
-                "calls": worker.calls_served,
-                "restarts": worker.restarts,
-                "rss_bytes": worker.rss_bytes,
-                "pss_bytes": worker.pss_bytes,
-                "shared_bytes": worker.shared_bytes,
-                "private_bytes": worker.private_bytes,
-                "last_failure": worker.last_failure,
-            }
-            for worker in status.workers
-        ],
-        "models": [
-            {
-                "name": model.name,
-                "serving_version": model.serving_version,
-                "versions": [_version_report(version) for version in model.versions],
-            }
-            for model in status.models
-        ],
-        "packages": [
-            {"package_id": package.package_id, "size_bytes": package.size_bytes} for package in status.packages
-        ],
-        "objects": [
-            {"object_id": obj.object_id, "package_id": obj.package_id, "module": obj.module, "file": obj.file}
-            for obj in status.objects
-        ],
-        "modules": list(status.modules),
-        "queued_calls": status.queued_calls,
-        "sessions": [
-            {
-                "session_id": session.session_id,
-                "worker": session.worker,
-                "objects": session.objects,
-                "idle_seconds": round(session.idle_seconds, 3),
-                "steps_running": session.steps_running,
-            }
-            for session in status.sessions
-        ],
-    }
+    report = status_report(status)
     if options.json:
         _print_json(report)
     else:
-        print(_status_text(report))
+        print(status_text(report))
     return EXIT_OK
-
-
-def _version_report(version: Any) -> dict[str, Any]:
-    report = {
-        "version": version.version,
-        "state": version.state,
-        "object_id": version.object_id,
-        "calls_in_flight": version.calls_in_flight,
-        "package_id": version.package_id,
-        "module": version.module,
-        "file": version.file,
-    }
-    if version.HasField("batching"):  # only for versions that batch: the key is absent otherwise
-        report["batching"] = {
-            "max_batch_size": version.batching.max_batch_size,
-            "max_queue_delay_ms": version.batching.max_queue_delay_ms,
-            "preferred_batch_sizes": list(version.batching.preferred_batch_sizes),
-        }
-    return report
-
-
-def _status_text(report: dict[str, Any]) -> str:
-    def mib(size: int) -> str:
-        return f"{size / 2**20:.1f}"
-
-    header = ["WORKER", "PID", "STATE", "CALLS", "RESTARTS", "RSS MiB", "PSS MiB", "SHARED MiB", "PRIVATE MiB"]
-    rows = [
-        [
-            str(w["index"]),
-            str(w["pid"]),
-            w["state"],
-            str(w["calls"]),
-            str(w["restarts"]),
-            mib(w["rss_bytes"]),
-            mib(w["pss_bytes"]),
-            mib(w["shared_bytes"]),
-            mib(w["private_bytes"]),
-        ]
-        for w in report["workers"]
-    ]
-    lines = _table(header, rows)
-    lines += [
-        f"worker {w['index']} cannot be replaced: {w['last_failure']}" for w in report["workers"] if w["last_failure"]
-    ]
-    lines.append(f"queued calls: {report['queued_calls']}")
-    lines.append(f"models: {len(report['models'])}")
-    for model in report["models"]:
-        lines.append(f"  {model['name']}  serving version {model['serving_version'] or 'none'}")
-        header = ["VERSION", "STATE", "OBJECT", "CALLS", "MODULE:FILE", "PACKAGE"]
-        rows = [
-            [
-                str(v["version"]),
-                v["state"],
-                v["object_id"],
-                str(v["calls_in_flight"]),
-                f"{v['module']}:{v['file']}",
-                v["package_id"],
-            ]
-            for v in model["versions"]
-        ]
-        lines += [f"    {line}" for line in _table(header, rows)]
-        for v in model["versions"]:
-            if "batching" in v:
-                batching = v["batching"]
-                preferred = ", ".join(map(str, batching["preferred_batch_sizes"]))
-                lines.append(
-                    f"    version {v['version']} batches calls: up to {batching['max_batch_size']} rows,"
-                    f" first call waits up to {batching['max_queue_delay_ms']:g} ms"
-                    + (f", preferred {preferred}" if preferred else "")
-                )
-    lines.append(f"packages: {len(report['packages'])}")
-    lines += [f"  {p['package_id']}  {mib(p['size_bytes'])} MiB" for p in report["packages"]]
-    lines.append(f"objects: {len(report['objects'])}")
-    lines += [f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}" for o in report["objects"]]
-    lines.append(f"modules: {len(report['modules'])}")
-    lines += [f"  {name}" for name in report["modules"]]
-    lines.append(f"sessions: {len(report['sessions'])}")
-    if report["sessions"]:
-        header = ["SESSION", "WORKER", "OBJECTS", "IDLE s", "STEPS RUNNING"]
-        rows = [
-            [s["session_id"], str(s["worker"]), str(s["objects"]), f"{s['idle_seconds']:.1f}", str(s["steps_running"])]
-            for s in report["sessions"]
-        ]
-        lines += [f"  {line}" for line in _table(header, rows)]
-    return "\n".join(lines)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
 
 
 # ---------------------------------------------------------------- load, unload
@@ -606,103 +453,6 @@ def _invoke(options: argparse.Namespace) -> int:
         result = target.call_method(options.method, *args, **kwargs)
     _print_json(to_json(result, full=options.full))
     return EXIT_OK
-
-
-def parse_arg(text: str) -> Any:
-    """One ARG: a tensor spec (tensor:, ones:, zeros:, rand:) or a JSON value."""
-    kind, colon, rest = text.partition(":")
-    if colon and kind in ("tensor", "ones", "zeros", "rand"):
-        return _parse_tensor(kind, rest, text)
-    try:
-        value = json.loads(text)
-    except ValueError:
-        hint = f" (a string is JSON-quoted: '\"{text}\"')" if text.isidentifier() else ""
-        raise UsageError(f"ARG {text!r} is neither JSON nor a tensor spec{hint}") from None
-    _check_ints(value, text)
-    return value
-
-
-def _check_ints(value: Any, text: str) -> None:
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
-        raise UsageError(f"ARG {text!r}: integer {value} does not fit in int64")
-    if isinstance(value, list):
-        for item in value:
-            _check_ints(item, text)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_ints(item, text)
-
-
-def _parse_tensor(kind: str, rest: str, text: str) -> torch.Tensor:
-    import torch  # only invoke needs it
-
-    name, colon, tail = rest.partition(":")
-    dtype_name = "float32"
-    if colon and name.isidentifier():
-        if name not in _TENSOR_DTYPES:
-            raise UsageError(f"ARG {text!r}: unknown dtype {name!r} (one of: {', '.join(_TENSOR_DTYPES)})")
-        dtype_name, rest = name, tail
-    if kind == "rand" and dtype_name not in ("float16", "float32", "float64", "bfloat16"):
-        raise UsageError(f"ARG {text!r}: rand: makes floating-point tensors only")
-    dtype = getattr(torch, dtype_name)
-    if kind == "tensor":
-        try:
-            values = json.loads(rest)
-            return torch.tensor(values, dtype=dtype)
-        except (ValueError, TypeError, RuntimeError, OverflowError) as error:
-            raise UsageError(f"ARG {text!r}: not a tensor of nested JSON lists ({error})") from None
-    try:
-        shape = [int(size) for size in rest.split(",")]
-    except ValueError:
-        raise UsageError(f"ARG {text!r}: {kind}: takes a shape like 2,3 (non-negative integers)") from None
-    if any(size < 0 for size in shape):
-        raise UsageError(f"ARG {text!r}: {kind}: takes a shape of non-negative integers")
-    make = {"ones": torch.ones, "zeros": torch.zeros, "rand": torch.rand}[kind]
-    try:
-        return make(shape, dtype=dtype)
-    except RuntimeError as error:
-        raise UsageError(f"ARG {text!r}: {error}") from None
-
-
-def to_json(value: Any, *, full: bool = False) -> Any:
-    """A result as JSON: tensors as {"tensor": {...}}, tuples as lists, bytes as base64."""
-    import torch
-
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return {"tensor": _tensor_json(value, full)}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"bytes_base64": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, (list, tuple)):
-        return [to_json(item, full=full) for item in value]
-    if isinstance(value, dict):
-        return {
-            (key if isinstance(key, str) else json.dumps(to_json(key, full=full))): to_json(item, full=full)
-            for key, item in value.items()
-        }
-    if isinstance(value, complex):
-        return [value.real, value.imag]
-    return repr(value)
-
-
-def _tensor_json(tensor: torch.Tensor, full: bool) -> dict[str, Any]:
-    import torch
-
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    description: dict[str, Any] = {"dtype": dtype, "shape": list(tensor.shape)}
-    if tensor.is_complex():  # JSON has no complex numbers: [real, imag] pairs
-        tensor = torch.view_as_real(tensor.resolve_conj())
-    if full or tensor.numel() <= MAX_PRINTED_VALUES:
-        description["values"] = tensor.tolist()
-    else:
-        description["values"] = tensor.reshape(-1)[:MAX_PRINTED_VALUES].tolist()
-        description["truncated"] = (
-            f"the first {MAX_PRINTED_VALUES} of {tensor.numel()} values, flattened in C order; --full prints all"
-        )
-    return description
 
 
 # ---------------------------------------------------------------- reload
