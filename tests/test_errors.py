@@ -242,6 +242,10 @@ def test_each_daemon_error_reaches_the_caller_as_its_status_and_client_error(
     assert raised.value.code() == code  # type: ignore[attr-defined]
     translated = translate_rpc_error(raised.value)
     assert type(translated) is client_error and isinstance(translated, DeployError)
+    if getattr(error, "remote_traceback", ""):
+        # A model's error names the call id its whole traceback is logged under.
+        assert translated.call_id, "x-request-id came back"
+        details += f" (call id {translated.call_id}: the whole traceback is in the daemon's log)"
     assert (translated.code, translated.details) == (code, details)
     assert translated.remote_type == getattr(error, "remote_type", "")
     assert translated.remote_traceback == getattr(error, "remote_traceback", "")
