@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from server.batching.merge import Unbatchable, batch_key, merge, rows_of, split
 from server.errors import InvalidArgument, Overloaded
 from server.ipc import protocol
+from server.pool.deadlines import caller_deadline_ns, latest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class _Waiting:
     kwargs: dict[str, Any]
     buffers: list[Any]
     arrived: float
+    deadline_ns: int = field(default_factory=caller_deadline_ns.get)  # its caller's (server.pool.deadlines)
     answer: asyncio.Future[tuple[Any, list[Any]]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -253,6 +255,9 @@ class Batcher:
 
     async def _run_batch(self, batch: list[_Waiting], method: str, on_start: Batcher._Start) -> None:
         caller_gone = asyncio.ensure_future(_all_cancelled([waiting.answer for waiting in batch]))
+        # This task's own context came from whichever task started it: the batch's deadline is
+        # its callers' latest, which model code may ask for (deployd_worker.deadline()).
+        caller_deadline_ns.set(latest(waiting.deadline_ns for waiting in batch))
         try:
             if len(batch) == 1:
                 only = batch[0]

@@ -201,6 +201,9 @@ class Failure(NamedTuple):
 FAILURE_MODEL_ERROR = "model_error"  # model code raised
 FAILURE_INVALID_ARGUMENT = "invalid_argument"  # bad package, module, pickle or value
 FAILURE_NOT_FOUND = "not_found"  # no such object, package or method in the worker
+# Model code stopped because its caller was gone (deployd_worker.check raised Cancelled).
+FAILURE_CANCELLED = "cancelled"  # the caller cancelled the call
+FAILURE_DEADLINE_EXCEEDED = "deadline_exceeded"  # the caller's deadline passed
 
 Request = (
     RegisterModule
