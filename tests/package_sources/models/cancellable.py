@@ -11,12 +11,15 @@ import deployd_worker
 
 
 class Patient:
-    """Works until its caller is gone, or `limit` seconds have passed."""
+    """Works until its caller is gone."""
 
     def __init__(self):
         self.last = None  # what the last call saw
 
     def until_cancelled(self, limit):
+        """Works until its caller is gone (or limit seconds pass), notes what it saw, then
+        raises deployd_worker.Cancelled: the caller's status says why it stopped, even if
+        its answer could still have reached it."""
         started = time.time()
         while not deployd_worker.cancelled() and time.time() - started < limit:
             pass
@@ -27,14 +30,8 @@ class Patient:
             "deadline": deployd_worker.deadline(),
             "pid": os.getpid(),
         }
+        deployd_worker.check()
         return self.last
-
-    def until_checked(self, limit):
-        """The same, stopping by deployd_worker.check(): the caller's status says why."""
-        started = time.time()
-        while time.time() - started < limit:
-            deployd_worker.check()
-        return "ran out"
 
     def last_call(self):
         return self.last
