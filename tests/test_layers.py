@@ -79,6 +79,18 @@ def test_server_rooms_import_only_downward() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def test_the_model_api_imports_only_the_standard_library() -> None:
+    """deployd_worker is what model code imports (and torch.package externs): it must load
+    wherever the model runs, a worker or plain Python, with nothing of deployd's behind it."""
+    wrong = []
+    for path in sorted((REPO / "deployd_worker").rglob("*.py")):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in ("deployd_worker", "__future__"):
+                wrong.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_the_static_check_sees_a_wrong_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from server.api.deployd_v1 import DeploydServicer\n")
