@@ -12,7 +12,8 @@ request of the daemon's (a load, an unload, a replay) never runs beside a call. 
 are the daemon's own (server.api.deployd_v1.InvokeHandlers, server.api.kserve_v2.InferHandlers)
 over LocalModels instead of the daemon's service, so statuses, messages, error detail, limits,
 metrics and call logs are the same on both paths. Each call is marked on the worker's row of
-the call board (server.ipc.call_board), where the daemon sees calls in flight and hung ones.
+the call board (server.ipc.call_board), where the daemon sees calls in flight and hung ones,
+and model code may ask whether its caller's deadline has passed (deployd_worker).
 
 Imports no torch: the function that runs a request is given.
 """

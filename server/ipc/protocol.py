@@ -298,7 +298,8 @@ class Frame(NamedTuple):
     # Transport notes beside the message: "reply_arena" (name, size) lent for the reply's
     # tensors; "inbox_retained" when model code kept a reference to its inputs' memory;
     # "reply_bytes_wanted" when the reply's tensors did not fit the arena lent; "times"
-    # (received, replied) on the worker's monotonic clock, in nanoseconds.
+    # (received, replied) on the worker's monotonic clock, in nanoseconds; "deadline", the
+    # caller's, on the same clock (a request; none without one: deployd_worker.deadline()).
     notes: dict[str, Any]
 
 

@@ -8,6 +8,10 @@ WorkerCrashed (naming the exit code or signal) and tells the supervisor
     starting ──(prepared; the supervisor)──> idle <──(a call; the dispatcher)──> busy
     any of them ──(the process ends; its lifecycle task)──> stopped
 
+A request carries its caller's deadline (server.pool.deadlines); when its caller gives up
+(abandon), its id goes on the worker's word of the cancel board (server.ipc.cancel_board),
+where model code that asks (deployd_worker.cancelled()) sees it and can stop early.
+
 A worker stuck in a call (kill_hung) is asked for its stacks first: DUMP_STACKS_SIGNAL, on
 which its faulthandler writes every thread's Python stack to its stderr (the daemon's log);
 STACK_DUMP_SECONDS later, SIGKILL.

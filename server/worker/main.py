@@ -1,5 +1,9 @@
 """A worker process's entry point: greet the daemon, then serve requests until the channel closes.
 
+Each request runs as deployd_worker's running call (deployd_worker._call): model code may ask
+for its caller's deadline (the request's notes) and whether the caller gave up (this worker's
+word of the cancel board, server.ipc.cancel_board, mapped once at start).
+
 Imported by the fork server before any worker exists, so that torch is loaded once
 and every worker forked from it starts warm. Nothing here may start threads or run
 torch ops at import time: a fork after OpenMP has started hangs the child.
