@@ -83,6 +83,32 @@ def test_a_call_made_inside_another_puts_the_outer_one_back() -> None:
         assert not deployd_worker.cancelled() and deployd_worker.deadline() == outer.deadline
 
 
+ASKS = """
+import deployd_worker
+
+
+def ask():
+    return deployd_worker.cancelled(), deployd_worker.deadline()
+"""
+
+
+def test_a_copy_interned_into_a_package_answers_as_the_workers(tmp_path: Path) -> None:
+    """An exporter that interns deployd_worker (intern("**")) gets a copy of its own in the
+    archive: it asks the worker's copy, which the worker tells of each call."""
+    from torch.package import PackageExporter, PackageImporter
+
+    archive = tmp_path / "asks.pt"
+    with PackageExporter(str(archive)) as exporter:
+        exporter.intern(["deployd_worker", "deployd_worker.**"])
+        exporter.save_source_string("asks", ASKS)
+    asks = PackageImporter(str(archive)).import_module("asks")
+    assert asks.deployd_worker is not deployd_worker  # the archive's own copy
+    assert asks.ask() == (False, None)
+    call = Call(time.monotonic_ns() - 1)
+    with running(call):
+        assert asks.ask() == (True, call.deadline)
+
+
 def test_a_batch_carries_its_callers_latest_deadline() -> None:
     assert latest([5, 9, 7]) == 9
     assert latest([5, 0]) == 0  # a caller without a deadline: the batch has none
