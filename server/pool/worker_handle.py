@@ -300,10 +300,9 @@ class WorkerHandle:
         for the log."""
         if reply.done():
             return
-        board = self.cancel_board
-        if board is not None:
-            request_id = next((key for key, pending in self._pending.items() if pending is reply), 0)
-            board.flag(self.index, request_id)
+        request_id = next((key for key, pending in self._pending.items() if pending is reply), 0)
+        if self.cancel_board is not None and request_id:
+            self.cancel_board.flag(self.index, request_id)
         loop = asyncio.get_running_loop()
         why = f"was killed: a call ran {grace:g}s past its caller giving up"
         hung = f"its caller gave up {grace:g}s ago"
