@@ -8,6 +8,9 @@ checks that no process or shared-memory segment is left behind.
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 import deployd_worker
 from client import DeadlineExceededError, InterpreterManager, ReplicatedObj
@@ -213,3 +217,32 @@ def test_a_caller_that_cancels_without_a_deadline_stops_the_model(
         assert time.time() - cancelled_at < 3
         assert worker_pids(manager) == before
         assert sum(worker.restarts for worker in manager.status().workers) == 0
+
+
+def test_an_http_caller_that_hangs_up_stops_the_model(package_dir: Path, tmp_path: Path) -> None:
+    """KServe v2 over HTTP has no deadline: a caller that hangs up is seen through the cancel
+    board alone (aiohttp cancels the call's handler, the daemon flags its request)."""
+    config = write_config(
+        tmp_path / "config.yaml", package_dir, pool={"workers": 1}, server={"http_address": "127.0.0.1:0"}
+    )
+    settings = yaml.safe_load(config.read_text())
+    settings["models"] = [{"name": "patient", "package": "models.pt", "pickle": "models:patient.pkl"}]
+    config.write_text(yaml.safe_dump(settings))
+    daemon = DaemonProcess(config).start()
+    try:
+        with InterpreterManager(daemon.target, timeout=60) as manager:
+            before = worker_pids(manager)
+            body = json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+            connection = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=DEADLINE)
+            connection.request("POST", "/v2/models/patient/infer", body, {"Content-Type": "application/json"})
+            with pytest.raises(socket.timeout):
+                connection.getresponse()
+            hung_up_at = time.time()
+            connection.close()
+            last = manager.model("patient").options(timeout=10).call_method("last_call")
+            assert last is not None and last["cancelled"] and last["deadline"] is None, last
+            assert time.time() - hung_up_at < 3
+            assert worker_pids(manager) == before
+            assert sum(worker.restarts for worker in manager.status().workers) == 0
+    finally:
+        daemon.assert_clean_stop()
