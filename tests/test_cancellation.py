@@ -1,9 +1,9 @@
 """Cooperative cancellation: model code asks whether its caller is gone (deployd_worker) and
 stops early, and its worker lives on; what it is told belongs to its own call alone.
 
-The daemon tests run real daemons on both paths (the daemon's, a data port's) with a grace
-long enough that a worker killed for its abandoned call would show; the fixture's teardown
-checks that no process or shared-memory segment is left behind.
+The daemon tests run real daemons on both paths (the daemon's, a data port's), and over
+HTTP, with a grace long enough that a worker killed for its abandoned call would show; each
+daemon's stop checks that no process or shared-memory segment is left behind.
 """
 
 from __future__ import annotations
@@ -223,7 +223,10 @@ def test_an_http_caller_that_hangs_up_stops_the_model(package_dir: Path, tmp_pat
     """KServe v2 over HTTP has no deadline: a caller that hangs up is seen through the cancel
     board alone (aiohttp cancels the call's handler, the daemon flags its request)."""
     config = write_config(
-        tmp_path / "config.yaml", package_dir, pool={"workers": 1}, server={"http_address": "127.0.0.1:0"}
+        tmp_path / "config.yaml",
+        package_dir,
+        pool={"workers": 1, "abandoned_call_grace_seconds": GRACE},
+        server={"http_address": "127.0.0.1:0"},
     )
     settings = yaml.safe_load(config.read_text())
     settings["models"] = [{"name": "patient", "package": "models.pt", "pickle": "models:patient.pkl"}]
