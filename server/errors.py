@@ -10,6 +10,8 @@ DeploydError
 ├── WorkerCrashed       the worker died while serving the call (.caused_by_call: it ended itself)
 ├── Overloaded          too many calls already wait for a worker
 ├── PoolClosed          the daemon is shutting down
+├── CallCancelled       model code stopped because its caller cancelled the call (deployd_worker)
+│   └── DeadlineExceeded    ... because its caller's deadline passed
 └── ModelError          model code raised; carries the remote type and traceback
 
 RemoteTraceback is no error of the daemon's: it is how a worker's traceback is chained.
@@ -109,6 +111,15 @@ class PoolClosed(DeploydError):
         super().__init__("the daemon is shutting down")
 
 
+class CallCancelled(DeploydError):
+    """Model code stopped early because its caller was gone (deployd_worker.check()); the worker
+    goes on serving. The caller has usually hung up already: this is what a log or a batch sees."""
+
+
+class DeadlineExceeded(CallCancelled):
+    pass
+
+
 class ModelError(DeploydError):
     pass
 
@@ -117,6 +128,8 @@ _ERROR_FOR_FAILURE: dict[str, type[DeploydError]] = {
     protocol.FAILURE_MODEL_ERROR: ModelError,
     protocol.FAILURE_INVALID_ARGUMENT: InvalidArgument,
     protocol.FAILURE_NOT_FOUND: NotFound,
+    protocol.FAILURE_CANCELLED: CallCancelled,
+    protocol.FAILURE_DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
 

@@ -30,11 +30,16 @@ def build_conv(out: Path) -> None:
 
 def build_models(out: Path) -> None:
     sys.path.insert(0, str(SOURCES / "models"))
+    import cancellable
     import testmodels
 
     with PackageExporter(str(out)) as exporter:
         exporter.extern("numpy.**")
         exporter.intern("testmodels")
+        # The worker's API (deployd_worker) is extern: the model shares the worker's own copy.
+        exporter.extern("deployd_worker")
+        exporter.intern("cancellable")
+        exporter.save_pickle("models", "patient.pkl", cancellable.Patient())
         exporter.save_pickle("models", "echo.pkl", testmodels.Echo())
         exporter.save_pickle("models", "scale.pkl", testmodels.Scale(2.0))
         exporter.save_pickle("models", "dies_in_new_workers.pkl", testmodels.DiesInNewWorkers())

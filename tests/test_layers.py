@@ -23,7 +23,8 @@ from tests.daemon_process import REPO
 # Which other top-level packages each may import.
 _PACKAGES: dict[str, set[str]] = {
     "deployd_wire": set(),
-    "server": {"deployd_wire"},
+    "deployd_worker": set(),  # model code's API: the standard library only (checked below)
+    "server": {"deployd_wire", "deployd_worker"},
     "client": {"deployd_wire"},
     "deployd_cli": {"server", "client", "deployd_wire"},
 }
@@ -150,6 +151,19 @@ def test_the_check_passes_allowed_imports(tmp_path: Path, module: str, source: s
     planted = tmp_path / "planted.py"
     planted.write_text(source)
     assert violations(module, planted) == []
+
+
+def test_the_model_api_imports_only_the_standard_library() -> None:
+    """deployd_worker is what model code imports (and torch.package externs): it must load
+    wherever the model runs, a worker or plain Python, with nothing of deployd's behind it."""
+    wrong = []
+    for path in sorted((REPO / "deployd_worker").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        for name in _imports(path, module):
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in ("deployd_worker", "__future__"):
+                wrong.append(f"{path.relative_to(REPO)} imports {name}")
+    assert not wrong, "\n".join(wrong)
 
 
 @pytest.mark.parametrize(

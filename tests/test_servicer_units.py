@@ -39,6 +39,9 @@ class Context:
     def add_done_callback(self, callback: Any) -> None:
         pass
 
+    def time_remaining(self) -> float | None:
+        return None  # no deadline
+
 
 class Servicer:
     def __init__(self) -> None:

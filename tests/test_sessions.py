@@ -422,6 +422,9 @@ def test_a_streams_errors_go_through_the_one_wrapper() -> None:
         def invocation_metadata(self) -> tuple[()]:
             return ()
 
+        def time_remaining(self) -> float | None:
+            return None  # no deadline
+
     class Servicer:
         def __init__(self) -> None:
             self._metrics = Metrics()

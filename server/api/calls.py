@@ -37,6 +37,7 @@ from server.api.model_failures import (
 )
 from server.errors import DeploydError, InvalidArgument
 from server.models.names import NamedModel
+from server.pool.deadlines import caller_deadline_ns, deadline_in
 
 log = logging.getLogger(__name__)
 calls_log = logging.getLogger("deployd.calls")
@@ -68,6 +69,8 @@ STATUS_FOR_ERROR: list[tuple[type[DeploydError], grpc.StatusCode]] = [
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.WorkerCrashed, grpc.StatusCode.UNAVAILABLE),
     (errors.PoolClosed, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.CallCancelled, grpc.StatusCode.CANCELLED),
     (errors.ModelError, grpc.StatusCode.UNKNOWN),
 ]
 
@@ -133,6 +136,8 @@ def call_handlers(
         method = handler.__name__
 
         def start(servicer: Servicer, request: Any, context: Context) -> _Call:
+            # What the call sends to a worker carries its deadline (deployd_worker.deadline()).
+            caller_deadline_ns.set(deadline_in(context.time_remaining()))
             target = "" if isinstance(request, MalformedRequest) else _cut(model_of(request), MAX_LOGGED_TARGET)
             labelled = method in per_model
             return _Call(servicer, context, method, target, labelled, load_kinds.get(method))

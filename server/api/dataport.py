@@ -12,7 +12,8 @@ request of the daemon's (a load, an unload, a replay) never runs beside a call. 
 are the daemon's own (server.api.deployd_v1.InvokeHandlers, server.api.kserve_v2.InferHandlers)
 over LocalModels instead of the daemon's service, so statuses, messages, error detail, limits,
 metrics and call logs are the same on both paths. Each call is marked on the worker's row of
-the call board (server.ipc.call_board), where the daemon sees calls in flight and hung ones.
+the call board (server.ipc.call_board), where the daemon sees calls in flight and hung ones,
+and model code may ask whether its caller's deadline has passed (deployd_worker).
 
 Imports no torch: the function that runs a request is given.
 """
@@ -33,6 +34,7 @@ from deployd_wire.proto import deployd_pb2 as pb
 from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 from deployd_wire.proto import grpc_predict_v2_pb2 as v2
 from deployd_wire.proto import grpc_predict_v2_pb2_grpc as v2_grpc
+from deployd_worker._call import Call, running
 from server import tracing
 from server.api import deployd_v1, kserve_v2
 from server.api.auth import TokenAuth
@@ -48,6 +50,7 @@ from server.ipc import protocol
 from server.ipc.call_board import WorkerRow
 from server.models.entry import TensorSpec
 from server.models.names import ModelNames, NamedModel
+from server.pool.deadlines import caller_deadline_ns
 
 _NO_OBSERVER = BatchObserver(lambda model, rows: None, lambda model, seconds: None)
 
@@ -61,9 +64,8 @@ Run = Callable[[protocol.Request, list[Any]], tuple[protocol.Reply, list[Any]]]
 # says so in Endpoints (WorkerExit.call_id), and the client does not send it again.
 CALL_ID_KEY = "deployd-call-id"
 
-# The deadline of the call a handler serves (monotonic nanoseconds, 0: none) and its id (0:
-# none). Each grpc.aio call runs in a task of its own, so these are per call.
-_caller_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("caller_deadline", default=0)
+# The id of the call a handler serves (0: none); its deadline is server.pool.deadlines'. Each
+# grpc.aio call runs in a task of its own, so these are per call.
 _call_id: contextvars.ContextVar[int] = contextvars.ContextVar("call_id", default=0)
 
 
@@ -198,11 +200,16 @@ class LocalModels:
 
     def _run(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
         row = self._row
+        deadline = caller_deadline_ns.get()
         if row is not None:
-            row.begin(_caller_deadline.get(), _call_id.get())
+            row.begin(deadline, _call_id.get())
         try:
+            # Model code may ask whether its caller is gone (deployd_worker): here, once the
+            # deadline has passed. A cancellation reaches this worker's grpc only through the
+            # event loop, which the model holds while it runs: it cannot be seen meanwhile.
             with tracing.model_run(self.slot, os.getpid(), getattr(message, "object_id", "")) as span:
-                reply, out_buffers = self._run_request(message, buffers)
+                with running(Call(deadline)):
+                    reply, out_buffers = self._run_request(message, buffers)
                 ran = isinstance(reply, protocol.Result)
                 tracing.set_status(span, "ok" if ran else "error", ran)
         except SystemExit as stop:
@@ -224,9 +231,7 @@ def _specs(wire: list[tuple[str, str, list[int]]]) -> tuple[TensorSpec, ...]:
 
 
 def _note_call(context: Context) -> None:
-    """The call's deadline and id, for the call board."""
-    remaining = context.time_remaining()
-    _caller_deadline.set(0 if remaining is None else time.monotonic_ns() + int(remaining * 1e9))
+    """The call's id, for the call board (its deadline is noted by every handler: server.api.calls)."""
     for key, value in context.invocation_metadata() or ():
         if key == CALL_ID_KEY:
             with contextlib.suppress(ValueError):  # not one of ours: the call simply has no id

@@ -70,6 +70,9 @@ STATUS_FOR_ERROR: list[tuple[type[DeploydError], int, str]] = [
     (errors.FailedPrecondition, 409, "FAILED_PRECONDITION"),
     (errors.WorkerCrashed, 503, "UNAVAILABLE"),
     (errors.PoolClosed, 503, "UNAVAILABLE"),
+    # The model stopped because its caller was gone (deployd_worker): nginx's 499, a 504 for a deadline.
+    (errors.DeadlineExceeded, 504, "DEADLINE_EXCEEDED"),
+    (errors.CallCancelled, 499, "CANCELLED"),
     (errors.ModelError, 500, "UNKNOWN"),
 ]
 _CODE_FOR_STATUS = {200: "OK", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED"}

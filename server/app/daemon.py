@@ -45,6 +45,7 @@ from server.app.exit_codes import ExitCode
 from server.app.tracing import start_tracing
 from server.batching.batcher import BatchObserver
 from server.errors import DeploydError, InvalidArgument, WorkerCrashed
+from server.ipc.cancel_board import CancelBoard
 from server.ipc.shm import remove_stale_segments, set_worker_group
 from server.malloc import tune_malloc
 from server.models.dataports import DataPorts
@@ -112,6 +113,8 @@ class Daemon:
                 worker_process.run_worker,
                 data=_data_port_settings(config, self._data_ports, value_limits, metrics_directory),
             )
+        # Where a worker learns that its call's caller gave up (deployd_worker.cancelled()).
+        self._cancel_board = CancelBoard(config.worker_count)
         self._supervisor = Supervisor(
             target=target,
             size=config.worker_count,
@@ -129,6 +132,7 @@ class Daemon:
             prepare=self._prepare_worker,
             memory_limit=config.worker.memory_limit_bytes,
             on_call_timing=self._metrics.observe_worker_call,
+            cancel_board=self._cancel_board,
         )
         self._dispatcher = Dispatcher(
             max_queued_calls=config.pool.max_queued_calls,
@@ -383,6 +387,7 @@ class Daemon:
             await self._supervisor.stop("the daemon is stopping")
             if self._data_ports is not None:
                 self._data_ports.unlink()
+            self._cancel_board.unlink()
             self._service.close()
             self._metrics.close()
             if self._owns_store_directory:

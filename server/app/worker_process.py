@@ -68,7 +68,7 @@ _tag = _WorkerTag()
 
 
 async def _serve(channel: socket.socket, runtime: Any, settings: WorkerSettings, data: DataPortSettings) -> None:
-    from server.worker.main import serve_channel
+    from server.worker.main import cancel_flags, serve_channel
     from server.worker.shared import ArenaMappings
 
     port = DataPort(data, runtime.handle)
@@ -93,7 +93,9 @@ async def _serve(channel: socket.socket, runtime: Any, settings: WorkerSettings,
 
     reader, writer = await asyncio.open_unix_connection(sock=channel)
     try:
-        await serve_channel(reader, writer, handle, ArenaMappings(), settings.shm_threshold_bytes)
+        await serve_channel(
+            reader, writer, handle, ArenaMappings(), settings.shm_threshold_bytes, cancel_flags(settings)
+        )
     finally:
         # The daemon closed the channel (it stops this worker) or died: calls still running
         # on the port are cut short, as they would be by the process's end.

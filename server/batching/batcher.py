@@ -34,6 +34,7 @@ from server import tracing
 from server.batching.merge import Unbatchable, batch_key, merge, rows_of, split
 from server.errors import InvalidArgument, Overloaded
 from server.ipc import protocol
+from server.pool.deadlines import caller_deadline_ns, latest
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class _Waiting:
     buffers: list[Any]
     arrived: float
     trace: Any  # the caller's span context, for its batch to link to (server.tracing); None: off
+    deadline_ns: int = field(default_factory=caller_deadline_ns.get)  # its caller's (server.pool.deadlines)
     answer: asyncio.Future[tuple[Any, list[Any]]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -274,6 +276,9 @@ class Batcher:
 
     async def _run_batch_now(self, batch: list[_Waiting], method: str, on_start: Batcher._Start) -> None:
         caller_gone = asyncio.ensure_future(_all_cancelled([waiting.answer for waiting in batch]))
+        # This task's own context came from whichever task started it: the batch's deadline is
+        # its callers' latest, which model code may ask for (deployd_worker.deadline()).
+        caller_deadline_ns.set(latest(waiting.deadline_ns for waiting in batch))
         try:
             if len(batch) == 1:
                 only = batch[0]

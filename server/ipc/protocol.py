@@ -201,6 +201,9 @@ class Failure(NamedTuple):
 FAILURE_MODEL_ERROR = "model_error"  # model code raised
 FAILURE_INVALID_ARGUMENT = "invalid_argument"  # bad package, module, pickle or value
 FAILURE_NOT_FOUND = "not_found"  # no such object, package or method in the worker
+# Model code stopped because its caller was gone (deployd_worker.check raised Cancelled).
+FAILURE_CANCELLED = "cancelled"  # the caller cancelled the call
+FAILURE_DEADLINE_EXCEEDED = "deadline_exceeded"  # the caller's deadline passed
 
 Request = (
     RegisterModule
@@ -295,7 +298,8 @@ class Frame(NamedTuple):
     # Transport notes beside the message: "reply_arena" (name, size) lent for the reply's
     # tensors; "inbox_retained" when model code kept a reference to its inputs' memory;
     # "reply_bytes_wanted" when the reply's tensors did not fit the arena lent; "times"
-    # (received, replied) on the worker's monotonic clock, in nanoseconds.
+    # (received, replied) on the worker's monotonic clock, in nanoseconds; "deadline", the
+    # caller's, on the same clock (a request; none without one: deployd_worker.deadline()).
     notes: dict[str, Any]
 
 

@@ -5,6 +5,7 @@
     dispatcher     routes the daemon's calls to free workers <─────────────────────────────┘
     worker_handle  one worker process: its channel, its requests in flight, its state
     procinfo       what /proc says about processes
+    deadlines      the caller's deadline, from the servicer to the requests it sends
 
 The supervisor knows nothing of calls, and the dispatcher starts and stops no process.
 """

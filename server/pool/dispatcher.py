@@ -16,9 +16,10 @@ Invariants:
 - A worker takes calls only between its WorkerServing and its WorkerExited; the supervisor
   emits both, so this module never spawns, replaces nor stops a worker.
 - At most `max_queued_calls` calls wait for a worker; the next fails at once (Overloaded).
-- A worker whose caller gave up takes no other call; if it does not answer within
-  `abandoned_call_grace` seconds it is killed (and so replaced): a hung model cannot keep
-  capacity. A call running past `max_call_seconds` kills its worker too. Either way the
+- A worker whose caller gave up is told so (the cancel board: model code that asks,
+  deployd_worker.cancelled(), stops early) and takes no other call; if it does not answer
+  within `abandoned_call_grace` seconds it is killed (and so replaced): a hung model cannot
+  keep capacity. A call running past `max_call_seconds` kills its worker too. Either way the
   worker's Python stacks go to the log first, under a line naming the worker and the call
   (WorkerHandle.kill_hung).
 

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from server.errors import DeploydError, WorkerCrashed
+from server.ipc.cancel_board import CancelBoard
 from server.pool.events import WorkerEvent, WorkerExited, WorkerListener, WorkerServing
 from server.pool.procinfo import MemoryUsage, anonymous_resident_bytes, memory_usage
 from server.pool.worker_handle import CallTiming, WorkerHandle, WorkerState, WorkerTarget
@@ -91,10 +92,13 @@ class Supervisor:
         memory_limit: int = 0,
         target: WorkerTarget = run_worker,
         on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
+        cancel_board: CancelBoard | None = None,
     ) -> None:
         """prepare: replays everything loaded into a new worker (awaited under `changes`).
         target: what a worker process runs (server.worker.entry.run_worker).
-        on_call_timing: where each request's timing goes (the daemon's metrics)."""
+        on_call_timing: where each request's timing goes (the daemon's metrics).
+        cancel_board: where each worker learns that its call's caller gave up (one word per
+        slot; the daemon owns it)."""
         self.size = size
         # Held while a worker is prepared and starts serving, and by the service while it
         # changes what every worker holds.
@@ -106,6 +110,7 @@ class Supervisor:
         self._memory_limit = memory_limit
         self._target = target
         self._on_call_timing = on_call_timing
+        self._cancel_board = cancel_board
         # Workers come from a fork server: a fresh interpreter that imports torch once
         # and never runs grpc, so forking from it is safe and fast.
         self._context = multiprocessing.get_context("forkserver")
@@ -161,11 +166,14 @@ class Supervisor:
         """Start a worker in a slot, prepare it and have it serve (WorkerServing); if it cannot
         serve, it is stopped and the error raised."""
         slot = self._slots[index]
+        board = self._cancel_board
+        settings = self._settings._replace(slot=index, cancel_board=board.name if board is not None else "")
         async with self._spawn_lock:
             worker = await WorkerHandle.spawn(
-                index, self._context, self._settings, self._start_timeout, self.on_worker_exit, self._target
+                index, self._context, settings, self._start_timeout, self.on_worker_exit, self._target
             )
         worker.on_timing = self._on_call_timing
+        worker.cancel_board = board
         slot.worker = worker
         slot.started_at = time.monotonic()
         try:

@@ -8,6 +8,10 @@ WorkerCrashed (naming the exit code or signal) and tells the supervisor
     starting ──(prepared; the supervisor)──> idle <──(a call; the dispatcher)──> busy
     any of them ──(the process ends; its lifecycle task)──> stopped
 
+A request carries its caller's deadline (server.pool.deadlines); when its caller gives up
+(abandon), its id goes on the worker's word of the cancel board (server.ipc.cancel_board),
+where model code that asks (deployd_worker.cancelled()) sees it and can stop early.
+
 A worker stuck in a call (kill_hung) is asked for its stacks first: DUMP_STACKS_SIGNAL, on
 which its faulthandler writes every thread's Python stack to its stderr (the daemon's log);
 STACK_DUMP_SECONDS later, SIGKILL.
@@ -30,7 +34,9 @@ from typing import Any, Callable, NamedTuple
 
 from server.errors import WorkerCrashed, error_from_failure
 from server.ipc import protocol
+from server.ipc.cancel_board import CancelBoard
 from server.ipc.shm import Arena
+from server.pool.deadlines import caller_deadline_ns
 from server.worker.entry import DUMP_STACKS_SIGNAL, WorkerSettings, run_worker
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,10 @@ def exit_code_of(process: Any, timeout: float) -> int | None:
 
 
 _LOG_FIRST_SECONDS = 0.05
+
+# Request ids, for every worker of the daemon: never reused, so that a flag on the cancel board
+# (server.ipc.cancel_board) naming one request can never be taken for another's.
+_request_ids = itertools.count(1)
 
 # What a worker process runs: it greets the daemon on the channel, then serves its requests.
 WorkerTarget = Callable[[socket.socket, WorkerSettings], None]
@@ -162,7 +172,8 @@ class WorkerHandle:
         self._killer: asyncio.Task[None] | None = None  # kill_hung's: the kill after the stack dump
         self._reader = reader
         self._writer = writer
-        self._request_ids = itertools.count(1)
+        # Where abandon tells the worker its call's caller is gone (the supervisor sets it).
+        self.cancel_board: CancelBoard | None = None
         self._pending: dict[int, asyncio.Future[protocol.Frame]] = {}
         self._inbox = Arena(shm_threshold)
         self._outbox = Arena(shm_threshold)
@@ -234,11 +245,14 @@ class WorkerHandle:
         """
         if not self.alive:
             raise WorkerCrashed(f"worker {self.index} {self.exit_reason or 'is stopped'}")
-        request_id = next(self._request_ids)
+        request_id = next(_request_ids)
         reply: asyncio.Future[protocol.Frame] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply
         placement: protocol.Placement | None = None
         notes: dict[str, Any] = {}
+        deadline = caller_deadline_ns.get()
+        if deadline:
+            notes["deadline"] = deadline  # for the model to ask (deployd_worker.deadline())
         if self._arena_holder is None:
             self._arena_holder = request_id
             if self._inbox.reserve(self._inbox.wanted(buffers)):
@@ -279,12 +293,16 @@ class WorkerHandle:
             reply.set_result(frame)
 
     def abandon(self, reply: asyncio.Future[protocol.Frame], grace: float, call: str = "") -> None:
-        """The caller of this request gave up (deadline or cancellation). The worker takes no
-        other call until it answers; if it has not answered within grace seconds, it is
-        taken to be stuck and killed, so that a hung model cannot keep the capacity.
-        call: the request in words, for the log."""
+        """The caller of this request gave up (deadline or cancellation). The worker is told
+        (the cancel board: model code that asks stops early) and takes no other call until it
+        answers; if it has not answered within grace seconds, it is taken to be stuck and
+        killed, so that a hung model cannot keep the capacity. call: the request in words,
+        for the log."""
         if reply.done():
             return
+        request_id = next((key for key, pending in self._pending.items() if pending is reply), 0)
+        if self.cancel_board is not None and request_id:
+            self.cancel_board.flag(self.index, request_id)
         loop = asyncio.get_running_loop()
         why = f"was killed: a call ran {grace:g}s past its caller giving up"
         hung = f"its caller gave up {grace:g}s ago"

@@ -27,6 +27,10 @@ class WorkerSettings(NamedTuple):
     # Become this user and group at start (the daemon runs as root); -1: stay as the daemon's user.
     uid: int = -1
     gid: int = -1
+    # The cancel board's segment (server.ipc.cancel_board; "": none) and the worker's slot in it,
+    # where the daemon flags a call whose caller gave up (deployd_worker.cancelled()).
+    cancel_board: str = ""
+    slot: int = -1
 
 
 def run_worker(channel: socket.socket, settings: WorkerSettings) -> None:

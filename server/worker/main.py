@@ -1,5 +1,9 @@
 """A worker process's entry point: greet the daemon, then serve requests until the channel closes.
 
+Each request runs as deployd_worker's running call (deployd_worker._call): model code may ask
+for its caller's deadline (the request's notes) and whether the caller gave up (this worker's
+word of the cancel board, server.ipc.cancel_board, mapped once at start).
+
 Imported by the fork server before any worker exists, so that torch is loaded once
 and every worker forked from it starts warm. Nothing here may start threads or run
 torch ops at import time: a fork after OpenMP has started hangs the child.
@@ -22,6 +26,8 @@ from typing import Any
 
 import torch
 
+from deployd_worker._call import Call, running
+from server.ipc.cancel_board import map_slot_word
 from server.ipc.protocol import (
     Ready,
     Reply,
@@ -42,9 +48,23 @@ from server.worker.shared import ArenaMappings, ReplyPlacement
 def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
     runtime = start_worker_process(settings)
     mappings = ArenaMappings()
+    flags = cancel_flags(settings)
     write_frame_blocking(channel, encode_frame(0, Ready(os.getpid()), []))
-    while serve_one(channel, runtime, mappings, settings.shm_threshold_bytes):
+    while serve_one(channel, runtime, mappings, settings.shm_threshold_bytes, flags):
         pass
+
+
+def cancel_flags(settings: WorkerSettings) -> memoryview | None:
+    """This worker's word of the cancel board (server.ipc.cancel_board); None: no board."""
+    if not settings.cancel_board or settings.slot < 0:
+        return None
+    return map_slot_word(settings.cancel_board, settings.slot)
+
+
+def call_of(request_id: int, notes: dict[str, Any], flags: memoryview | None) -> Call:
+    """A request as model code sees it (deployd_worker): its caller's deadline, and its flag."""
+    deadline = notes.get("deadline", 0)
+    return Call(deadline if type(deadline) is int else 0, flags, request_id)
 
 
 def start_worker_process(settings: WorkerSettings) -> Runtime:
@@ -119,14 +139,22 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def serve_one(channel: socket.socket, runtime: Runtime, mappings: ArenaMappings, threshold: int) -> bool:
-    """Read one request, handle it, write its reply; False once the daemon has gone."""
+def serve_one(
+    channel: socket.socket,
+    runtime: Runtime,
+    mappings: ArenaMappings,
+    threshold: int,
+    flags: memoryview | None = None,
+) -> bool:
+    """Read one request, handle it, write its reply; False once the daemon has gone.
+    flags: this worker's word of the cancel board, for deployd_worker.cancelled()."""
     try:
         request_id, message, inputs, notes = read_frame_blocking(channel, mappings.view)
     except (EOFError, ConnectionError):
         return False  # the daemon closed the channel, or died: either way, stop.
     received_at = time.monotonic_ns()  # the clock is system-wide: the daemon compares it with its own
-    handled = runtime.handle(message, inputs)  # type: ignore[arg-type]
+    with running(call_of(request_id, notes, flags)):
+        handled = runtime.handle(message, inputs)  # type: ignore[arg-type]
     write_frame_blocking(channel, answer(request_id, received_at, handled, inputs, notes, mappings, threshold))
     return True
 
@@ -167,6 +195,7 @@ async def serve_channel(
     handle: Callable[[Request, list[Any]], Awaitable[tuple[Reply, list[Any]]]],
     mappings: ArenaMappings,
     threshold: int,
+    flags: memoryview | None = None,
 ) -> None:
     """The daemon's channel on an event loop (a worker with a data port): each request is
     handled in turn, as serve_one does, until the daemon closes the channel."""
@@ -177,7 +206,9 @@ async def serve_channel(
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         received_at = time.monotonic_ns()
-        handled = await handle(message, inputs)  # type: ignore[arg-type]
+        # Calls of the data port may run while this one awaits: each puts this one back after it.
+        with running(call_of(request_id, notes, flags)):
+            handled = await handle(message, inputs)  # type: ignore[arg-type]
         writer.writelines(answer(request_id, received_at, handled, inputs, notes, mappings, threshold))
         await writer.drain()
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.package import PackageImporter  # type: ignore[attr-defined]
 
+from deployd_worker import Cancelled
 from server.ipc import protocol
 from server.ipc.protocol import Failure, Reply, Request, Result
 from server.worker.failures import RequestFailed
@@ -59,6 +60,9 @@ class Runtime:
             value = self._handlers[type(request)](request, buffers, out_buffers)
         except RequestFailed as failed:
             return Failure(failed.kind, "", str(failed), ""), []
+        except Cancelled as gone:  # model code stopped early, as asked: not a fault of the model's
+            kind = protocol.FAILURE_DEADLINE_EXCEEDED if gone.deadline_passed else protocol.FAILURE_CANCELLED
+            return Failure(kind, "", f"the model stopped: {gone}", ""), []
         except Exception as error:  # model code may raise anything
             # Loading is judged as bad input (a broken package or pickle); a failing call, or
             # any step of a session (it runs the caller's Python), is the model's.
