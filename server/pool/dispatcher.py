@@ -36,7 +36,7 @@ from typing import Any
 from server.errors import Overloaded, PoolClosed, WorkerCrashed
 from server.ipc import protocol
 from server.pool.events import WorkerEvent, WorkerExited, WorkerServing
-from server.pool.worker_handle import WorkerHandle, WorkerState, interpret_reply
+from server.pool.worker_handle import WorkerHandle, WorkerState, describe_request, interpret_reply
 
 
 class Dispatcher:
@@ -304,13 +304,3 @@ class Dispatcher:
     def queue_depth(self) -> int:
         """Calls waiting for a free worker."""
         return self._waiting
-
-
-def describe_request(message: protocol.Request) -> str:
-    """A request in words, for the log: "Invoke obj-1f2e.forward", "HasAttr obj-1f2e.weight"."""
-    kind = type(message).__name__
-    object_id = getattr(message, "object_id", None)
-    if not isinstance(object_id, str):
-        return kind
-    member = getattr(message, "method", None) or getattr(message, "name", None)
-    return f"{kind} {object_id}.{member}" if isinstance(member, str) else f"{kind} {object_id}"

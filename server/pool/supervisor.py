@@ -91,10 +91,12 @@ class Supervisor:
         memory_limit: int = 0,
         target: WorkerTarget = run_worker,
         on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
+        on_output_dropped: Callable[[int], None] = lambda size: None,
     ) -> None:
         """prepare: replays everything loaded into a new worker (awaited under `changes`).
         target: what a worker process runs (server.worker.entry.run_worker).
-        on_call_timing: where each request's timing goes (the daemon's metrics)."""
+        on_call_timing: where each request's timing goes (the daemon's metrics).
+        on_output_dropped: bytes of a worker's output the log could not take (the daemon's metrics)."""
         self.size = size
         # Held while a worker is prepared and starts serving, and by the service while it
         # changes what every worker holds.
@@ -106,6 +108,7 @@ class Supervisor:
         self._memory_limit = memory_limit
         self._target = target
         self._on_call_timing = on_call_timing
+        self._on_output_dropped = on_output_dropped
         # Workers come from a fork server: a fresh interpreter that imports torch once
         # and never runs grpc, so forking from it is safe and fast.
         self._context = multiprocessing.get_context("forkserver")
@@ -163,7 +166,13 @@ class Supervisor:
         slot = self._slots[index]
         async with self._spawn_lock:
             worker = await WorkerHandle.spawn(
-                index, self._context, self._settings, self._start_timeout, self.on_worker_exit, self._target
+                index,
+                self._context,
+                self._settings,
+                self._start_timeout,
+                self.on_worker_exit,
+                self._target,
+                self._on_output_dropped,
             )
         worker.on_timing = self._on_call_timing
         slot.worker = worker
