@@ -68,6 +68,14 @@ def exit_code_of(process: Any, timeout: float) -> int | None:
     return process.exitcode
 
 
+def release(process: Any) -> None:
+    """Close a process that has ended: its sentinel and the fork server's pipe to it (two fds) go
+    now, rather than whenever the garbage collector finds the last reference to it."""
+    with _POLLING_CHILDREN:
+        if process.exitcode is not None:
+            process.close()
+
+
 _LOG_FIRST_SECONDS = 0.05
 
 
@@ -257,6 +265,7 @@ class WorkerHandle:
             if exitcode is None:
                 process.kill()
                 exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
+            release(process)
             output.drain_and_close()  # what it printed (a traceback) goes to the log first
             if isinstance(error, _BootFailed):
                 raise WorkerCrashed(f"worker {index} failed to start: {error} (it {describe_exit(exitcode)})") from None
@@ -431,6 +440,7 @@ class WorkerHandle:
         exited.cancel()
         self._writer.close()
         exitcode = await asyncio.get_running_loop().run_in_executor(None, exit_code_of, self.process, 0)
+        release(self.process)
         if self._kill_reason is not None:
             self.exit_reason, self.exit_cause, caused_by_call = self._kill_reason
         elif self.stopping and self._stop_reason:
