@@ -62,3 +62,17 @@ class AnsweringHandle:
 
     def abandon(self, reply: asyncio.Future[Any], grace: float) -> None:
         pass
+
+
+FAIL_BOOT = "fail-boot"
+
+
+def worker_failing_boot_on_request(channel: socket.socket, settings: Any) -> None:
+    """The real worker (server.worker.main), whose boot fails at its address-space limit while a
+    file FAIL_BOOT exists in the directory settings.extra_sys_paths[0]: a slot whose
+    replacements cannot boot, for as long as a test wants."""
+    from server.worker.main import worker_main
+
+    if os.path.exists(os.path.join(settings.extra_sys_paths[0], FAIL_BOOT)):
+        settings = settings._replace(max_address_space_bytes=2**20)
+    worker_main(channel, settings)
