@@ -6,7 +6,9 @@ dropped and counted. Real daemons, real workers (tests.package_sources.models.te
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from client import InterpreterManager
+from server.pool.worker_output import BURST_LINES, MAX_LINE_BYTES, OutputReader, RunningCall, open_pipe
 from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, wait_until
 from tests.test_lifecycle import wait_for_replacement, worker_pids
@@ -158,3 +161,43 @@ def test_output_pipes_leak_no_fd_nor_process_across_kills_and_a_last_unfinished_
         # Each worker's channel, output pipe and process sentinels were closed with it.
         assert wait_until(lambda: daemon_fds() == before, 10), (daemon_fds(), before)
     # assert_clean_stop (the fixture) fails on any process left behind.
+
+
+# ---------------------------------------------------------------------------- the reader alone
+
+
+def test_the_reader_joins_split_lines_cuts_long_ones_and_counts_what_it_drops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flood = BURST_LINES * 3
+
+    async def run() -> list[int]:
+        read_end, write_end = open_pipe()
+        dropped: list[int] = []
+        reader = OutputReader(read_end, 3, 42, dropped.append)
+        reader.running = lambda: RunningCall("Invoke m.f", "m")
+        os.write(write_end, b"one\ntw")
+        await asyncio.sleep(0.05)  # the reader sees half a line first
+        os.write(write_end, b"o\n" + b"x" * (MAX_LINE_BYTES + 10) + b"\n")
+        os.write(write_end, b"".join(b"f%08d\n" % index for index in range(flood)) + b"unfinished")
+        os.close(write_end)
+        await asyncio.wait_for(reader.closed.wait(), 10)
+        return dropped
+
+    with caplog.at_level(logging.INFO, logger="server.pool.worker_output"):
+        dropped = asyncio.run(run())
+    lines = [record for record in caplog.records if record.levelno == logging.INFO]
+    assert [record.getMessage() for record in lines[:3]] == [
+        "one",
+        "two",
+        "x" * MAX_LINE_BYTES + " [cut: 10 more bytes]",
+    ]
+    assert all(record.tag == "worker 3 (pid 42, Invoke m.f)" for record in lines)
+    assert lines[0].fields == {"worker": 3, "pid": 42, "call": "Invoke m.f", "model": "m"}
+    assert lines[-1].getMessage() == "unfinished"  # at EOF
+    floods = len(lines) - 4
+    [warning] = [record for record in caplog.records if record.levelno == logging.WARNING]
+    report = re.search(r"(\d+) lines \((\d+) bytes\) of its output were dropped", warning.getMessage())
+    assert report is not None
+    assert floods + int(report.group(1)) == flood
+    assert int(report.group(2)) == sum(dropped) == int(report.group(1)) * 10
