@@ -32,7 +32,7 @@ import time
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_sentinels
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from server.errors import WorkerCrashed, error_from_failure
 from server.ipc import protocol
@@ -81,6 +81,24 @@ _LOG_FIRST_SECONDS = 0.05
 
 class _BootFailed(Exception):
     """The worker's BootFailed greeting, inside spawn: the message is its reason."""
+
+
+async def _end_failed_start(index: int, process: Any, output: OutputReader, error: BaseException) -> NoReturn:
+    """A worker that did not greet: see that it has ended, log what it printed, raise why."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(error, _BootFailed):  # after BootFailed it exits by itself
+        process.kill()
+    exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
+    if exitcode is None:  # it said why it could not boot, yet lives on
+        process.kill()
+        exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
+    release(process)
+    output.drain_and_close()  # what it printed (a traceback) goes to the log before the failure
+    if isinstance(error, _BootFailed):
+        raise WorkerCrashed(f"worker {index} failed to start: {error} (it {describe_exit(exitcode)})") from None
+    if not isinstance(error, (TimeoutError, asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError)):
+        raise error
+    raise WorkerCrashed(f"worker {index} failed to start: it {describe_exit(exitcode)} ({error!r})") from error
 
 
 # What a worker process runs: it greets the daemon on the channel, then serves its requests.
@@ -259,22 +277,7 @@ class WorkerHandle:
                 raise protocol.ProtocolError(f"got {type(greeting.message).__name__} instead of a greeting")
         except BaseException as error:  # cancelled too: a started process must not be left behind
             writer.close()
-            if not isinstance(error, _BootFailed):  # that one exits by itself
-                process.kill()
-            exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
-            if exitcode is None:
-                process.kill()
-                exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
-            release(process)
-            output.drain_and_close()  # what it printed (a traceback) goes to the log first
-            if isinstance(error, _BootFailed):
-                raise WorkerCrashed(f"worker {index} failed to start: {error} (it {describe_exit(exitcode)})") from None
-            if not isinstance(
-                error, (TimeoutError, asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError)
-            ):
-                raise
-            reason = describe_exit(exitcode)
-            raise WorkerCrashed(f"worker {index} failed to start: it {reason} ({error!r})") from error
+            await _end_failed_start(index, process, output, error)
         handle = cls(index, process, reader, writer, greeting.message.pid, settings.shm_threshold_bytes, output)
         loop.add_reader(process.sentinel, handle._on_sentinel)
         handle._lifecycle = asyncio.create_task(handle._run(on_exit), name=f"worker-{index}-lifecycle")
