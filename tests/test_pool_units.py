@@ -163,7 +163,8 @@ def test_a_replacement_that_cannot_boot_shows_why_in_status_and_the_log(
 
     with caplog.at_level(logging.ERROR, logger="server.pool.supervisor"):
         asyncio.run(run())
-    assert re.search(rf"could not replace worker 0 \(retrying in [\d.]+s\): {reason}", caplog.text), caplog.text
+    logged = rf"could not replace worker 0 \(retrying in [\d.]+s; 0 of 1 workers serve\): {reason}"
+    assert re.search(logged, caplog.text), caplog.text
 
 
 @pytest.mark.parametrize(

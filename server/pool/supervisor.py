@@ -222,10 +222,13 @@ class Supervisor:
                 await self.spawn_worker(index)
             except Exception as error:  # whatever it was, the slot must not stay empty
                 slot.last_failure = f"{type(error).__name__}: {error}"
+                # The capacity health reports (NOT_SERVING below full), and why, in one line.
                 log.error(
-                    "could not replace worker %d (retrying in %.1fs): %s",
+                    "could not replace worker %d (retrying in %.1fs; %d of %d workers serve): %s",
                     index,
                     slot.backoff,
+                    self.serving_count,
+                    self.size,
                     slot.last_failure,
                     exc_info=not isinstance(error, DeploydError),  # a domain error's message says it all
                 )
