@@ -3,7 +3,8 @@ that runs no process.
 
 `answering_worker` is a real worker process target (Supervisor(target=...)): it greets like
 a worker and answers every request with its pid. Importing this module in a worker must stay
-cheap: it imports nothing of the daemon but the protocol.
+cheap: it imports nothing of the daemon but the protocol (worker_failing_boot_on_request, the
+real worker, imports it when it runs).
 """
 
 from __future__ import annotations

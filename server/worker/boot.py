@@ -65,8 +65,9 @@ def start_worker_process(settings: WorkerSettings) -> Runtime:
     """Every step of a worker's start, in order; BootError names the one that failed."""
     with step("redirecting its output to the daemon"):
         redirect_output(settings.output)
-    with step(f"switching to {_describe_user(settings.uid, settings.gid)}"):
-        _become_user(settings.uid, settings.gid)  # first: a change of user clears the parent-death signal
+    if settings.uid >= 0:
+        with step(f"switching to {_describe_user(settings.uid, settings.gid)}"):
+            _become_user(settings.uid, settings.gid)  # first: a change of user clears the parent-death signal
     with step("asking to be killed with its parent"):
         _die_with_parent()
     _limit_resources(settings)
@@ -92,7 +93,7 @@ def start_worker_process(settings: WorkerSettings) -> Runtime:
 def _describe_user(uid: int, gid: int) -> str:
     try:
         name = f"user {pwd.getpwuid(uid).pw_name!r}"
-    except KeyError:
+    except (KeyError, OverflowError):
         name = "a user not in the password database"
     return f"{name} (uid {uid}, gid {gid})"
 
