@@ -33,8 +33,10 @@ PIPE_BYTES = 2**20
 READ_BYTES = 2**18  # one read
 _READS_PER_TURN = 4  # then other callbacks get the loop
 MAX_LINE_BYTES = 16 * 2**10  # longer lines are cut here
-BURST_LINES = 1000
-LINES_PER_SECOND = 1000.0
+# Lines from one worker that are logged: a burst, then a steady rate. Half the log's queue
+# (server.logs.MAX_QUEUED_RECORDS), so that one worker's flood leaves room for the daemon's own lines.
+BURST_LINES = 500
+LINES_PER_SECOND = 500.0
 _REPORT_SECONDS = 1.0  # drops are summed up for at most this long before a warning says so
 
 
