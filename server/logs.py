@@ -15,8 +15,10 @@ deployd_log_records_dropped_total), rather than stalling every call:
 A record may carry structured fields (`extra={"fields": {...}}`, as the per-call line
 does): plain appends them as key=value, JSON puts them at the top level.
 
-Worker processes are not covered: they come from the fork server with its stderr, and
-what a model prints there is written directly.
+A worker's fds 1 and 2 are a pipe the daemon reads (server.pool.worker_output): each line
+a model prints is logged here, with a tag (`extra={"tag": "worker 1 (pid 7, ...)", "fields":
+{...}}`) that plain writes before the line, as `tag | line`, in place of the fields, and JSON
+leaves out (the fields say it).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class PlainFormatter(logging.Formatter):
         super().__init__(_PLAIN)
 
     def format(self, record: logging.LogRecord) -> str:
+        tag: str | None = getattr(record, "tag", None)
+        if tag:  # the fields are in the tag
+            tagged = copy.copy(record)
+            tagged.msg, tagged.args = f"{tag} | {record.getMessage()}", None
+            return super().format(tagged)
         text = super().format(record)
         fields: dict[str, Any] | None = getattr(record, "fields", None)
         if fields:
@@ -103,12 +110,12 @@ class QueueingHandler(QueueHandler):
 
 
 class StderrWriter(logging.Handler):
-    """Writes formatted records to file descriptor 2 with os.write: a write that blocks on a full
-    pipe holds no lock of sys.stderr's, so the interpreter can still flush it and exit."""
+    """Writes formatted records to file descriptor 2 (or `fd`) with os.write: a write that blocks
+    on a full pipe holds no lock of sys.stderr's, so the interpreter can still flush it and exit."""
 
     def __init__(self, fd: int = 2) -> None:
         super().__init__()
-        self._fd = fd
+        self.fd = fd
         self.setFormatter(PlainFormatter())
 
     def createLock(self) -> None:
@@ -120,7 +127,7 @@ class StderrWriter(logging.Handler):
         try:
             data = memoryview((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
             while data:
-                data = data[os.write(self._fd, data) :]
+                data = data[os.write(self.fd, data) :]
         except Exception:
             self.handleError(record)
 
@@ -178,6 +185,11 @@ def stop(timeout: float = 5.0) -> None:
     written = _writer.stop_within(timeout)
     root.addHandler(_output if written else logging.NullHandler())
     _handler, _writer = None, None
+
+
+def write_to(fd: int) -> None:
+    """Write to fd instead of 2 (a worker with a data port: the daemon's stderr, which its fd 2 is not)."""
+    _output.fd = fd
 
 
 def records_dropped() -> int:

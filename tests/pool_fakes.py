@@ -3,7 +3,8 @@ that runs no process.
 
 `answering_worker` is a real worker process target (Supervisor(target=...)): it greets like
 a worker and answers every request with its pid. Importing this module in a worker must stay
-cheap: it imports nothing of the daemon but the protocol.
+cheap: it imports nothing of the daemon but the protocol (worker_failing_boot_on_request, the
+real worker, imports it when it runs).
 """
 
 from __future__ import annotations
@@ -62,3 +63,17 @@ class AnsweringHandle:
 
     def abandon(self, reply: asyncio.Future[Any], grace: float) -> None:
         pass
+
+
+FAIL_BOOT = "fail-boot"
+
+
+def worker_failing_boot_on_request(channel: socket.socket, settings: Any) -> None:
+    """The real worker (server.worker.main), whose boot fails at its address-space limit while a
+    file FAIL_BOOT exists in the directory settings.extra_sys_paths[0]: a slot whose
+    replacements cannot boot, for as long as a test wants."""
+    from server.worker.main import worker_main
+
+    if os.path.exists(os.path.join(settings.extra_sys_paths[0], FAIL_BOOT)):
+        settings = settings._replace(max_address_space_bytes=2**20)
+    worker_main(channel, settings)

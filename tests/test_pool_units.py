@@ -12,11 +12,13 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import wait as wait_for_sentinels
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ from server.pool.procinfo import alive
 from server.pool.supervisor import Supervisor
 from server.pool.worker_handle import WorkerHandle, WorkerState, exit_code_of, start_child
 from server.worker.entry import WorkerSettings
-from tests.pool_fakes import AnsweringHandle, answering_worker
+from tests.pool_fakes import FAIL_BOOT, AnsweringHandle, answering_worker, worker_failing_boot_on_request
 
 Prepare = Callable[[WorkerHandle], Awaitable[None]]
 
@@ -124,6 +126,45 @@ def test_an_exit_code_is_read_right_while_another_worker_starts() -> None:
         starter.join()
         assert exit_code_of(starting, 30) == 0
     assert codes == [7] * 20
+
+
+def test_a_replacement_that_cannot_boot_shows_why_in_status_and_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Real workers: once FAIL_BOOT exists, a new worker's boot fails at its address-space limit;
+    it says so instead of greeting, and the slot shows it until a replacement boots."""
+    reason = (
+        r"WorkerCrashed: worker 0 failed to start: setting RLIMIT_AS to 1048576: ValueError: below the \d+"
+        r" bytes this worker maps already \(it exited with code 1\)"
+    )
+
+    async def run() -> None:
+        supervisor = Supervisor(
+            1,
+            WorkerSettings(1, (str(tmp_path),), 65536),
+            start_timeout=60,
+            stop_timeout=5,
+            prepare=_nothing,
+            target=worker_failing_boot_on_request,
+        )
+        events: list[WorkerEvent] = []
+        supervisor.subscribe(events.append)
+        await supervisor.start()
+        (tmp_path / FAIL_BOOT).touch()
+        os.kill(supervisor.status()[0].pid, signal.SIGKILL)
+        await wait_for(lambda: supervisor.status()[0].last_failure)
+        status = supervisor.status()[0]
+        assert status.state is WorkerState.RESTARTING
+        assert re.fullmatch(reason, status.last_failure), status.last_failure
+        (tmp_path / FAIL_BOOT).unlink()
+        await wait_for(lambda: supervisor.status()[0].state is WorkerState.IDLE)
+        assert supervisor.status()[0].last_failure == ""
+        await stopped_cleanly(supervisor, events)
+
+    with caplog.at_level(logging.ERROR, logger="server.pool.supervisor"):
+        asyncio.run(run())
+    logged = rf"could not replace worker 0 \(retrying in [\d.]+s; 0 of 1 workers serve\): {reason}"
+    assert re.search(logged, caplog.text), caplog.text
 
 
 @pytest.mark.parametrize(

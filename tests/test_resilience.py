@@ -8,6 +8,7 @@ checks that no process or shared-memory segment is left behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -356,6 +357,30 @@ def test_memory_limit_below_a_fresh_worker_refuses_to_start(package_dir: Path, t
     with pytest.raises(AssertionError, match="exited with 1"):
         process.start()
     assert "is below what a fresh worker already uses" in process.log
+    processes, segments = process.leftovers()
+    assert not processes and not segments
+
+
+@pytest.mark.parametrize("data_ports", [-1, 0], ids=["daemon-path", "data-ports"])
+def test_a_worker_that_cannot_boot_says_why_in_the_log(package_dir: Path, tmp_path: Path, data_ports: int) -> None:
+    """An address-space limit below what a fresh worker maps: the worker names the step that
+    failed and its error instead of greeting, and the daemon, which cannot start, logs it."""
+    limit = 64 * 2**20
+    process = DaemonProcess(
+        write_config(
+            tmp_path / "config.yaml",
+            package_dir,
+            worker={"max_address_space_bytes": limit},
+            pool={"data_ports": data_ports},
+        )
+    )
+    with pytest.raises(AssertionError, match="exited with 1"):
+        process.start()
+    reason = (
+        rf"worker 0 failed to start: setting RLIMIT_AS to {limit}: ValueError: below the \d+ bytes this"
+        r" worker maps already \(it exited with code 1\)"
+    )
+    assert re.search(rf"cannot start: {reason}", process.log), process.log
     processes, segments = process.leftovers()
     assert not processes and not segments
 

@@ -90,6 +90,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.worker_output_dropped = Counter(
+            "deployd_worker_output_dropped_bytes",
+            "Bytes a worker printed (its stdout and stderr) that were dropped, not logged: past the"
+            " lines a second the log takes from one worker",
+            registry=r,
+        )
         self.packages_loaded = Gauge("deployd_packages_loaded", "Packages loaded now", registry=r)
         self.objects_loaded = Gauge("deployd_objects_loaded", "Objects loaded now", registry=r)
         self.sessions_open = Gauge("deployd_sessions_open", "Sessions (acquire_one) open now", registry=r)

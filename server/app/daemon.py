@@ -133,6 +133,7 @@ class Daemon:
             memory_limit=config.worker.memory_limit_bytes,
             on_call_timing=self._metrics.observe_worker_call,
             cancel_board=self._cancel_board,
+            on_output_dropped=self._metrics.worker_output_dropped.inc,
         )
         self._dispatcher = Dispatcher(
             max_queued_calls=config.pool.max_queued_calls,

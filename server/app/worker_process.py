@@ -1,7 +1,7 @@
 """A worker process that serves calls itself: its runtime, the daemon's channel, its data port.
 
     fork server ──fork──> run_worker(channel, settings, data)
-                            start_worker_process: user, limits, threads (as every worker)
+                            boot: output, user, limits, threads (as every worker)
                             one event loop, one thread:
                               the daemon's channel ──> Runtime.handle (loads, replays, daemon-path calls)
                                   OpenDataPort / CloseDataPort / SetRoutes ──> DataPort
@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 
 
 def run_worker(channel: socket.socket, settings: WorkerSettings, data: DataPortSettings) -> None:
-    from server.worker.main import start_worker_process
+    from server.worker.boot import boot
+    from server.worker.output import daemon_stderr
 
-    runtime = start_worker_process(settings)
-    # The data port logs its calls as the daemon logs its own, each line tagged with the worker.
+    runtime = boot(channel, settings)  # or BootFailed, and exit
+    # The data port logs its calls as the daemon logs its own, each line tagged with the worker,
+    # to the daemon's stderr: its output pipe is for what model code prints.
+    logs.write_to(daemon_stderr())
     logs.start(data.log_level)
     logs.use_format(data.log_format)
     for handler in logging.getLogger().handlers:

@@ -8,7 +8,7 @@
 
 Every frame carries a request id; a reply resolves the future waiting for that id,
 so several requests may be in flight on one channel. Id 0 is the worker's `Ready`
-greeting.
+greeting, or `BootFailed` (why it could not boot) before it exits.
 
 A frame is a 4-byte header length, the header, then the inline buffers. The header
 is `marshal` of builtins only (never pickle: failures cross as data, not as exception
@@ -186,6 +186,13 @@ class Ready(NamedTuple):
     pid: int
 
 
+class BootFailed(NamedTuple):
+    """Instead of Ready: the worker could not boot, and exits (WorkerExitCode.BOOT_FAILED)."""
+
+    pid: int
+    reason: str  # the step and its error: "setting RLIMIT_AS to 1048576: ValueError: ..."
+
+
 class Result(NamedTuple):
     value: Any  # a packed value
 
@@ -226,7 +233,7 @@ Request = (
     | CloseDataPort
     | SetRoutes
 )
-Reply = Ready | Result | Failure
+Reply = Ready | BootFailed | Result | Failure
 Message = Request | Reply
 
 _MESSAGE_TYPES: tuple[type[Any], ...] = (
@@ -252,6 +259,7 @@ _MESSAGE_TYPES: tuple[type[Any], ...] = (
     Ready,
     Result,
     Failure,
+    BootFailed,
 )
 _TAG_OF = {cls: tag for tag, cls in enumerate(_MESSAGE_TYPES)}
 

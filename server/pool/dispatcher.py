@@ -38,7 +38,7 @@ from server import tracing
 from server.errors import Overloaded, PoolClosed, WorkerCrashed
 from server.ipc import protocol
 from server.pool.events import WorkerEvent, WorkerExited, WorkerServing
-from server.pool.worker_handle import WorkerHandle, WorkerState, interpret_reply
+from server.pool.worker_handle import WorkerHandle, WorkerState, describe_request, interpret_reply
 
 
 class Dispatcher:
@@ -323,13 +323,3 @@ class Dispatcher:
 def _object_of(message: protocol.Request) -> str:
     object_id = getattr(message, "object_id", "")
     return object_id if isinstance(object_id, str) else ""
-
-
-def describe_request(message: protocol.Request) -> str:
-    """A request in words, for the log: "Invoke obj-1f2e.forward", "HasAttr obj-1f2e.weight"."""
-    kind = type(message).__name__
-    object_id = getattr(message, "object_id", None)
-    if not isinstance(object_id, str):
-        return kind
-    member = getattr(message, "method", None) or getattr(message, "name", None)
-    return f"{kind} {object_id}.{member}" if isinstance(member, str) else f"{kind} {object_id}"

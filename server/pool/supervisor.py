@@ -93,12 +93,14 @@ class Supervisor:
         target: WorkerTarget = run_worker,
         on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
         cancel_board: CancelBoard | None = None,
+        on_output_dropped: Callable[[int], None] = lambda size: None,
     ) -> None:
         """prepare: replays everything loaded into a new worker (awaited under `changes`).
         target: what a worker process runs (server.worker.entry.run_worker).
         on_call_timing: where each request's timing goes (the daemon's metrics).
         cancel_board: where each worker learns that its call's caller gave up (one word per
-        slot; the daemon owns it)."""
+        slot; the daemon owns it);
+        on_output_dropped: bytes of a worker's output the log could not take (the daemon's metrics)."""
         self.size = size
         # Held while a worker is prepared and starts serving, and by the service while it
         # changes what every worker holds.
@@ -111,6 +113,7 @@ class Supervisor:
         self._target = target
         self._on_call_timing = on_call_timing
         self._cancel_board = cancel_board
+        self._on_output_dropped = on_output_dropped
         # Workers come from a fork server: a fresh interpreter that imports torch once
         # and never runs grpc, so forking from it is safe and fast.
         self._context = multiprocessing.get_context("forkserver")
@@ -170,7 +173,13 @@ class Supervisor:
         settings = self._settings._replace(slot=index, cancel_board=board.name if board is not None else "")
         async with self._spawn_lock:
             worker = await WorkerHandle.spawn(
-                index, self._context, settings, self._start_timeout, self.on_worker_exit, self._target
+                index,
+                self._context,
+                settings,
+                self._start_timeout,
+                self.on_worker_exit,
+                self._target,
+                self._on_output_dropped,
             )
         worker.on_timing = self._on_call_timing
         worker.cancel_board = board
@@ -221,10 +230,13 @@ class Supervisor:
                 await self.spawn_worker(index)
             except Exception as error:  # whatever it was, the slot must not stay empty
                 slot.last_failure = f"{type(error).__name__}: {error}"
+                # The capacity health reports (NOT_SERVING below full), and why, in one line.
                 log.error(
-                    "could not replace worker %d (retrying in %.1fs): %s",
+                    "could not replace worker %d (retrying in %.1fs; %d of %d workers serve): %s",
                     index,
                     slot.backoff,
+                    self.serving_count,
+                    self.size,
                     slot.last_failure,
                     exc_info=not isinstance(error, DeploydError),  # a domain error's message says it all
                 )

@@ -13,8 +13,13 @@ A request carries its caller's deadline (server.pool.deadlines); when its caller
 where model code that asks (deployd_worker.cancelled()) sees it and can stop early.
 
 A worker stuck in a call (kill_hung) is asked for its stacks first: DUMP_STACKS_SIGNAL, on
-which its faulthandler writes every thread's Python stack to its stderr (the daemon's log);
+which its faulthandler writes every thread's Python stack to the daemon's stderr (its log);
 STACK_DUMP_SECONDS later, SIGKILL.
+
+What the worker prints (its fds 1 and 2) comes through a pipe of its own, read from spawn to
+exit by an OutputReader (server.pool.worker_output), which tags each line with running_call().
+A worker that cannot boot says why instead of greeting (BootFailed): spawn raises
+WorkerCrashed with that reason.
 """
 
 from __future__ import annotations
@@ -28,15 +33,17 @@ import signal
 import socket
 import threading
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_sentinels
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from server.errors import WorkerCrashed, error_from_failure
 from server.ipc import protocol
 from server.ipc.cancel_board import CancelBoard
 from server.ipc.shm import Arena
 from server.pool.deadlines import caller_deadline_ns
+from server.pool.worker_output import OutputReader, RunningCall, open_pipe
 from server.worker.entry import DUMP_STACKS_SIGNAL, WorkerSettings, run_worker
 
 log = logging.getLogger(__name__)
@@ -67,11 +74,42 @@ def exit_code_of(process: Any, timeout: float) -> int | None:
     return process.exitcode
 
 
+def release(process: Any) -> None:
+    """Close a process that has ended: its sentinel and the fork server's pipe to it (two fds) go
+    now, rather than whenever the garbage collector finds the last reference to it."""
+    with _POLLING_CHILDREN:
+        if process.exitcode is not None:
+            process.close()
+
+
 _LOG_FIRST_SECONDS = 0.05
 
 # Request ids, for every worker of the daemon: never reused, so that a flag on the cancel board
 # (server.ipc.cancel_board) naming one request can never be taken for another's.
 _request_ids = itertools.count(1)
+
+
+class _BootFailed(Exception):
+    """The worker's BootFailed greeting, inside spawn: the message is its reason."""
+
+
+async def _end_failed_start(index: int, process: Any, output: OutputReader, error: BaseException) -> NoReturn:
+    """A worker that did not greet: see that it has ended, log what it printed, raise why."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(error, _BootFailed):  # after BootFailed it exits by itself
+        process.kill()
+    exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
+    if exitcode is None:  # it said why it could not boot, yet lives on
+        process.kill()
+        exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
+    release(process)
+    output.drain_and_close()  # what it printed (a traceback) goes to the log before the failure
+    if isinstance(error, _BootFailed):
+        raise WorkerCrashed(f"worker {index} failed to start: {error} (it {describe_exit(exitcode)})") from None
+    if not isinstance(error, (TimeoutError, asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError)):
+        raise error
+    raise WorkerCrashed(f"worker {index} failed to start: it {describe_exit(exitcode)} ({error!r})") from error
+
 
 # What a worker process runs: it greets the daemon on the channel, then serves its requests.
 WorkerTarget = Callable[[socket.socket, WorkerSettings], None]
@@ -95,6 +133,16 @@ class CallTiming(NamedTuple):
     to_worker: float  # the daemon starts writing -> the worker has read the request
     in_worker: float  # the worker has read it -> starts writing the reply
     to_daemon: float  # the worker starts writing -> the daemon has read the reply
+
+
+def describe_request(message: protocol.Request) -> str:
+    """A request in words, for the log: "Invoke obj-1f2e.forward", "HasAttr obj-1f2e.weight"."""
+    kind = type(message).__name__
+    object_id = getattr(message, "object_id", None)
+    if not isinstance(object_id, str):
+        return kind
+    member = getattr(message, "method", None) or getattr(message, "name", None)
+    return f"{kind} {object_id}.{member}" if isinstance(member, str) else f"{kind} {object_id}"
 
 
 def interpret_reply(frame: protocol.Frame) -> tuple[Any, list[Any]]:
@@ -150,6 +198,7 @@ class WorkerHandle:
         writer: asyncio.StreamWriter,
         pid: int,
         shm_threshold: int,
+        output: OutputReader,
     ) -> None:
         self.index = index
         self.pid = pid
@@ -180,6 +229,9 @@ class WorkerHandle:
         self._outbox_size = 0  # grows to what replies have needed
         self._arena_holder: int | None = None  # the request whose tensors use the arenas
         self._sent_at: dict[int, int] = {}  # request id -> monotonic ns when its frame was written
+        self._calls: dict[int, RunningCall] = {}  # request id -> the request in words, until answered
+        self.output = output
+        output.running = self.running_call
         self.on_timing: Callable[[CallTiming], None] = lambda timing: None
         self._exited = asyncio.Event()
         self._lifecycle: asyncio.Task[None] | None = None
@@ -202,39 +254,56 @@ class WorkerHandle:
         start_timeout: float,
         on_exit: Callable[[WorkerHandle], None],
         target: WorkerTarget = run_worker,
+        on_output_dropped: Callable[[int], None] = lambda size: None,
     ) -> WorkerHandle:
-        """Start a worker process running target(channel, settings) and wait for its greeting."""
+        """Start a worker process running target(channel, settings) and wait for its greeting.
+        on_output_dropped(bytes): output the log could not take (the daemon's metric)."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
+        output_fd, worker_output = open_pipe()
+        # A Connection, so that the fork server hands it to the worker as it does the channel.
+        output_end = Connection(worker_output, readable=False)
         process = context.Process(  # type: ignore[attr-defined]
-            target=target, args=(theirs, settings), name=f"deployd-worker-{index}", daemon=True
+            target=target,
+            args=(theirs, settings._replace(output=output_end)),
+            name=f"deployd-worker-{index}",
+            daemon=True,
         )
         try:
             # The first start also launches the fork server (it imports torch: about a second).
             await loop.run_in_executor(None, start_child, process)
+        except BaseException:
+            os.close(output_fd)
+            raise
         finally:
             theirs.close()
+            output_end.close()
+        output = OutputReader(output_fd, index, process.pid, on_output_dropped)
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         try:
             greeting = await asyncio.wait_for(protocol.read_frame_async(reader), start_timeout)
+            if isinstance(greeting.message, protocol.BootFailed):
+                raise _BootFailed(greeting.message.reason)
             if not isinstance(greeting.message, protocol.Ready):
                 raise protocol.ProtocolError(f"got {type(greeting.message).__name__} instead of a greeting")
         except BaseException as error:  # cancelled too: a started process must not be left behind
             writer.close()
-            process.kill()
-            exitcode = await loop.run_in_executor(None, exit_code_of, process, 5.0)
-            if not isinstance(
-                error, (TimeoutError, asyncio.IncompleteReadError, ConnectionError, protocol.ProtocolError)
-            ):
-                raise
-            reason = describe_exit(exitcode)
-            raise WorkerCrashed(f"worker {index} failed to start: it {reason} ({error!r})") from error
-        handle = cls(index, process, reader, writer, greeting.message.pid, settings.shm_threshold_bytes)
+            await _end_failed_start(index, process, output, error)
+        handle = cls(index, process, reader, writer, greeting.message.pid, settings.shm_threshold_bytes, output)
         loop.add_reader(process.sentinel, handle._on_sentinel)
         handle._lifecycle = asyncio.create_task(handle._run(on_exit), name=f"worker-{index}-lifecycle")
         return handle
 
     # ------------------------------------------------------------------ requests
+
+    def running_call(self) -> RunningCall:
+        """What the worker runs now, for the lines it prints: the oldest request unanswered (it
+        serves them in order), a call of its data port, or nothing."""
+        if self.running_elsewhere():
+            return RunningCall("a call on its data port")
+        for call in self._calls.values():
+            return call
+        return RunningCall("starting" if self.state is WorkerState.STARTING else "idle")
 
     def send(self, message: protocol.Request, buffers: list[Any]) -> asyncio.Future[protocol.Frame]:
         """Send one request; the future resolves with the reply frame, or WorkerCrashed.
@@ -260,6 +329,10 @@ class WorkerHandle:
             if self._outbox.reserve(self._outbox_size) and self._outbox.segment is not None:
                 notes["reply_arena"] = (self._outbox.segment.name, self._outbox.segment.size)
         self._sent_at[request_id] = time.monotonic_ns()
+        object_id = getattr(message, "object_id", "")
+        self._calls[request_id] = RunningCall(
+            describe_request(message), object_id if isinstance(object_id, str) else ""
+        )
         protocol.write_frame_async(self._writer, request_id, message, buffers, placement, notes)
         return reply
 
@@ -275,6 +348,7 @@ class WorkerHandle:
         # it can never answer a later call.
         reply = self._pending.pop(frame.request_id, None)
         sent_at = self._sent_at.pop(frame.request_id, None)
+        self._calls.pop(frame.request_id, None)
         times = frame.notes.get("times")
         if sent_at is not None and times is not None:
             received_at, replied_at = times
@@ -387,6 +461,7 @@ class WorkerHandle:
         exited.cancel()
         self._writer.close()
         exitcode = await asyncio.get_running_loop().run_in_executor(None, exit_code_of, self.process, 0)
+        release(self.process)
         if self._kill_reason is not None:
             self.exit_reason, self.exit_cause, caused_by_call = self._kill_reason
         elif self.stopping and self._stop_reason:
@@ -395,6 +470,9 @@ class WorkerHandle:
         else:
             self.exit_reason, self.exit_cause = describe_exit(exitcode), exit_cause(exitcode)
             caused_by_call = ended_itself(exitcode)
+        # Its last lines (what it printed as it died) are logged before its end, tagged with
+        # what it ran; whatever it wrote is in the pipe already.
+        self.output.drain_and_close()
         self.ended_by_call = caused_by_call and not self.stopping
         self.state = WorkerState.STOPPED
         # A worker serves its requests one at a time, in the order sent: the oldest one
@@ -419,6 +497,7 @@ class WorkerHandle:
             running = False
         self._pending.clear()
         self._sent_at.clear()
+        self._calls.clear()
         self._inbox.retire()
         self._outbox.retire()
         on_exit(self)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import signal
 import socket
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-# The signal on which a worker writes every thread's Python stack to its stderr (the
-# daemon's, inherited through the fork server): the daemon sends it to a worker it is
+# The signal on which a worker writes every thread's Python stack to the daemon's stderr
+# (inherited through the fork server; not its output pipe: server.worker.output): the daemon sends it to a worker it is
 # about to kill for a hung call, so that the log shows where the call hung.
 DUMP_STACKS_SIGNAL = signal.SIGUSR1
 
@@ -31,6 +31,9 @@ class WorkerSettings(NamedTuple):
     # where the daemon flags a call whose caller gave up (deployd_worker.cancelled()).
     cancel_board: str = ""
     slot: int = -1
+    # The write end of this worker's output pipe (a multiprocessing Connection), made for each
+    # worker by WorkerHandle.spawn: its fds 1 and 2 at boot. None: they stay as inherited.
+    output: Any = None
 
 
 def run_worker(channel: socket.socket, settings: WorkerSettings) -> None:

@@ -10,6 +10,7 @@ from enum import IntEnum
 class WorkerExitCode(IntEnum):
     # The daemon closed the worker's channel (a stop, a replacement): the worker's loop ends.
     OK = 0
-    # The worker could not boot: its parent was gone before the parent-death signal took effect
-    # (os._exit), or its start raised (multiprocessing exits 1, traceback on stderr).
+    # The worker could not boot: a step of its start failed (server.worker.boot: it sends the
+    # daemon BootFailed, naming the step and its error, first), or its parent was gone before the
+    # parent-death signal took effect (os._exit: no one to tell).
     BOOT_FAILED = 1

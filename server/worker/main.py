@@ -1,4 +1,5 @@
-"""A worker process's entry point: greet the daemon, then serve requests until the channel closes.
+"""A worker process's entry point: boot (server.worker.boot), greet the daemon, then serve
+requests until the channel closes.
 
 Each request runs as deployd_worker's running call (deployd_worker._call): model code may ask
 for its caller's deadline (the request's notes) and whether the caller gave up (this worker's
@@ -12,19 +13,12 @@ torch ops at import time: a fork after OpenMP has started hangs the child.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import faulthandler
 import os
-import resource
-import signal
 import socket
 import sys
 import time
-import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-import torch
 
 from deployd_worker._call import Call, running
 from server.ipc.cancel_board import map_slot_word
@@ -39,14 +33,14 @@ from server.ipc.protocol import (
     read_frame_blocking,
     write_frame_blocking,
 )
-from server.worker.entry import DUMP_STACKS_SIGNAL, WorkerSettings
-from server.worker.exit_codes import WorkerExitCode
+from server.worker.boot import boot
+from server.worker.entry import WorkerSettings
 from server.worker.runtime import Runtime
 from server.worker.shared import ArenaMappings, ReplyPlacement
 
 
 def worker_main(channel: socket.socket, settings: WorkerSettings) -> None:
-    runtime = start_worker_process(settings)
+    runtime = boot(channel, settings)  # or BootFailed, and exit
     mappings = ArenaMappings()
     flags = cancel_flags(settings)
     write_frame_blocking(channel, encode_frame(0, Ready(os.getpid()), []))
@@ -65,78 +59,6 @@ def call_of(request_id: int, notes: dict[str, Any], flags: memoryview | None) ->
     """A request as model code sees it (deployd_worker): its caller's deadline, and its flag."""
     deadline = notes.get("deadline", 0)
     return Call(deadline if type(deadline) is int else 0, flags, request_id)
-
-
-def start_worker_process(settings: WorkerSettings) -> Runtime:
-    """What every worker does first, before any model code runs: its user, limits and threads."""
-    _become_user(settings.uid, settings.gid)  # first: a change of user clears the parent-death signal
-    _die_with_parent()
-    _limit_resources(settings)
-    # Ctrl-C reaches the whole process group; the daemon decides when its workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Before killing a hung worker the daemon asks for its stacks: written from C, with no
-    # Python code run, so they come even while a model holds the interpreter.
-    if sys.stderr is not None:
-        faulthandler.register(DUMP_STACKS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
-    # torch.package's unpickler still uses TypedStorage; the warning says nothing to an operator.
-    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-    # A tensor read from a socket or a gRPC request wraps bytes owned by that one request
-    # alone (dropped once it is answered), so model code writing to it harms no one.
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
-    torch.set_num_threads(settings.num_threads)
-    sys.path.extend(settings.extra_sys_paths)
-    return Runtime()
-
-
-def _become_user(uid: int, gid: int) -> None:
-    """Drop root for worker.user before any model code runs; workers never get it back."""
-    if uid < 0 or os.getuid() == uid:
-        return
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-
-
-def _limit_resources(settings: WorkerSettings) -> None:
-    """worker.max_open_files and worker.max_address_space_bytes, as soft and hard limits:
-    model code cannot raise them again. Past them, opening a file fails with EMFILE and an
-    allocation with MemoryError (torch: RuntimeError "can't allocate memory"), in that call."""
-    for which, value in (
-        (resource.RLIMIT_NOFILE, settings.max_open_files),
-        (resource.RLIMIT_AS, settings.max_address_space_bytes),
-    ):
-        if value:
-            hard = resource.getrlimit(which)[1]
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)  # only root may raise a hard limit
-            resource.setrlimit(which, (value, value))
-
-
-def _die_with_parent() -> None:
-    """Have the kernel SIGKILL this worker when its parent dies (Linux).
-
-    The parent is the fork server, which exits when the daemon does, however the daemon
-    ends (even SIGKILL). An idle worker would notice anyway (its channel reaches EOF),
-    but one busy in a long call would not until the call ends.
-    """
-    # multiprocessing hands every forked child the write end of the fork server's "alive"
-    # pipe, so that children may fork through it too; the fork server then lives while any
-    # worker does, and a busy worker would wait for it forever. Workers never fork.
-    from multiprocessing import forkserver
-
-    server: Any = forkserver._forkserver  # type: ignore[attr-defined]
-    if server._forkserver_alive_fd is not None:
-        os.close(server._forkserver_alive_fd)
-        server._forkserver_alive_fd = None
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return  # not Linux: the channel's EOF is the only signal
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(WorkerExitCode.BOOT_FAILED)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def serve_one(

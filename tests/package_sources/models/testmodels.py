@@ -280,3 +280,26 @@ class Prints(torch.nn.Module):
         print(a)
         print("Prints.forward ran", flush=True)
         return a + a
+
+
+class Printer:
+    """Writes to its worker's stdout and stderr, as a chatty model does (tests/test_worker_output.py)."""
+
+    def flood(self, lines, width):
+        """`lines` lines of `width` bytes (newline included) to stdout, in one write; returns the bytes."""
+        body = "".join(f"flood {index:09d} ".ljust(width - 1, "x") + "\n" for index in range(lines))
+        print(body, end="", flush=True)
+        return len(body)
+
+    def long_line(self, size):
+        print("long:" + "L" * (size - 5))
+        return size
+
+    def unfinished(self, text):
+        """A line to fd 2 (as C code writes it) with no newline: it is logged when the worker exits."""
+        os.write(2, text.encode())
+        return text
+
+    def __call__(self, text):
+        print(text)
+        return text
