@@ -4,8 +4,9 @@ CALLERS client threads call an identity model on a 16-element tensor back to bac
 `seconds`, through the public client with retries on (Retry(attempts=5)), while a killer
 thread SIGKILLs a random worker every `kill_every` seconds. Printed: calls made, calls
 failed (target with retries: 0), the longest stall (the slowest call, retries included),
-and the resident memory of the daemon and of its workers at the start and the end
-(target: flat, end <= 1.1x start, so a restart leaks nothing).
+and the resident memory of the daemon and of its workers, the daemon's open fds and the
+deployd segments in /dev/shm, at the start and the end (target: flat, RSS end <= 1.1x
+start, fds and segments no more than at the start, so a restart leaks nothing).
 
 Twice: through the daemon, and on the direct path (pool.data_ports: the client calls the
 workers' own ports, so a SIGKILL cuts its connection to that worker, and the replacement
@@ -67,6 +68,10 @@ def report(ctx: Context, path: str, result: dict[str, Any]) -> None:
             f"chaos ({path}): {who} RSS {start / 2**20:.0f} MiB at the start, {end / 2**20:.0f} MiB at the end"
         )
         ctx.report.check(f"chaos ({path}): {who} RSS end / start", end / start if start else 0.0, "<=", 1.1)
+    for what, unit in (("daemon fds", "fds"), ("shm segments", "segments")):
+        start, end = result["counts"][what]
+        ctx.report.line(f"chaos ({path}): {what} {start} at the start, {end} at the end")
+        ctx.report.check(f"chaos ({path}): {what} end - start", end - start, "<=", 0, unit=unit)
 
 
 # ---------------------------------------------------------------------------- load and killer (child)
@@ -83,6 +88,7 @@ def callers_and_killer(spec: dict[str, Any]) -> dict[str, Any]:
         for _ in range(200):  # warm-up, so the start RSS is the steady state
             model(x)
         rss_start = rss_of(spec["daemon_pid"], manager)
+        counts_start = fds_and_segments(spec["daemon_pid"])
         stop = threading.Event()
         latencies: list[list[float]] = [[] for _ in range(CALLERS)]
         failures: list[str] = []
@@ -121,6 +127,7 @@ def callers_and_killer(spec: dict[str, Any]) -> dict[str, Any]:
                 break
             time.sleep(0.1)
         rss_end = rss_of(spec["daemon_pid"], manager)
+        counts_end = fds_and_segments(spec["daemon_pid"])
     return {
         "latencies": [latency for per_caller in latencies for latency in per_caller],
         "elapsed": elapsed,
@@ -128,7 +135,19 @@ def callers_and_killer(spec: dict[str, Any]) -> dict[str, Any]:
         "failures": failures[:10],
         "kills": kills[0],
         "rss": {who: (rss_start[who], rss_end[who]) for who in rss_start},
+        "counts": {what: (counts_start[what], counts_end[what]) for what in counts_start},
     }
+
+
+def fds_and_segments(daemon_pid: int) -> dict[str, int]:
+    """The daemon's open fds (each worker has its channel and its output pipe), and its
+    shared-memory segments (each worker has its arenas: server.ipc.shm names them)."""
+    try:
+        fds = len(os.listdir(f"/proc/{daemon_pid}/fd"))
+    except OSError:
+        fds = 0
+    segments = len([name for name in os.listdir("/dev/shm") if name.startswith(f"deployd-{daemon_pid}-")])
+    return {"daemon fds": fds, "shm segments": segments}
 
 
 def rss_of(daemon_pid: int, manager: Any) -> dict[str, int]:
