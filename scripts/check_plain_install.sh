@@ -20,7 +20,7 @@ started=$SECONDS
 
 # The same files deploy/Dockerfile copies, so a file the install needs but the image lacks fails here too.
 mkdir "$WORK/src" "$WORK/run"
-cp -r constraints.txt pyproject.toml README.md server client deployd_wire deployd_cli "$WORK/src/"
+cp -r constraints.txt pyproject.toml README.md server client deployd_wire deployd_cli deployd_worker "$WORK/src/"
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 
 "$PYTHON" -m venv "$WORK/venv"
