@@ -41,11 +41,15 @@ def test_status_reports_shared_and_private_memory(manager: InterpreterManager, p
 
 
 def test_unloading_the_package_removes_its_segment(fresh_daemon: DaemonProcess, package_dir: Path) -> None:
+    def daemons_segments() -> set[str]:
+        return {name for name in os.listdir("/dev/shm") if name.startswith(f"deployd-{fresh_daemon.pid}-")}
+
     with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+        before = daemons_segments()  # the daemon's own for its life (the cancel board), arenas
         package = manager.load_package(package_dir / "big.pt")
         linear = package.load_pickle("big", "model.pkl")
         assert linear(torch.ones(1, 1200)).shape == (1, 1200)
-        segments = {name for name in os.listdir("/dev/shm") if name.startswith(f"deployd-{fresh_daemon.pid}-")}
-        assert segments
+        segments = daemons_segments() - before
+        assert segments, "the package's weights are in a segment of their own"
         package.unload()
         assert wait_until(lambda: not any(os.path.exists(f"/dev/shm/{name}") for name in segments), 10)
