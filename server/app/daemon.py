@@ -281,7 +281,7 @@ class Daemon:
     def _endpoints(self) -> EndpointsSnapshot:
         assert self._data_ports is not None
         serving = [(slot, pid) for slot, pid, _ in self._dispatcher.serving_workers()]
-        models = self._service.direct_targets()
+        models = {slot: self._service.direct_targets(slot) for slot, _ in serving}
         exits = list(self._data_ports.exits)
         return EndpointsSnapshot(self._service.generation, self._data_ports.endpoints(serving), models, exits)
 
