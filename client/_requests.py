@@ -92,11 +92,16 @@ def load_pickle_request(
     request = pb.LoadPickleRequest(package_id=package_id, module=module, file=file, name=name or "")
     if isinstance(workers, int):
         if workers < 1:
-            raise InvalidArgumentError(f"workers must be at least 1 (or a list of worker slots), got {workers}")
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"workers must be at least 1 (or a list of worker slots), got {workers}",
+            )
         request.workers = workers
     elif workers is not None:
         if not workers:
-            raise InvalidArgumentError("workers: give at least one worker slot (or None: every worker)")
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT, "workers: give at least one worker slot (or None: every worker)"
+            )
         request.worker_slots.extend(workers)
     if batching is not None:
         request.batching.max_batch_size = batching.max_batch_size

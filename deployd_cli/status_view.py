@@ -29,6 +29,7 @@ def status_report(status: Any) -> dict[str, Any]:
                 "name": model.name,
                 "serving_version": model.serving_version,
                 "versions": [_version_report(version) for version in model.versions],
+                "worker_slots": list(model.worker_slots),  # empty: every worker
             }
             for model in status.models
         ],
@@ -36,7 +37,13 @@ def status_report(status: Any) -> dict[str, Any]:
             {"package_id": package.package_id, "size_bytes": package.size_bytes} for package in status.packages
         ],
         "objects": [
-            {"object_id": obj.object_id, "package_id": obj.package_id, "module": obj.module, "file": obj.file}
+            {
+                "object_id": obj.object_id,
+                "package_id": obj.package_id,
+                "module": obj.module,
+                "file": obj.file,
+                "worker_slots": list(obj.worker_slots),  # empty: every worker
+            }
             for obj in status.objects
         ],
         "modules": list(status.modules),
@@ -99,7 +106,10 @@ def status_text(report: dict[str, Any]) -> str:
     lines.append(f"queued calls: {report['queued_calls']}")
     lines.append(f"models: {len(report['models'])}")
     for model in report["models"]:
-        lines.append(f"  {model['name']}  serving version {model['serving_version'] or 'none'}")
+        lines.append(
+            f"  {model['name']}  serving version {model['serving_version'] or 'none'}"
+            + _placed_on(model.get("worker_slots", []))
+        )
         header = ["VERSION", "STATE", "OBJECT", "CALLS", "MODULE:FILE", "PACKAGE"]
         rows = [
             [
@@ -125,7 +135,11 @@ def status_text(report: dict[str, Any]) -> str:
     lines.append(f"packages: {len(report['packages'])}")
     lines += [f"  {p['package_id']}  {mib(p['size_bytes'])} MiB" for p in report["packages"]]
     lines.append(f"objects: {len(report['objects'])}")
-    lines += [f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}" for o in report["objects"]]
+    lines += [
+        f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}"
+        + _placed_on(o.get("worker_slots", []))
+        for o in report["objects"]
+    ]
     lines.append(f"modules: {len(report['modules'])}")
     lines += [f"  {name}" for name in report["modules"]]
     lines.append(f"sessions: {len(report['sessions'])}")
@@ -137,6 +151,11 @@ def status_text(report: dict[str, Any]) -> str:
         ]
         lines += [f"  {line}" for line in _table(header, rows)]
     return "\n".join(lines)
+
+
+def _placed_on(slots: list[int]) -> str:
+    """Where a placed model or object is loaded; nothing for one on every worker."""
+    return f"  on workers {', '.join(map(str, slots))}" if slots else ""
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

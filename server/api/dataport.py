@@ -191,6 +191,9 @@ class LocalModels:
     def served_names(self) -> set[str]:
         return self._names.served()
 
+    def has_workers(self, object_id: str) -> bool:
+        return object_id in self._objects  # this worker serves, and holds it or not
+
     def declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return self._signatures.get(name, ((), ()))
 

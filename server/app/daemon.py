@@ -312,7 +312,8 @@ class Daemon:
         if self._started and not self._stop_requested.is_set():
             failing = set(self._repository.errors) - names
             serving = self._supervisor.serving_count > 0
-            await self._health.sync(serving, objects, self._supervisor.full_capacity, failing)
+            stranded = self._service.without_workers()
+            await self._health.sync(serving, objects, self._supervisor.full_capacity, failing, stranded)
 
     async def reload_models(self) -> ReloadReport:
         """Re-read the config file and bring the served models in line with its `models:`."""

@@ -344,6 +344,22 @@ class ModelService:
             return None
         return self._registry.objects.get(model.versions[model.serving])
 
+    def has_workers(self, object_id: str) -> bool:
+        """Whether a worker that holds the object serves now."""
+        record = self._registry.objects.get(object_id)
+        return record is not None and self._dispatcher.serving_in(record.slots) > 0
+
+    def without_workers(self) -> set[str]:
+        """The object ids, and names of serving versions, placed on slots none of whose workers
+        serves now (their health is NOT_SERVING until one does)."""
+        stranded = {
+            object_id
+            for object_id, record in self._registry.objects.items()
+            if record.slots is not None and not self._dispatcher.serving_in(record.slots)
+        }
+        names = {name for name, model in self._names.models.items() if model.versions.get(model.serving) in stranded}
+        return stranded | names
+
     def slots_of(self, object_id: str) -> tuple[int, ...] | None:
         """The worker slots an object is loaded on; None: every one."""
         record = self._registry.objects.get(object_id)
