@@ -29,7 +29,7 @@ def status_report(status: Any) -> dict[str, Any]:
                 "name": model.name,
                 "serving_version": model.serving_version,
                 "versions": [_version_report(version) for version in model.versions],
-                "worker_slots": list(model.worker_slots),  # empty: every worker
+                **_placement_report(model),
             }
             for model in status.models
         ],
@@ -42,7 +42,7 @@ def status_report(status: Any) -> dict[str, Any]:
                 "package_id": obj.package_id,
                 "module": obj.module,
                 "file": obj.file,
-                "worker_slots": list(obj.worker_slots),  # empty: every worker
+                **_placement_report(obj),
             }
             for obj in status.objects
         ],
@@ -59,6 +59,12 @@ def status_report(status: Any) -> dict[str, Any]:
             for session in status.sessions
         ],
     }
+
+
+def _placement_report(placed: Any) -> dict[str, Any]:
+    """worker_slots for a placed model or object only: absent, it is on every worker (as
+    batching is absent for a version that does not batch)."""
+    return {"worker_slots": list(placed.worker_slots)} if placed.worker_slots else {}
 
 
 def _version_report(version: Any) -> dict[str, Any]:
