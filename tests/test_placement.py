@@ -4,22 +4,26 @@ Status and `deployd status`, honoured by sessions and by the data ports."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import InterpreterManager, InvalidArgumentError, Retry
+from client import Batching, InterpreterManager, InvalidArgumentError, Retry
 from deployd_wire.proto import deployd_pb2 as pb
 from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
+from server.api.health import Health
 from server.app.config import ConfigError, load_config
 from server.errors import InvalidArgument
 from server.models.placement import Placement, choose_slots, parse_placement
@@ -143,6 +147,32 @@ def test_placement_at_load_time_keeps_through_a_hot_swap(placed: DaemonProcess, 
         finally:
             manager.model("runtime").unload()
         assert "runtime" not in model_slots(manager)
+
+
+def test_a_placed_model_with_batching_batches_on_its_slots_only(placed: DaemonProcess, package_dir: Path) -> None:
+    with InterpreterManager(placed.target, timeout=60) as manager:
+        pids = slot_pids(manager)
+        package = manager.load_package(package_dir / "models.pt")
+        model = package.load_pickle("models", "scale.pkl", name="batched", batching=Batching(8, 5.0), workers=[2])
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                doubled = list(pool.map(lambda i: model(torch.full((1, 3), float(i))), range(32)))
+                answered_by = set(pool.map(lambda _: model.call_method("pid"), range(32)))
+            assert all(torch.equal(out, torch.full((1, 3), 2.0 * i)) for i, out in enumerate(doubled))
+            assert answered_by == {pids[2]}
+        finally:
+            model.unload()
+
+
+def test_health_of_a_model_none_of_whose_workers_serves_is_not_serving() -> None:
+    async def run() -> dict[str, int]:
+        health = Health("deployd.v1.Deployd")
+        await health.sync(True, {"placed", "everywhere"}, False, stranded={"placed"})
+        return {name: int(status) for name, status in health.servicer._server_status.items()}
+
+    statuses = asyncio.run(run())
+    assert statuses["placed"] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert statuses["everywhere"] == statuses[""] == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_session_on_a_placed_model_lands_on_its_slot(placed: DaemonProcess) -> None:

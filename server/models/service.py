@@ -452,6 +452,7 @@ class ModelService:
         it: every name, but only the objects it holds (a call for a model placed elsewhere is
         refused there, NotFound)."""
         models = {name: (model.serving, dict(model.versions)) for name, model in self._names.models.items()}
+        held = [object_id for object_id, record in self._registry.objects.items() if record.held_by(slot)]
         batching = {
             object_id: (
                 batcher.policy.max_batch_size,
@@ -459,8 +460,8 @@ class ModelService:
                 list(batcher.policy.preferred_batch_sizes),
             )
             for object_id, batcher in self._batchers.items()
+            if object_id in held
         }
-        held = [object_id for object_id, record in self._registry.objects.items() if record.held_by(slot)]
         return protocol.SetRoutes(self.generation, models, held, self._signatures(), batching)
 
     async def publish_routes(self) -> None:

@@ -112,7 +112,7 @@ class Dispatcher:
     ) -> tuple[Any, list[Any]]:
         """Run a request on one free worker (of `slots`, if given), waiting in line for one if
         all are busy; on_start is called once it has its worker."""
-        if self._waiting >= self._max_queued_calls and not self._free_workers:
+        if self._waiting >= self._max_queued_calls and self._first_free(slots) is None:
             raise Overloaded(
                 f"all workers are busy and {self._waiting} calls already wait for one"
                 f" (pool.max_queued_calls={self._max_queued_calls}); try again later"
