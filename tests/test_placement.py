@@ -278,3 +278,24 @@ def test_data_ports_route_only_to_holders_and_a_replacement_holds_it_again(place
             answer = pb_grpc.DeploydStub(channel).Endpoints(pb.EndpointsRequest(), timeout=30)
         held = {worker.slot: list(worker.models) for worker in answer.workers}
         assert "solo" in held[1] and "solo" not in held[0] + held[2]
+
+
+def test_a_reload_moves_a_model_to_its_new_placement(package_dir: Path, tmp_path: Path) -> None:
+    entry = {"name": "moving", "package": "models.pt", "pickle": "models:scale.pkl", "workers": [0]}
+    config = placed_config(tmp_path / "config.yaml", package_dir, [entry], pool={"workers": 2})
+    process = DaemonProcess(config).start()
+    try:
+        with InterpreterManager(process.target, timeout=60) as manager:
+            pids = slot_pids(manager)
+            assert {manager.model("moving").call_method("pid") for _ in range(10)} == {pids[0]}
+            unplaced = {key: value for key, value in entry.items() if key != "workers"}
+            for moved, slots in [(dict(entry, workers=[1]), [1]), (unplaced, [])]:  # moved, then everywhere
+                placed_config(config, package_dir, [moved], pool={"workers": 2})
+                assert list(manager.reload().swapped) == ["moving"]
+                assert model_slots(manager) == {"moving": slots}
+            assert {manager.model("moving").call_method("pid") for _ in range(20)} <= set(pids.values())
+            placed_config(config, package_dir, [dict(entry, workers=[1])], pool={"workers": 2})
+            manager.reload()
+            assert {manager.model("moving").call_method("pid") for _ in range(10)} == {pids[1]}
+    finally:
+        process.assert_clean_stop()
