@@ -92,6 +92,7 @@ class Worker:
         self.channel = channel
         self.stub = stub
         self.in_flight = 0
+        self.targets: set[str] = set()  # what the daemon says to call here (Endpoints' models)
         self.abandoned_until = 0.0  # a call given up on may still run there until then
 
     def load(self) -> int:
@@ -129,11 +130,12 @@ class Routes:
         if self.enabled and target not in self.targets and time.monotonic() - self.refreshed_at > _TARGETS_MAX_AGE:
             self.stale = True
 
-    def pick(self, skip: set[str]) -> Worker | None:
-        """The worker with the fewest calls in flight (ties taken in turn); None: the daemon's path."""
+    def pick(self, skip: set[str], target: str) -> Worker | None:
+        """Of the workers that hold target, the one with the fewest calls in flight (ties taken
+        in turn); None: the daemon's path."""
         if not self.enabled:
             return None
-        candidates = [worker for worker in self.workers if worker.address not in skip]
+        candidates = [worker for worker in self.workers if worker.address not in skip and target in worker.targets]
         if not candidates:
             return None
         self._turn += 1

@@ -8,7 +8,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import grpc
 
@@ -80,9 +80,29 @@ def chunks_of_file(path: Path, chunk_bytes: int) -> Iterator[pb.LoadPackageReque
 
 
 def load_pickle_request(
-    package_id: str, module: str, file: str, name: str | None, batching: Batching | None
+    package_id: str,
+    module: str,
+    file: str,
+    name: str | None,
+    batching: Batching | None,
+    workers: int | Sequence[int] | None = None,
 ) -> pb.LoadPickleRequest:
+    """workers: how many workers hold the object (the daemon picks them), or which worker
+    slots; None: where the name's serving version is, else every worker."""
     request = pb.LoadPickleRequest(package_id=package_id, module=module, file=file, name=name or "")
+    if isinstance(workers, int):
+        if workers < 1:
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"workers must be at least 1 (or a list of worker slots), got {workers}",
+            )
+        request.workers = workers
+    elif workers is not None:
+        if not workers:
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT, "workers: give at least one worker slot (or None: every worker)"
+            )
+        request.worker_slots.extend(workers)
     if batching is not None:
         request.batching.max_batch_size = batching.max_batch_size
         request.batching.max_queue_delay_ms = batching.max_queue_delay_ms

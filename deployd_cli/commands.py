@@ -7,6 +7,7 @@ how status prints is deployd_cli.status_view.
 
     deployd status                                   workers, models, packages, objects, modules, queue
     deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...] [--name NAME [--batching ROWS[:DELAY_MS]]]
+                 [--workers N|SLOT,SLOT...]
     deployd unload (TARGET | --model NAME | --object ID | --package ID)
     deployd invoke TARGET [--version N] [--method NAME] [--kwarg NAME=ARG ...] [--full] [ARG ...]
     deployd health [--service NAME]                  exit 0 only when SERVING
@@ -182,6 +183,12 @@ def add_commands(subparsers: Any) -> None:
         help="with --name: batch its concurrent calls, up to ROWS rows a batch, the first waiting"
         " up to DELAY_MS (default 2) for company",
     )
+    load.add_argument(
+        "--workers",
+        metavar="N|SLOT,SLOT...",
+        help="place the --pickle objects: on N workers the daemon picks (--workers 2), or on those worker"
+        " slots (--workers 0,2; one slot: --workers 1,); default: every worker",
+    )
 
     unload = add(
         "unload",
@@ -333,8 +340,21 @@ def _batching(spec: str) -> Batching:
         raise UsageError(f"--batching takes ROWS[:DELAY_MS] (e.g. 32:2), not {spec!r}") from None
 
 
+def _placement(spec: str) -> int | list[int]:
+    """--workers: N, or a comma-separated list of slots ("0,2", or "1," for slot 1 alone)."""
+    try:
+        if "," not in spec:
+            return int(spec)
+        return [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--workers takes N or SLOT,SLOT... (e.g. 2, or 0,2), not {spec!r}") from None
+
+
 def _load(options: argparse.Namespace) -> int:
     pickles = [_module_and_file(spec) for spec in options.pickle]
+    workers = _placement(options.workers) if options.workers is not None else None
+    if workers is not None and not pickles:
+        raise UsageError("--workers places objects: give --pickle MODULE:FILE too")
     if options.name is not None and len(pickles) != 1:
         raise UsageError(f"--name serves one object: give exactly one --pickle MODULE:FILE, not {len(pickles)}")
     batching = _batching(options.batching) if options.batching is not None else None
@@ -354,7 +374,7 @@ def _load(options: argparse.Namespace) -> int:
         objects: list[ReplicatedObj] = []
         try:
             for module, file in pickles:
-                objects.append(package.load_pickle(module, file, name=options.name, batching=batching))
+                objects.append(package.load_pickle(module, file, name=options.name, batching=batching, workers=workers))
         except DeployError as error:
             # All or nothing for the objects of this command (their ids are new); the package
             # stays: it is content-addressed, so others may hold objects from it. By object id:

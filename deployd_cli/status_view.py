@@ -29,6 +29,7 @@ def status_report(status: Any) -> dict[str, Any]:
                 "name": model.name,
                 "serving_version": model.serving_version,
                 "versions": [_version_report(version) for version in model.versions],
+                **_placement_report(model),
             }
             for model in status.models
         ],
@@ -36,7 +37,13 @@ def status_report(status: Any) -> dict[str, Any]:
             {"package_id": package.package_id, "size_bytes": package.size_bytes} for package in status.packages
         ],
         "objects": [
-            {"object_id": obj.object_id, "package_id": obj.package_id, "module": obj.module, "file": obj.file}
+            {
+                "object_id": obj.object_id,
+                "package_id": obj.package_id,
+                "module": obj.module,
+                "file": obj.file,
+                **_placement_report(obj),
+            }
             for obj in status.objects
         ],
         "modules": list(status.modules),
@@ -52,6 +59,12 @@ def status_report(status: Any) -> dict[str, Any]:
             for session in status.sessions
         ],
     }
+
+
+def _placement_report(placed: Any) -> dict[str, Any]:
+    """worker_slots for a placed model or object only: absent, it is on every worker (as
+    batching is absent for a version that does not batch)."""
+    return {"worker_slots": list(placed.worker_slots)} if placed.worker_slots else {}
 
 
 def _version_report(version: Any) -> dict[str, Any]:
@@ -99,7 +112,10 @@ def status_text(report: dict[str, Any]) -> str:
     lines.append(f"queued calls: {report['queued_calls']}")
     lines.append(f"models: {len(report['models'])}")
     for model in report["models"]:
-        lines.append(f"  {model['name']}  serving version {model['serving_version'] or 'none'}")
+        lines.append(
+            f"  {model['name']}  serving version {model['serving_version'] or 'none'}"
+            + _placed_on(model.get("worker_slots", []))
+        )
         header = ["VERSION", "STATE", "OBJECT", "CALLS", "MODULE:FILE", "PACKAGE"]
         rows = [
             [
@@ -125,7 +141,11 @@ def status_text(report: dict[str, Any]) -> str:
     lines.append(f"packages: {len(report['packages'])}")
     lines += [f"  {p['package_id']}  {mib(p['size_bytes'])} MiB" for p in report["packages"]]
     lines.append(f"objects: {len(report['objects'])}")
-    lines += [f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}" for o in report["objects"]]
+    lines += [
+        f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}"
+        + _placed_on(o.get("worker_slots", []))
+        for o in report["objects"]
+    ]
     lines.append(f"modules: {len(report['modules'])}")
     lines += [f"  {name}" for name in report["modules"]]
     lines.append(f"sessions: {len(report['sessions'])}")
@@ -137,6 +157,11 @@ def status_text(report: dict[str, Any]) -> str:
         ]
         lines += [f"  {line}" for line in _table(header, rows)]
     return "\n".join(lines)
+
+
+def _placed_on(slots: list[int]) -> str:
+    """Where a placed model or object is loaded; nothing for one on every worker."""
+    return f"  on workers {', '.join(map(str, slots))}" if slots else ""
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -421,3 +421,71 @@ def test_a_killed_worker_fails_its_steps_and_its_replacement_takes_the_calls() -
         assert dispatcher.serving_count == 0
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+def test_a_placed_call_goes_only_to_its_slots() -> None:
+    async def run() -> None:
+        dispatcher, workers = serving_dispatcher(3)
+        for _ in range(20):
+            assert await dispatcher.call(protocol.HasAttr("o", "x"), [], slots=(1,)) == (workers[1].pid, [])
+        pids = {(await dispatcher.call(protocol.HasAttr("o", "x"), [], slots=(0, 2)))[0] for _ in range(20)}
+        assert pids <= {workers[0].pid, workers[2].pid}
+        assert dispatcher.idle_count((0, 2)) == 2 and dispatcher.idle_count() == 3
+        assert dispatcher.serving_in((1, 2)) == 2 and dispatcher.serving_in(None) == 3
+        outcomes = await dispatcher.broadcast(protocol.HasAttr("o", "x"), [], (0, 2))
+        assert [worker.index for worker, _ in outcomes] == [0, 2]
+
+    asyncio.run(run())
+
+
+def test_a_worker_set_free_goes_to_the_first_waiter_that_may_use_it() -> None:
+    async def run() -> None:
+        dispatcher, (zero, one) = serving_dispatcher(2)
+        zero.held = asyncio.get_running_loop().create_future()
+        one.held = asyncio.get_running_loop().create_future()
+        busy = [asyncio.ensure_future(dispatcher.call(protocol.HasAttr("o", "busy"), [], slots=(i,))) for i in (0, 1)]
+        await asyncio.sleep(0)
+        # In line: one for slot 0, then one for slot 1, then one for any.
+        for_zero = asyncio.ensure_future(dispatcher.call(protocol.HasAttr("o", "a"), [], slots=(0,)))
+        await asyncio.sleep(0)
+        for_one = asyncio.ensure_future(dispatcher.call(protocol.HasAttr("o", "b"), [], slots=(1,)))
+        await asyncio.sleep(0)
+        for_any = asyncio.ensure_future(dispatcher.call(protocol.HasAttr("o", "c"), []))
+        await asyncio.sleep(0)
+        assert dispatcher.queue_depth == 3
+        # Worker 1 set free: the waiter for slot 0, first in line, cannot use it; the one for slot 1 can.
+        one.held.set_result(None)
+        one.held = None
+        assert await for_one == (one.pid, [])
+        assert not for_zero.done()
+        assert await for_any == (one.pid, [])  # worker 1 again, before worker 0 is free
+        zero.held.set_result(None)
+        zero.held = None
+        assert await for_zero == (zero.pid, [])
+        await asyncio.gather(*busy)
+        assert dispatcher.queue_depth == 0 and dispatcher.idle_count() == 2
+
+    asyncio.run(run())
+
+
+def test_a_placed_call_that_gives_up_leaves_the_line() -> None:
+    async def run() -> None:
+        dispatcher, (worker,) = serving_dispatcher(1)
+        worker.held = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(dispatcher.call(protocol.HasAttr("o", "busy"), []))
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(dispatcher.call(protocol.HasAttr("o", "x"), [], slots=(0,)))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert dispatcher.queue_depth == 0
+        worker.held.set_result(None)
+        worker.held = None
+        await running
+        assert dispatcher.idle_count() == 1
+
+    asyncio.run(run())

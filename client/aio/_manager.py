@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Sequence, TypeVar
 
 import grpc
 
@@ -191,7 +191,7 @@ class AsyncInterpreterManager(WorkerCount):
                 async with self._routes_lock:  # one caller asks; the others wait for its answer
                     if routes.stale:
                         await self._refresh_routes()
-            worker = routes.pick(unreachable) if request.object_id in routes.targets else None
+            worker = routes.pick(unreachable, request.object_id)
             stub = self._stub if worker is None else worker.stub
             metadata = self._call_metadata()
             call_id = 0
@@ -289,12 +289,13 @@ class AsyncInterpreterManager(WorkerCount):
                 if worker is not None:
                     known[endpoint.address] = worker  # a replacement on the same port: closed below
                 worker = self._worker_channel(endpoint.address, endpoint.pid)
+            worker.targets = set(endpoint.models)  # what that worker holds (a placed model: some only)
             workers.append(worker)
         for gone in known.values():
             await gone.channel.close()
         routes.workers = workers
         routes.generation = answer.generation
-        routes.targets = set(answer.workers[0].models) if answer.workers else set()
+        routes.targets = set().union(*(worker.targets for worker in workers))
         routes.refreshed_at = time.monotonic()
         routes.stale = False
 
@@ -394,15 +395,25 @@ class AsyncPackage:
         return f"<{type(self).__name__} {self.id[:12]}>"
 
     async def load_pickle(
-        self, module: str, file: str, *, name: str | None = None, batching: Batching | None = None
+        self,
+        module: str,
+        file: str,
+        *,
+        name: str | None = None,
+        batching: Batching | None = None,
+        workers: int | Sequence[int] | None = None,
     ) -> AsyncReplicatedObj:
         """Unpickle an object on every worker and return a handle to its replicas.
+
+        workers places it (README: Placement): an int, on that many workers the daemon picks; a
+        list, on those worker slots; None, where the name's serving version is, else everywhere.
+        Its calls go only to the workers holding it.
 
         With a name, the object is served as that model's next version (hot swap: new calls go
         to it at once, calls running on the old version finish there), and the handle follows
         the name; its `.version` says which version this load made. With batching (and a
         name), concurrent calls to it are joined into one model call along dim 0."""
-        request = requests.load_pickle_request(self.id, module, file, name, batching)
+        request = requests.load_pickle_request(self.id, module, file, name, batching, workers)
         response = await self.manager.call(self.manager._stub.LoadPickle, request)
         handle = AsyncReplicatedObj(self.manager, response.name or response.object_id)
         handle.object_id, handle.version = response.object_id, response.version

@@ -124,18 +124,22 @@ class LoadPackageResponse(_message.Message):
     def __init__(self, package_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadPickleRequest(_message.Message):
-    __slots__ = ("package_id", "module", "file", "name", "batching")
+    __slots__ = ("package_id", "module", "file", "name", "batching", "workers", "worker_slots")
     PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     package_id: str
     module: str
     file: str
     name: str
     batching: Batching
-    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., name: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+    workers: int
+    worker_slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., name: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., workers: _Optional[int] = ..., worker_slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Batching(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes")
@@ -293,16 +297,18 @@ class SessionStatus(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., worker: _Optional[int] = ..., objects: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., steps_running: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "serving_version", "versions", "error")
+    __slots__ = ("name", "serving_version", "versions", "error", "worker_slots")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     serving_version: int
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersionStatus]
     error: str
-    def __init__(self, name: _Optional[str] = ..., serving_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    worker_slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., serving_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersionStatus, _Mapping]]] = ..., error: _Optional[str] = ..., worker_slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndpointsRequest(_message.Message):
     __slots__ = ()
@@ -425,16 +431,18 @@ class PackageStatus(_message.Message):
     def __init__(self, package_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ObjectStatus(_message.Message):
-    __slots__ = ("object_id", "package_id", "module", "file")
+    __slots__ = ("object_id", "package_id", "module", "file", "worker_slots")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     package_id: str
     module: str
     file: str
-    def __init__(self, object_id: _Optional[str] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ...) -> None: ...
+    worker_slots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, object_id: _Optional[str] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., worker_slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("object_id", "version", "package_id", "worker")

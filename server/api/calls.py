@@ -104,6 +104,10 @@ class ModelCalls(Protocol):
 
     def served_names(self) -> set[str]: ...
 
+    def has_workers(self, object_id: str) -> bool:
+        """Whether a worker that holds the object serves (a placed model's may all be down)."""
+        ...
+
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 

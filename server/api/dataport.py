@@ -45,7 +45,7 @@ from server.api.tls import server_credentials
 from server.api.values import DEFAULT_LIMITS, ValueLimits
 from server.batching.batcher import Batcher, BatchObserver, BatchPolicy
 from server.batching.batcher import Pool as BatchPool
-from server.errors import InvalidArgument, error_from_failure
+from server.errors import InvalidArgument, NotFound, error_from_failure
 from server.ipc import protocol
 from server.ipc.call_board import WorkerRow
 from server.models.entry import TensorSpec
@@ -191,12 +191,21 @@ class LocalModels:
     def served_names(self) -> set[str]:
         return self._names.served()
 
+    def has_workers(self, object_id: str) -> bool:
+        return object_id in self._objects  # this worker serves, and holds it or not
+
     def declared(self, name: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         return self._signatures.get(name, ((), ()))
 
     def _resolve(self, target: str, version: int) -> str:
         # The daemon's rules and words (server.models.names), over the table it sent.
-        return self._names.resolve_target(target, version, self._objects)
+        object_id = self._names.resolve_target(target, version, self._objects)
+        if object_id not in self._objects:  # a model placed on other workers (its name is known)
+            raise NotFound(
+                f"{target!r} is not loaded on worker {self.slot} (it is placed on other workers):"
+                " call it through the daemon, or on a worker that Endpoints lists it for"
+            )
+        return object_id
 
     def _run(self, message: protocol.Request, buffers: list[Any]) -> tuple[Any, list[Any]]:
         row = self._row

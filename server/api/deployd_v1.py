@@ -19,6 +19,7 @@ from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
 from server.models.dataports import Endpoint, Exit
 from server.models.names import NamedModel
+from server.models.placement import Placement
 from server.models.repository import ModelRepository, ReloadReport
 from server.models.service import ModelService, StatusSnapshot
 from server.models.sessions import Session
@@ -70,7 +71,9 @@ class InvokeHandlers(Servicer):
 class EndpointsSnapshot(NamedTuple):
     generation: int
     workers: list[Endpoint]
-    models: list[str]  # what clients should call there: names and object ids that serve, but batched ones
+    # slot -> what clients should call there: names and object ids that serve and that worker
+    # holds, but batched ones
+    models: dict[int, list[str]]
     exits: list[Exit]  # the latest workers that ended, newest last
 
 
@@ -128,8 +131,11 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
             batching = BatchPolicy(
                 wire.max_batch_size, wire.max_queue_delay_ms, tuple(wire.preferred_batch_sizes)
             ).checked()
+        placement = None
+        if request.workers or request.worker_slots:
+            placement = Placement(request.workers, tuple(sorted(request.worker_slots)))
         loaded = await self._service.load_pickle(
-            request.package_id, request.module, request.file, request.name, batching
+            request.package_id, request.module, request.file, request.name, batching, placement
         )
         return pb.LoadPickleResponse(object_id=loaded.object_id, name=loaded.name, version=loaded.version)
 
@@ -180,7 +186,13 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
             ],
             packages=[pb.PackageStatus(package_id=p.package_id, size_bytes=p.size_bytes) for p in snapshot.packages],
             objects=[
-                pb.ObjectStatus(object_id=o.object_id, package_id=o.package_id, module=o.module, file=o.file)
+                pb.ObjectStatus(
+                    object_id=o.object_id,
+                    package_id=o.package_id,
+                    module=o.module,
+                    file=o.file,
+                    worker_slots=o.slots or (),
+                )
                 for o in snapshot.objects
             ],
             modules=snapshot.modules,
@@ -219,7 +231,7 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
                     address=point.address,
                     pid=point.pid,
                     generation=point.generation,
-                    models=snapshot.models,
+                    models=snapshot.models.get(point.slot, []),
                 )
                 for point in snapshot.workers
             ],
@@ -274,7 +286,9 @@ def _model_status(model: NamedModel, snapshot: StatusSnapshot) -> pb.ModelStatus
                 batching=batching,
             )
         )
-    return pb.ModelStatus(name=model.name, serving_version=model.serving, versions=versions)
+    serving = records.get(model.versions.get(model.serving, ""))
+    slots = serving.slots if serving is not None and serving.slots is not None else ()
+    return pb.ModelStatus(name=model.name, serving_version=model.serving, versions=versions, worker_slots=slots)
 
 
 async def _chunks(first: pb.LoadPackageRequest, rest: AsyncIterator[Any]) -> AsyncIterator[bytes]:

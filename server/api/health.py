@@ -2,7 +2,8 @@
 object (service name = its object id).
 
 SERVING while at least one worker can serve; NOT_SERVING while none can, before the pool
-is up and from the start of shutdown. An unloaded object's name reports SERVICE_UNKNOWN, the
+is up and from the start of shutdown. A placed model (server.models.placement) is SERVING while
+at least one of its workers serves. An unloaded object's name reports SERVICE_UNKNOWN, the
 last _REMEMBERED_GONE of them; older ones are forgotten (NOT_FOUND, as a name never loaded), so
 a daemon that loads and unloads for months does not keep every name it ever served.
 
@@ -33,10 +34,16 @@ class Health:
         self._gone: OrderedDict[str, None] = OrderedDict()  # unloaded names reporting SERVICE_UNKNOWN
 
     async def sync(
-        self, serving: bool, objects: set[str], full_capacity: bool, failing: frozenset[str] | set[str] = frozenset()
+        self,
+        serving: bool,
+        objects: set[str],
+        full_capacity: bool,
+        failing: frozenset[str] | set[str] = frozenset(),
+        stranded: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         """Set every status from the pool's state, the objects and models loaded now, and the
-        models of the repository that could not load (failing: NOT_SERVING)."""
+        models of the repository that could not load (failing: NOT_SERVING). stranded: those
+        placed on workers none of which serves now (NOT_SERVING until one does)."""
         await self.servicer.set(self.capacity_name, _SERVING if full_capacity else _NOT_SERVING)  # type: ignore[arg-type]
         for gone in self._objects - objects:
             await self.servicer.set(gone, _UNKNOWN)  # type: ignore[arg-type]
@@ -50,8 +57,10 @@ class Health:
             self.servicer._server_status.pop(forgotten, None)
         self._objects = set(objects)
         status = _SERVING if serving else _NOT_SERVING
-        for name in (*self._server_names, *sorted(objects)):
+        for name in self._server_names:
             await self.servicer.set(name, status)  # type: ignore[arg-type]
+        for name in sorted(objects):
+            await self.servicer.set(name, _NOT_SERVING if name in stranded else status)  # type: ignore[arg-type]
         for name in sorted(failing):
             await self.servicer.set(name, _NOT_SERVING)  # type: ignore[arg-type]
 

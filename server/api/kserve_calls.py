@@ -99,8 +99,9 @@ class V2Calls:
             model = self._models.named_model(name)
         except NotFound:
             return False
-        loaded = version in model.versions if version else bool(model.serving)
-        return loaded and self.is_ready()
+        object_id = model.versions.get(version or model.serving)
+        # A placed model is ready while a worker that holds it serves.
+        return object_id is not None and self.is_ready() and self._models.has_workers(object_id)
 
     def model_metadata(self, name: str, version_text: str) -> ModelMetadata:
         name = required_name(name)

@@ -45,7 +45,8 @@ class SessionsServicer(pb_grpc.SessionsServicer, Servicer):  # type: ignore[misc
         # A stream, counted when its one event leaves (the session is open) or it fails before.
         if request.object_id and request.package_id:
             raise InvalidArgument("a session's self is an object or a package, not both")
-        session = await self._sessions.open(request.worker if request.HasField("worker") else None)
+        wanted = request.worker if request.HasField("worker") else None
+        session = await self._sessions.open(wanted, request.object_id, request.version)
         try:
             event = pb.SessionEvent(session_id=session.id, worker=session.worker, worker_pid=session.pid)
             if request.object_id or request.package_id:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from server.errors import InvalidArgument
 from server.models.entry import EntryError, ModelEntry, parse_entries
 
 ENV_PREFIX = "DEPLOYD_"
@@ -376,6 +377,11 @@ def _validate(config: Config) -> None:
         path = getattr(config.tls, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"bad value for tls.{key}: {path!r} is not a readable file")
+    for entry in config.models:
+        try:
+            entry.workers.checked(config.worker_count)
+        except InvalidArgument as error:
+            raise ConfigError(f"model {entry.name!r} workers: {error}") from None
     if config.worker.user:
         worker_user(config.worker.user)  # refuses an unknown user, or one the daemon cannot become
     host = split_address(config.server.address)[0]

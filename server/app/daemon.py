@@ -282,7 +282,7 @@ class Daemon:
     def _endpoints(self) -> EndpointsSnapshot:
         assert self._data_ports is not None
         serving = [(slot, pid) for slot, pid, _ in self._dispatcher.serving_workers()]
-        models = self._service.direct_targets()
+        models = {slot: self._service.direct_targets(slot) for slot, _ in serving}
         exits = list(self._data_ports.exits)
         return EndpointsSnapshot(self._service.generation, self._data_ports.endpoints(serving), models, exits)
 
@@ -313,7 +313,8 @@ class Daemon:
         if self._started and not self._stop_requested.is_set():
             failing = set(self._repository.errors) - names
             serving = self._supervisor.serving_count > 0
-            await self._health.sync(serving, objects, self._supervisor.full_capacity, failing)
+            stranded = self._service.without_workers()
+            await self._health.sync(serving, objects, self._supervisor.full_capacity, failing, stranded)
 
     async def reload_models(self) -> ReloadReport:
         """Re-read the config file and bring the served models in line with its `models:`."""

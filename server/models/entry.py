@@ -10,6 +10,7 @@ from deployd_wire.dtypes import DTYPES
 from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
 from server.models.names import check_name
+from server.models.placement import EVERYWHERE, Placement, parse_placement
 
 
 class TensorSpec(NamedTuple):
@@ -33,6 +34,7 @@ class ModelEntry:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     batching: BatchPolicy | None = None  # dynamic batching (server.batching); None: off
+    workers: Placement = EVERYWHERE  # where it is loaded and called (server.models.placement)
 
 
 class EntryError(ValueError):
@@ -49,7 +51,8 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         where = f"models entry {position}"
         if not isinstance(item, dict) or not {"name", "package", "pickle"} <= set(item) <= _ENTRY_KEYS:
             raise EntryError(
-                f"{where} must have the keys name, package and pickle (and may have inputs, outputs, batching),"
+                f"{where} must have the keys name, package and pickle (and may have inputs, outputs, batching,"
+                f" workers),"
                 f" got {item!r}"
             )
         name, package, pickle = (item[key] for key in ("name", "package", "pickle"))
@@ -67,12 +70,20 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         inputs = _tensor_specs(item.get("inputs", []), f"{where} ({name}) inputs")
         outputs = _tensor_specs(item.get("outputs", []), f"{where} ({name}) outputs")
         batching = _batch_policy(item["batching"], f"{where} ({name}) batching") if "batching" in item else None
-        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching))
+        workers = _placement(item["workers"], f"{where} ({name}) workers") if "workers" in item else EVERYWHERE
+        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching, workers))
     return tuple(entries)
 
 
-_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching"}
+_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching", "workers"}
 _BATCHING_KEYS = {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes"}
+
+
+def _placement(raw: Any, where: str) -> Placement:
+    try:
+        return parse_placement(raw)
+    except InvalidArgument as error:
+        raise EntryError(f"{where}: {error}") from None
 
 
 def _batch_policy(raw: Any, where: str) -> BatchPolicy:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from server.ipc import protocol
+from server.models.placement import EVERYWHERE, Placement
 from server.models.weights import SharedWeights
 
 
@@ -29,6 +30,11 @@ class ObjectRecord:
     package_id: str
     module: str
     file: str
+    slots: tuple[int, ...] | None = None  # the worker slots it is loaded on; None: every one
+    placement: Placement = EVERYWHERE  # as asked for (a new version of its name keeps it)
+
+    def held_by(self, slot: int) -> bool:
+        return self.slots is None or slot in self.slots
 
 
 class ReplayKey(NamedTuple):
@@ -45,9 +51,9 @@ class Registry:
     def objects_of(self, package_id: str) -> list[ObjectRecord]:
         return [record for record in self.objects.values() if record.package_id == package_id]
 
-    def replay_steps(self) -> list[tuple[ReplayKey, protocol.Request]]:
-        """The requests that bring a fresh worker to the state of the others, each with
-        the key of what it replays.
+    def replay_steps(self, slot: int) -> list[tuple[ReplayKey, protocol.Request]]:
+        """The requests that bring a fresh worker in `slot` to the state of the one it
+        replaces, each with the key of what it replays: the objects placed there only.
 
         Modules first (packages may extern them), then packages, then the objects
         unpickled from them, each group in the order it was loaded.
@@ -62,5 +68,6 @@ class Registry:
                 protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file),
             )
             for record in self.objects.values()
+            if record.held_by(slot)
         ]
         return steps

@@ -93,7 +93,9 @@ class ModelRepository:
         loaded_before = {package.package_id for package in self._service.status().packages}
         package = await self._service.load_package_path(entry.package)
         try:
-            await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name, entry.batching)
+            await self._service.load_pickle(
+                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers
+            )
         finally:
             if package.package_id not in loaded_before:
                 # Loaded for this model alone: it goes once the model's last version has.
@@ -163,7 +165,9 @@ class ModelRepository:
         stamp = self._stamp(entry)
         package = await self._service.load_package_path(entry.package)
         try:
-            await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name, entry.batching)
+            await self._service.load_pickle(
+                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers
+            )
         except DeploydError:
             if package.package_id not in self._packages:  # loaded for this entry alone: not kept
                 await self._service.release_package_when_unused(package.package_id)

@@ -4,6 +4,10 @@
     invoke, has_attr, load_resource ──> (a batcher ──>) dispatcher.call (one free worker)
     a new worker ──> prepare_worker (the supervisor holds `changes`): the registry replayed into it
 
+An object may be placed (server.models.placement): loaded on some worker slots only, its calls
+routed to those only, and replayed only into a replacement in one of them. A new version of a
+name keeps the placement (and the slots) of the version it replaces unless given another.
+
 Everything that changes what the workers hold runs under `supervisor.changes` and is all or
 nothing: if any worker fails, the workers that succeeded are told to undo it and the
 registry is left as it was. Imports no grpc.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import secrets
 import zipfile
@@ -46,9 +51,10 @@ from server.ipc.call_board import Row
 from server.malloc import release_free_memory
 from server.models.names import ModelNames, NamedModel, check_name, is_object_id
 from server.models.packages import PackageStore, StoredPackage
+from server.models.placement import EVERYWHERE, Placement, choose_slots
 from server.models.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
 from server.models.weights import SharedWeights, stage_weights
-from server.pool.dispatcher import Dispatcher
+from server.pool.dispatcher import Dispatcher, Slots
 from server.pool.supervisor import Supervisor, WorkerStatus
 from server.pool.worker_handle import WorkerHandle, WorkerState
 
@@ -131,7 +137,7 @@ class ModelService:
 
     async def prepare_worker(self, worker: WorkerHandle) -> None:
         """Replay everything loaded into a new worker, before it takes calls (the supervisor holds `changes`)."""
-        for key, request in self._registry.replay_steps():
+        for key, request in self._registry.replay_steps(worker.index):
             try:
                 await self._replay_step(worker, key, request)
             except WorkerCrashed as crash:
@@ -145,7 +151,7 @@ class ModelService:
                 raise
         self._replay_strikes.clear()
         if self._routes_to_workers:
-            await asyncio.wait_for(worker.request(self.routes(), []), self._replay_step_timeout)
+            await asyncio.wait_for(worker.request(self.routes(worker.index), []), self._replay_step_timeout)
 
     async def _replay_step(self, worker: WorkerHandle, key: ReplayKey, request: protocol.Request) -> None:
         # A replay that hangs would hold `changes`, and so every load, for ever: past the
@@ -250,7 +256,7 @@ class ModelService:
         if objects:
             await self.publish_routes()  # no worker takes a call for them once they start to go
         for loaded in objects:
-            await self._dispatcher.broadcast(protocol.UnloadObject(loaded.object_id), [])
+            await self._dispatcher.broadcast(protocol.UnloadObject(loaded.object_id), [], loaded.slots)
         for package_id in {loaded.package_id for loaded in objects} & self._release_when_unused:
             if package_id in self._registry.packages and not self._registry.objects_of(package_id):
                 self._release_when_unused.discard(package_id)
@@ -277,12 +283,21 @@ class ModelService:
     # ------------------------------------------------------------------ objects
 
     async def load_pickle(
-        self, package_id: str, module: str, file: str, name: str = "", batching: BatchPolicy | None = None
+        self,
+        package_id: str,
+        module: str,
+        file: str,
+        name: str = "",
+        batching: BatchPolicy | None = None,
+        placement: Placement | None = None,
     ) -> LoadedObject:
-        """Unpickle an object on every worker; with a name, serve it as that model's next version
-        (with batching, its calls batched: server.batching)."""
+        """Unpickle an object on every worker (or where placement says; None: where the
+        name's serving version is, else every worker); with a name, serve it as that model's
+        next version (with batching, its calls batched: server.batching)."""
         if name:
             check_name(name)
+        if placement is not None:
+            placement.checked(self._supervisor.size)
         if batching is not None:
             if not name:
                 raise InvalidArgument("batching is for a model with a name: give the object one")
@@ -292,14 +307,17 @@ class ModelService:
             self._require_package(package_id)
             if self._max_objects and len(self._registry.objects) >= self._max_objects:
                 raise TooLarge(f"{self._max_objects} objects are loaded, the limit (limits.max_objects)")
+            placement, slots = self._place(name, placement)
             await self._everywhere(
                 protocol.LoadPickle(object_id, package_id, module, file),
                 protocol.UnloadObject(object_id),
                 f"cannot load pickle {file!r} of module {module!r}",
+                slots,
             )
-            self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file)
+            self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file, slots, placement)
             if batching is not None:
-                self._batchers[object_id] = Batcher(object_id, name, batching, self._batch_pool(), self._batch_observer)
+                pool = self._batch_pool(slots)
+                self._batchers[object_id] = Batcher(object_id, name, batching, pool, self._batch_observer)
             self._release_when_unused.discard(package_id)  # in use again
             version, replaced = self._names.add_version(name, object_id) if name else (0, None)
             # Every worker serves the new version before the old one is unloaded anywhere.
@@ -308,6 +326,44 @@ class ModelService:
                 await self._drop_objects([self._registry.objects[replaced]])
             await self._on_objects_changed()
         return LoadedObject(object_id, name, version)
+
+    def _place(self, name: str, placement: Placement | None) -> tuple[Placement, tuple[int, ...] | None]:
+        """The placement of a new object and its slots: a name's new version keeps the slots of
+        the one it replaces when the placement is the same (or not given); others go to the
+        slots holding the fewest placed objects."""
+        current = self._serving_record(name)
+        if current is not None and (placement is None or placement == current.placement):
+            return current.placement, current.slots
+        placement = EVERYWHERE if placement is None else placement
+        held = [record.slots for record in self._registry.objects.values() if record.slots is not None]
+        return placement, choose_slots(placement, self._supervisor.size, held)
+
+    def _serving_record(self, name: str) -> ObjectRecord | None:
+        model = self._names.models.get(name) if name else None
+        if model is None or not model.serving:
+            return None
+        return self._registry.objects.get(model.versions[model.serving])
+
+    def has_workers(self, object_id: str) -> bool:
+        """Whether a worker that holds the object serves now."""
+        record = self._registry.objects.get(object_id)
+        return record is not None and self._dispatcher.serving_in(record.slots) > 0
+
+    def without_workers(self) -> set[str]:
+        """The object ids, and names of serving versions, placed on slots none of whose workers
+        serves now (their health is NOT_SERVING until one does)."""
+        stranded = {
+            object_id
+            for object_id, record in self._registry.objects.items()
+            if record.slots is not None and not self._dispatcher.serving_in(record.slots)
+        }
+        names = {name for name, model in self._names.models.items() if model.versions.get(model.serving) in stranded}
+        return stranded | names
+
+    def slots_of(self, object_id: str) -> tuple[int, ...] | None:
+        """The worker slots an object is loaded on; None: every one."""
+        record = self._registry.objects.get(object_id)
+        return record.slots if record is not None else None
 
     async def unload_object(self, target: str) -> None:
         """Unload an object, or a model name and every version of it."""
@@ -353,7 +409,8 @@ class ModelService:
     async def _counted_call(
         self, object_id: str, request: protocol.Request, buffers: list[Any]
     ) -> tuple[Any, list[Any]]:
-        return await self._counted(object_id, self._dispatcher.call(request, buffers))
+        slots = self.slots_of(object_id)
+        return await self._counted(object_id, self._dispatcher.call(request, buffers, slots=slots))
 
     async def _counted(self, object_id: str, call: Awaitable[tuple[Any, list[Any]]]) -> tuple[Any, list[Any]]:
         # Counted from before the first await: a swap that retires this version meanwhile
@@ -379,21 +436,23 @@ class ModelService:
 
     # ------------------------------------------------------------------ routes (data ports)
 
-    def direct_targets(self) -> list[str]:
-        """What clients are told to call on the data ports: every name and object id that serves,
-        but those that batch. A worker joins only the calls that reach it between two runs (its
-        one thread runs the model), so batches barely form there; the daemon's one line makes them."""
+    def direct_targets(self, slot: int) -> list[str]:
+        """What clients are told to call on the data port of the worker in `slot`: every name and
+        object id that serves and that worker holds, but those that batch. A worker joins only
+        the calls that reach it between two runs (its one thread runs the model), so batches
+        barely form there; the daemon's one line makes them."""
         batched = set(self._batchers)
-        names = [
-            name
-            for name, model in self._names.models.items()
-            if model.serving and model.versions[model.serving] not in batched
-        ]
-        return sorted(names) + sorted(object_id for object_id in self._registry.objects if object_id not in batched)
+        objects = self._registry.objects
+        held = {object_id for object_id, record in objects.items() if record.held_by(slot) and object_id not in batched}
+        names = [name for name, model in self._names.models.items() if model.versions.get(model.serving) in held]
+        return sorted(names) + sorted(held)
 
-    def routes(self) -> protocol.SetRoutes:
-        """What names and ids serve now, as a worker with a data port needs to know it."""
+    def routes(self, slot: int) -> protocol.SetRoutes:
+        """What names and ids serve now, as the worker in `slot` with a data port needs to know
+        it: every name, but only the objects it holds (a call for a model placed elsewhere is
+        refused there, NotFound)."""
         models = {name: (model.serving, dict(model.versions)) for name, model in self._names.models.items()}
+        held = [object_id for object_id, record in self._registry.objects.items() if record.held_by(slot)]
         batching = {
             object_id: (
                 batcher.policy.max_batch_size,
@@ -401,8 +460,9 @@ class ModelService:
                 list(batcher.policy.preferred_batch_sizes),
             )
             for object_id, batcher in self._batchers.items()
+            if object_id in held
         }
-        return protocol.SetRoutes(self.generation, models, list(self._registry.objects), self._signatures(), batching)
+        return protocol.SetRoutes(self.generation, models, held, self._signatures(), batching)
 
     async def publish_routes(self) -> None:
         """Tell every serving worker what serves now, under a new generation (callers that
@@ -410,17 +470,25 @@ class ModelService:
         worker keeps the newest generation it was sent)."""
         self.generation += 1
         if self._routes_to_workers and self._supervisor.serving_count:
-            await self._dispatcher.broadcast(self.routes(), [])
+            slots = range(self._supervisor.size)
+            await asyncio.gather(*(self._dispatcher.broadcast(self.routes(slot), [], (slot,)) for slot in slots))
 
     @property
     def queued_calls(self) -> int:
         """Calls waiting: for a free worker, or in a batcher for their batch to go."""
         return self._dispatcher.queue_depth + sum(batcher.waiting for batcher in self._batchers.values())
 
-    def _batch_pool(self) -> BatchPool:
+    def _batch_pool(self, slots: Slots) -> BatchPool:
         dispatcher = self._dispatcher
+        if slots is None:
+            return BatchPool(
+                dispatcher.call, dispatcher.idle_count, dispatcher.max_queued_calls, dispatcher.release_listeners
+            )
         return BatchPool(
-            dispatcher.call, dispatcher.idle_count, dispatcher.max_queued_calls, dispatcher.release_listeners
+            functools.partial(dispatcher.call, slots=slots),
+            functools.partial(dispatcher.idle_count, slots),
+            dispatcher.max_queued_calls,
+            dispatcher.release_listeners,
         )
 
     def close(self) -> None:
@@ -480,11 +548,14 @@ class ModelService:
         if object_id not in self._registry.objects:
             raise ObjectNotFound(object_id, self._evicted.get(object_id, ""))
 
-    async def _everywhere(self, request: protocol.Request, undo: protocol.Request | None, context: str) -> None:
-        """Run a request on every serving worker, all or nothing (caller holds `changes`)."""
-        if self._dispatcher.serving_count == 0:
-            raise WorkerCrashed("no worker is serving; try again once the pool has recovered")
-        outcomes = await self._dispatcher.broadcast(request, [])
+    async def _everywhere(
+        self, request: protocol.Request, undo: protocol.Request | None, context: str, slots: Slots = None
+    ) -> None:
+        """Run a request on every serving worker (of `slots`), all or nothing (caller holds `changes`)."""
+        if self._dispatcher.serving_in(slots) == 0:
+            where = "" if slots is None else f" in worker slots {', '.join(map(str, slots))}"
+            raise WorkerCrashed(f"no worker is serving{where}; try again once the pool has recovered")
+        outcomes = await self._dispatcher.broadcast(request, [], slots)
         succeeded = [worker for worker, outcome in outcomes if not isinstance(outcome, BaseException)]
         # A worker that died before it started this request (it was busy with a call that
         # hung or crashed) says nothing about the request: its replacement gets it by replay,

@@ -93,20 +93,30 @@ class Sessions:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def open(self, worker: int | None = None) -> Session:
+    async def open(self, worker: int | None = None, object_id: str = "", version: int = 0) -> Session:
+        """A session on `worker`, else on the least loaded; with object_id (its self), on a
+        worker that holds it (a placed model: server.models.placement)."""
         if self._max_sessions and len(self._open) >= self._max_sessions:
             raise TooLarge(
                 f"{len(self._open)} sessions are open, the limit (limits.max_sessions={self._max_sessions});"
                 " close one first"
             )
-        slot, pid = self._pick_worker(worker)
+        slots = self._service.slots_of(self._service.resolve(object_id, version)) if object_id else None
+        slot, pid = self._pick_worker(worker, slots)
         session = Session(secrets.token_hex(8), slot, pid)
         self._open[session.id] = session
         log.info("session %s opened on worker %d (pid %d)", session.id, slot, pid)
         return session
 
-    def _pick_worker(self, wanted: int | None) -> tuple[int, int]:
+    def _pick_worker(self, wanted: int | None, slots: tuple[int, ...] | None) -> tuple[int, int]:
         serving = self._dispatcher.serving_workers()
+        if wanted is not None and slots is not None and wanted in range(self._slots) and wanted not in slots:
+            raise InvalidArgument(
+                f"worker {wanted} does not hold the session's object: it is placed on worker slots"
+                f" {', '.join(map(str, slots))}"
+            )
+        if slots is not None:
+            serving = [worker for worker in serving if worker[0] in slots]
         if wanted is not None:
             if not 0 <= wanted < self._slots:  # never there: no retry can help
                 last = self._slots - 1

@@ -1,6 +1,7 @@
 """The dispatcher: routes the daemon's calls to free workers.
 
     call(request) ──> a free worker, or the line for the next one set free ──> reply
+    call(request, slots) ──> the same, among those slots only (a placed model: server.models.placement)
     call_on(slot, pid, request) ──> that worker, once it is free (a session's step) ──> reply
     broadcast(request) ──> every serving worker (all replies gathered)
 
@@ -9,7 +10,8 @@
         WorkerExited(worker)  ──> it leaves them; steps waiting for it fail (WorkerCrashed)
 
 A worker that a call lets go goes, in this order, to the first session step waiting for that
-worker, to the first call waiting for any worker, or to the free workers (and the release
+worker, to the first call waiting that may use it (any worker, or one of a set of slots that holds it),
+or to the free workers (and the release
 listeners, batchers waiting for a free worker, are told).
 
 Invariants:
@@ -31,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from server import tracing
@@ -39,6 +41,9 @@ from server.errors import Overloaded, PoolClosed, WorkerCrashed
 from server.ipc import protocol
 from server.pool.events import WorkerEvent, WorkerExited, WorkerServing
 from server.pool.worker_handle import WorkerHandle, WorkerState, describe_request, interpret_reply
+
+# The worker slots a call may go to; None: any (the fast path, a model on every worker).
+Slots = Collection[int] | None
 
 
 class Dispatcher:
@@ -59,9 +64,10 @@ class Dispatcher:
         self._on_run = on_run
         self._serving: dict[int, WorkerHandle] = {}  # slot -> its serving worker
         self._free_workers: dict[WorkerHandle, None] = {}  # serving and idle, longest idle first
-        # Calls waiting for any worker, first come first served: a worker set free is handed
-        # to the first (it stays busy).
-        self._waiters: collections.deque[asyncio.Future[WorkerHandle]] = collections.deque()
+        # Calls waiting for a worker, first come first served, each with the slots it may use
+        # (None: any): a worker set free is handed to the first that may use it (it stays busy),
+        # so a call for a placed model never holds up calls for others.
+        self._waiters: collections.deque[tuple[asyncio.Future[WorkerHandle], Slots]] = collections.deque()
         # Steps (call_on) waiting for a particular busy worker: a worker set free goes to them
         # before anyone else.
         self._pinned: dict[WorkerHandle, list[asyncio.Future[None]]] = {}
@@ -91,18 +97,22 @@ class Dispatcher:
         """Take no more calls (PoolClosed); calls waiting for a worker fail so too."""
         self._closing = True
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(PoolClosed())
 
     # ------------------------------------------------------------------ routing
 
     async def call(
-        self, message: protocol.Request, buffers: list[Any], on_start: Callable[[], None] | None = None
+        self,
+        message: protocol.Request,
+        buffers: list[Any],
+        on_start: Callable[[], None] | None = None,
+        slots: Slots = None,
     ) -> tuple[Any, list[Any]]:
-        """Run a request on one free worker, waiting in line for one if all are busy; on_start
-        is called once it has its worker."""
-        if self._waiting >= self._max_queued_calls and not self._free_workers:
+        """Run a request on one free worker (of `slots`, if given), waiting in line for one if
+        all are busy; on_start is called once it has its worker."""
+        if self._waiting >= self._max_queued_calls and self._first_free(slots) is None:
             raise Overloaded(
                 f"all workers are busy and {self._waiting} calls already wait for one"
                 f" (pool.max_queued_calls={self._max_queued_calls}); try again later"
@@ -110,7 +120,7 @@ class Dispatcher:
         queued_at = time.perf_counter()
         self._waiting += 1
         try:
-            worker = await self._acquire()
+            worker = await self._acquire(slots)
         finally:
             self._waiting -= 1
         return await self._run_on(worker, message, buffers, queued_at, on_start)
@@ -147,33 +157,61 @@ class Dispatcher:
                         del self._pinned[worker]
         return await self._run_on(worker, message, buffers, queued_at, None)
 
-    async def _acquire(self) -> WorkerHandle:
-        """A free worker, now busy: the one free the longest, or the first set free."""
+    async def _acquire(self, slots: Slots) -> WorkerHandle:
+        """A free worker (of `slots`), now busy: the one free the longest, or the first set free."""
         ahead = False  # back in line because the worker handed over had exited: at its head
         while True:
             if self._closing:
                 raise PoolClosed()
-            if self._free_workers:
-                worker = next(iter(self._free_workers))
+            worker = self._first_free(slots)
+            if worker is not None:
                 del self._free_workers[worker]
                 worker.state = WorkerState.BUSY
                 return worker
             waiter: asyncio.Future[WorkerHandle] = asyncio.get_running_loop().create_future()
             if ahead:
-                self._waiters.appendleft(waiter)
+                self._waiters.appendleft((waiter, slots))
             else:
-                self._waiters.append(waiter)
+                self._waiters.append((waiter, slots))
             try:
                 worker = await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._free(waiter.result())  # handed over just as its caller gave up: pass it on
-                elif waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                else:
+                    self._leave_line(waiter)
                 raise
             if self._serving.get(worker.index) is worker:
                 return worker
             ahead = True
+
+    def _first_free(self, slots: Slots) -> WorkerHandle | None:
+        """The free worker (of `slots`) free the longest, if any."""
+        if slots is None:
+            return next(iter(self._free_workers), None)
+        return next((worker for worker in self._free_workers if worker.index in slots), None)
+
+    def _leave_line(self, waiter: asyncio.Future[WorkerHandle]) -> None:
+        for position, (waiting, _) in enumerate(self._waiters):
+            if waiting is waiter:
+                del self._waiters[position]
+                return
+
+    def _hand_to_waiter(self, worker: WorkerHandle) -> bool:
+        """Give a worker set free to the first call in line that may use it; whether one took it."""
+        position = 0
+        while position < len(self._waiters):
+            waiter, slots = self._waiters[position]
+            if waiter.done():
+                del self._waiters[position]
+            elif slots is None or worker.index in slots:
+                del self._waiters[position]
+                worker.state = WorkerState.BUSY
+                waiter.set_result(worker)
+                return True
+            else:
+                position += 1
+        return False
 
     async def _run_on(
         self,
@@ -241,7 +279,7 @@ class Dispatcher:
 
     def _free(self, worker: WorkerHandle) -> None:
         """A worker no call holds any more: to the first step waiting for it, else to the
-        first call waiting for any, else to the free workers."""
+        first call waiting that may use it, else to the free workers."""
         if self._serving.get(worker.index) is not worker:
             return  # it has exited
         for waiter in self._pinned.get(worker, []):
@@ -249,24 +287,21 @@ class Dispatcher:
                 worker.state = WorkerState.BUSY
                 waiter.set_result(None)  # it goes straight to that step
                 return
-        while self._waiters:
-            waiter_for_any = self._waiters.popleft()
-            if not waiter_for_any.done():
-                worker.state = WorkerState.BUSY
-                waiter_for_any.set_result(worker)
-                break
-        else:
+        if not self._hand_to_waiter(worker):
             worker.state = WorkerState.IDLE
             self._free_workers[worker] = None
         for listener in list(self.release_listeners):
             listener()
 
-    async def broadcast(self, message: protocol.Request, buffers: list[Any]) -> list[tuple[WorkerHandle, Any]]:
-        """Send a request to every serving worker; returns (worker, result or exception) pairs.
+    async def broadcast(
+        self, message: protocol.Request, buffers: list[Any], slots: Slots = None
+    ) -> list[tuple[WorkerHandle, Any]]:
+        """Send a request to every serving worker (of `slots`); returns (worker, result or
+        exception) pairs.
 
         Callers that change what workers hold must hold the supervisor's `changes`.
         """
-        workers = [self._serving[index] for index in sorted(self._serving)]
+        workers = [self._serving[index] for index in sorted(self._serving) if slots is None or index in slots]
         replies = [self._send_or_fail(worker, message, buffers) for worker in workers]
         try:
             frames = await asyncio.gather(*(asyncio.shield(reply) for reply in replies), return_exceptions=True)
@@ -302,9 +337,15 @@ class Dispatcher:
         """Workers calls can be routed to."""
         return len(self._serving)
 
-    def idle_count(self) -> int:
-        """Serving workers that no call holds."""
-        return len(self._free_workers)
+    def serving_in(self, slots: Slots) -> int:
+        """Serving workers among `slots` (None: every one)."""
+        return len(self._serving) if slots is None else sum(1 for index in self._serving if index in slots)
+
+    def idle_count(self, slots: Slots = None) -> int:
+        """Serving workers (of `slots`) that no call holds."""
+        if slots is None:
+            return len(self._free_workers)
+        return sum(1 for worker in self._free_workers if worker.index in slots)
 
     @property
     def busy_count(self) -> int:
