@@ -98,7 +98,7 @@ def test_a_call_over_max_call_seconds_leaves_its_stack_in_the_log(
         pids = {worker.pid for worker in manager.status().workers}
         with pytest.raises(UnavailableError, match=r"ran over pool\.max_call_seconds \(1s\)"):
             sleeper.call_method("sleep", 30.0)
-    call = f"Invoke {sleeper.object_id}.sleep"
+    call = f"Invoke {sleeper.object_id}.sleep (model sleeper v1)"  # the call, its object and its model
     assert wait_until(lambda: stuck_line(daemon.log, call) is not None and dumped(daemon.log), 10), daemon.log
     line = stuck_line(daemon.log, call)
     assert line is not None

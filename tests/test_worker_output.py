@@ -93,7 +93,7 @@ def test_a_model_that_prints_10_mb_does_not_stall_and_its_lines_are_tagged(
     assert loud < 20 + 10 * quiet, (loud, quiet)
     assert latencies and max(latencies) < 5 + 10 * quiet, (max(latencies), quiet)
 
-    call = f"Invoke {printer.object_id}.flood"
+    call = f"Invoke {printer.object_id}.flood (model printer v1)"
     first = tagged(daemon.log, call, "flood 000000000 x+")
     assert len(first) == 2, daemon.log[-3000:]  # the quiet call's and the flood's
     assert all(int(match.group(2)) in pids for match in first)
@@ -130,7 +130,7 @@ def test_a_long_line_is_cut_and_json_keeps_the_tag_as_fields(
     assert wait_until(lambda: len(entries()) == 2, 10), daemon.log[-3000:]
     short, long = entries()
     assert short["message"] == "a line from the model"
-    assert short["call"] == f"Invoke {printer.object_id}.__call__"
+    assert short["call"] == f"Invoke {printer.object_id}.__call__ (model printer v1)"
     assert short["model"] == printer.object_id
     assert short["pid"] in pids and short["worker"] in (0, 1)
     assert long["message"] == "long:" + "L" * (16 * 1024 - 5) + f" [cut: {40_000 - 16 * 1024} more bytes]"

@@ -9,7 +9,8 @@ ends (ModelService does that, it knows the calls in flight). A caller may pin a 
 while it exists. Object ids stay valid for every version, so anything that takes an id
 takes a name too.
 
-Knows nothing of workers or gRPC: it is the table, and the rules for names.
+Knows nothing of workers or gRPC: it is the table, and the rules for names. It labels each
+version for the log (server.pool.object_labels), where the pool knows objects only by id.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from server.errors import InvalidArgument, NotFound, ObjectNotFound
+from server.pool.object_labels import label_object, unlabel_object
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 # Object ids are "obj-<16 hex>": a name may not start so, and one string never means both.
@@ -106,6 +108,7 @@ class ModelNames:
         model.versions[version] = object_id
         model.serving = version
         self._name_of[object_id] = (name, version)
+        label_object(object_id, name, version)
         return version, replaced
 
     def is_draining(self, object_id: str) -> bool:
@@ -122,6 +125,7 @@ class ModelNames:
         named = self._name_of.pop(object_id, None)
         if named is None:
             return
+        unlabel_object(object_id)
         name, version = named
         model = self.models[name]
         del model.versions[version]

@@ -43,6 +43,7 @@ from server.ipc import protocol
 from server.ipc.cancel_board import CancelBoard
 from server.ipc.shm import Arena
 from server.pool.deadlines import caller_deadline_ns
+from server.pool.object_labels import object_label
 from server.pool.worker_output import OutputReader, RunningCall, open_pipe
 from server.worker.entry import DUMP_STACKS_SIGNAL, WorkerSettings, run_worker
 
@@ -136,13 +137,16 @@ class CallTiming(NamedTuple):
 
 
 def describe_request(message: protocol.Request) -> str:
-    """A request in words, for the log: "Invoke obj-1f2e.forward", "HasAttr obj-1f2e.weight"."""
+    """A request in words, for the log: "Invoke obj-1f2e.forward (model seed v2)", "HasAttr
+    obj-1f2e.weight" (an object with no name)."""
     kind = type(message).__name__
     object_id = getattr(message, "object_id", None)
     if not isinstance(object_id, str):
         return kind
     member = getattr(message, "method", None) or getattr(message, "name", None)
-    return f"{kind} {object_id}.{member}" if isinstance(member, str) else f"{kind} {object_id}"
+    described = f"{kind} {object_id}.{member}" if isinstance(member, str) else f"{kind} {object_id}"
+    label = object_label(object_id)
+    return f"{described} ({label})" if label else described
 
 
 def interpret_reply(frame: protocol.Frame) -> tuple[Any, list[Any]]:

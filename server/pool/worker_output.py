@@ -43,7 +43,7 @@ _REPORT_SECONDS = 1.0  # drops are summed up for at most this long before a warn
 class RunningCall(NamedTuple):
     """What a worker was running when it wrote a line: the call in words, and its object."""
 
-    call: str  # "Invoke seed:2.forward", "idle", "starting"
+    call: str  # "Invoke obj-1f2e.forward (model seed v2)", "idle", "starting"
     object_id: str = ""
 
 
