@@ -10,6 +10,7 @@ from deployd_wire.dtypes import DTYPES
 from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
 from server.models.names import check_name
+from server.models.warmup import Warmup, WarmupError, parse_warmup
 
 
 class TensorSpec(NamedTuple):
@@ -33,6 +34,7 @@ class ModelEntry:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     batching: BatchPolicy | None = None  # dynamic batching (server.batching); None: off
+    warmup: Warmup | None = None  # calls run on each worker after the load (server.models.warmup)
 
 
 class EntryError(ValueError):
@@ -41,7 +43,7 @@ class EntryError(ValueError):
 
 def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
     """The `models:` list: each entry a mapping of name, package and pickle ("module:file"),
-    and optionally inputs and outputs (each a list of name, datatype, shape)."""
+    and optionally inputs and outputs (each a list of name, datatype, shape), batching and warmup."""
     if not isinstance(raw, list):
         raise EntryError(f"models must be a list of entries (name, package, pickle), got {raw!r}")
     entries: list[ModelEntry] = []
@@ -49,7 +51,7 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         where = f"models entry {position}"
         if not isinstance(item, dict) or not {"name", "package", "pickle"} <= set(item) <= _ENTRY_KEYS:
             raise EntryError(
-                f"{where} must have the keys name, package and pickle (and may have inputs, outputs, batching),"
+                f"{where} must have the keys name, package and pickle (and may have inputs, outputs, batching, warmup),"
                 f" got {item!r}"
             )
         name, package, pickle = (item[key] for key in ("name", "package", "pickle"))
@@ -67,11 +69,15 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         inputs = _tensor_specs(item.get("inputs", []), f"{where} ({name}) inputs")
         outputs = _tensor_specs(item.get("outputs", []), f"{where} ({name}) outputs")
         batching = _batch_policy(item["batching"], f"{where} ({name}) batching") if "batching" in item else None
-        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching))
+        try:
+            warmup = parse_warmup(item["warmup"], f"{where} ({name}) warmup") if "warmup" in item else None
+        except WarmupError as error:
+            raise EntryError(str(error)) from None
+        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching, warmup))
     return tuple(entries)
 
 
-_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching"}
+_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching", "warmup"}
 _BATCHING_KEYS = {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes"}
 
 

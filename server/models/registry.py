@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from server.ipc import protocol
 from server.models.weights import SharedWeights
@@ -29,6 +29,7 @@ class ObjectRecord:
     package_id: str
     module: str
     file: str
+    warmup: tuple[Any, ...] = ()  # LoadPickle's: run again in every new worker
 
 
 class ReplayKey(NamedTuple):
@@ -59,7 +60,7 @@ class Registry:
         steps += [
             (
                 ReplayKey("object", record.object_id),
-                protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file),
+                protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file, record.warmup),
             )
             for record in self.objects.values()
         ]

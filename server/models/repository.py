@@ -14,14 +14,17 @@ Imports no grpc: the daemon (SIGHUP) and the servicer (Reload) call it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from server.errors import DeploydError, NotFound
 from server.models.entry import ModelEntry
 from server.models.service import ModelService
+from server.models.warmup import warmup_message
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +94,12 @@ class ModelRepository:
             await self._release_unused_packages()
             return
         loaded_before = {package.package_id for package in self._service.status().packages}
+        warmup = await self._warmup_message(entry)
         package = await self._service.load_package_path(entry.package)
         try:
-            await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name, entry.batching)
+            await self._service.load_pickle(
+                package.package_id, entry.module, entry.file, entry.name, entry.batching, warmup
+            )
         finally:
             if package.package_id not in loaded_before:
                 # Loaded for this model alone: it goes once the model's last version has.
@@ -161,9 +167,12 @@ class ModelRepository:
 
     async def _load(self, entry: ModelEntry) -> None:
         stamp = self._stamp(entry)
+        warmup = await self._warmup_message(entry)
         package = await self._service.load_package_path(entry.package)
         try:
-            await self._service.load_pickle(package.package_id, entry.module, entry.file, entry.name, entry.batching)
+            await self._service.load_pickle(
+                package.package_id, entry.module, entry.file, entry.name, entry.batching, warmup
+            )
         except DeploydError:
             if package.package_id not in self._packages:  # loaded for this entry alone: not kept
                 await self._service.release_package_when_unused(package.package_id)
@@ -171,6 +180,10 @@ class ModelRepository:
         self._loaded[entry.name] = _Loaded(entry, package.package_id, stamp)
         self._packages.add(package.package_id)
         self.errors.pop(entry.name, None)
+
+    async def _warmup_message(self, entry: ModelEntry) -> tuple[Any, ...]:
+        """The entry's warmup as the load carries it: its inputs file read (in a thread: it is disk)."""
+        return await asyncio.to_thread(warmup_message, entry.warmup, self._package_directory)
 
     def _serves_as_loaded(self, entry: ModelEntry) -> bool:
         """The name is served from exactly this entry, its package file unchanged on disk."""

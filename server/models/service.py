@@ -83,6 +83,13 @@ async def _nothing() -> None:
     pass
 
 
+def _log_warmup(target: str, seconds: list[Any]) -> None:
+    """The line that says a model's warmup ran (each worker replies with its seconds)."""
+    timed = [value for value in seconds if isinstance(value, float)]
+    if timed:
+        log.info("%s warmed up on %d workers in %.3fs (the slowest)", target, len(timed), max(timed))
+
+
 class ModelService:
     def __init__(
         self,
@@ -277,10 +284,17 @@ class ModelService:
     # ------------------------------------------------------------------ objects
 
     async def load_pickle(
-        self, package_id: str, module: str, file: str, name: str = "", batching: BatchPolicy | None = None
+        self,
+        package_id: str,
+        module: str,
+        file: str,
+        name: str = "",
+        batching: BatchPolicy | None = None,
+        warmup: tuple[Any, ...] = (),
     ) -> LoadedObject:
         """Unpickle an object on every worker; with a name, serve it as that model's next version
-        (with batching, its calls batched: server.batching)."""
+        (with batching, its calls batched: server.batching). warmup: calls each worker runs on
+        it before the load succeeds (server.models.warmup's warmup_message), and so before it serves."""
         if name:
             check_name(name)
         if batching is not None:
@@ -292,12 +306,14 @@ class ModelService:
             self._require_package(package_id)
             if self._max_objects and len(self._registry.objects) >= self._max_objects:
                 raise TooLarge(f"{self._max_objects} objects are loaded, the limit (limits.max_objects)")
-            await self._everywhere(
-                protocol.LoadPickle(object_id, package_id, module, file),
+            warmed = await self._everywhere(
+                protocol.LoadPickle(object_id, package_id, module, file, warmup),
                 protocol.UnloadObject(object_id),
                 f"cannot load pickle {file!r} of module {module!r}",
             )
-            self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file)
+            if warmup:
+                _log_warmup(name or object_id, warmed)
+            self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file, warmup)
             if batching is not None:
                 self._batchers[object_id] = Batcher(object_id, name, batching, self._batch_pool(), self._batch_observer)
             self._release_when_unused.discard(package_id)  # in use again
@@ -480,8 +496,9 @@ class ModelService:
         if object_id not in self._registry.objects:
             raise ObjectNotFound(object_id, self._evicted.get(object_id, ""))
 
-    async def _everywhere(self, request: protocol.Request, undo: protocol.Request | None, context: str) -> None:
-        """Run a request on every serving worker, all or nothing (caller holds `changes`)."""
+    async def _everywhere(self, request: protocol.Request, undo: protocol.Request | None, context: str) -> list[Any]:
+        """Run a request on every serving worker, all or nothing (caller holds `changes`);
+        returns the replies of those that ran it."""
         if self._dispatcher.serving_count == 0:
             raise WorkerCrashed("no worker is serving; try again once the pool has recovered")
         outcomes = await self._dispatcher.broadcast(request, [])
@@ -502,7 +519,7 @@ class ModelService:
         if not failures and succeeded:
             for worker, outcome in bystanders:
                 log.warning("%s: worker %d will get it by replay: %s", context, worker.index, outcome)
-            return
+            return [outcome[0] for worker, outcome in outcomes if not isinstance(outcome, BaseException)]
         if not failures:
             failures = bystanders
         if undo is not None:
