@@ -201,3 +201,15 @@ def test_parse_warmup_reads_every_key() -> None:
     assert parse_warmup({"file": "a.pt"}, "w") == Warmup(file="a.pt")
     with pytest.raises(WarmupError, match=r"^w: ARG 'rand:int64:2': rand: makes floating-point"):
         parse_warmup({"inputs": ["rand:int64:2"]}, "w")
+
+
+def test_a_changed_warmup_file_swaps_the_model_on_reload(
+    warm_daemon: DaemonProcess, package_dir: Path, call_log: Path
+) -> None:
+    torch.save([torch.ones(3), 6.0], package_dir / "warmup" / "slow_args.pt")  # a list: positional
+    with InterpreterManager(warm_daemon.target, timeout=60) as manager:
+        pids = worker_pids(manager)
+        rewrite_models(warm_daemon.config_path, [WARM_ARGS, WARM_FILE])  # the entries as they were
+        report = manager.reload()
+        assert list(report.swapped) == ["slow_file"] and list(report.unchanged) == ["slow"], report
+        assert calls_by_worker(call_log, 6.0) == {pid: 1 for pid in pids}

@@ -4,10 +4,11 @@ At start every entry is loaded (package from packages.directory, then its pickle
 entry's name) before the daemon serves; one that cannot load stops the start
 (ModelLoadFailed: exit 2) unless models_on_error is "continue", when its error is kept for
 Status and health. A reload compares the new list with what it loaded: new names load,
-changed entries (another package, pickle, or package file) hot-swap to a new version,
-removed names unload, unchanged ones are left alone; one that fails stays as it was. A
-package the repository loaded and no entry uses any more is unloaded once its last
-version has drained.
+changed entries (another package, pickle or warmup, or its package or warmup file changed
+on disk) hot-swap to a new version, removed names unload, unchanged ones are left alone; one
+that fails stays as it was. A package the repository loaded and no entry uses any more is
+unloaded once its last version has drained. A model's warmup (server.models.warmup) runs
+inside its load: it serves once every worker ran it.
 
 Imports no grpc: the daemon (SIGHUP) and the servicer (Reload) call it.
 """
@@ -46,7 +47,7 @@ class ReloadReport:
 class _Loaded:
     entry: ModelEntry
     package_id: str
-    file_stamp: tuple[int, int]  # the package file's (size, mtime_ns) when loaded
+    file_stamp: tuple[int, ...]  # the package file's (size, mtime_ns) when loaded, and its warmup file's
 
 
 class ModelRepository:
@@ -191,15 +192,23 @@ class ModelRepository:
         unchanged = current is not None and current.entry == entry and current.file_stamp == self._stamp(entry)
         return unchanged and entry.name in self._service.served_names()
 
-    def _stamp(self, entry: ModelEntry) -> tuple[int, int]:
-        try:
-            status = os.stat(self._package_directory / entry.package)
-        except OSError:
-            return (-1, -1)
-        return (status.st_size, status.st_mtime_ns)
+    def _stamp(self, entry: ModelEntry) -> tuple[int, ...]:
+        warmup_file = entry.warmup.file if entry.warmup is not None else ""
+        return _file_stamp(self._package_directory / entry.package) + (
+            _file_stamp(self._package_directory / warmup_file) if warmup_file else ()
+        )
 
     async def _release_unused_packages(self) -> None:
         in_use = {loaded.package_id for loaded in self._loaded.values()}
         for package_id in self._packages - in_use:
             await self._service.release_package_when_unused(package_id)
         self._packages = in_use
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns): a file changed on disk has another; (-1, -1) for none."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (status.st_size, status.st_mtime_ns)
