@@ -9,6 +9,7 @@ which worker ran which warmup, and how often.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -23,7 +24,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
-from client import InterpreterManager
+from client import InterpreterManager, NotFoundError
 from deployd_wire.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from server.models.warmup import Warmup, WarmupError, parse_warmup
 from tests.daemon_process import DaemonProcess
@@ -213,3 +214,25 @@ def test_a_changed_warmup_file_swaps_the_model_on_reload(
         report = manager.reload()
         assert list(report.swapped) == ["slow_file"] and list(report.unchanged) == ["slow"], report
         assert calls_by_worker(call_log, 6.0) == {pid: 1 for pid in pids}
+
+
+def test_a_warmup_that_fails_in_a_replacement_evicts_the_model(package_dir: Path, tmp_path: Path) -> None:
+    """Its warmup opens a file: fine at start; once the file is gone, a new worker's replay fails,
+    and the model is evicted (as any object whose replay fails) instead of restarting workers forever."""
+    marker = tmp_path / "present"
+    marker.write_text("")
+    opens = {"method": "call_module", "inputs": ['"builtins"', '"open"', json.dumps(str(marker))]}
+    config = config_with(tmp_path / "config.yaml", package_dir, [{**SCALE, "warmup": opens}])
+    daemon = DaemonProcess(config).start()
+    try:
+        with InterpreterManager(daemon.target, timeout=60) as manager:
+            before = worker_pids(manager)
+            marker.unlink()
+            os.kill(min(before), signal.SIGKILL)
+            wait_for_replacement(manager, before)
+            with pytest.raises(NotFoundError):
+                manager.model("scale")(torch.ones(1))
+        assert "warmup call 1 of 1 (call_module) raised FileNotFoundError" in daemon.log, daemon.log
+        assert "evicted: replaying object" in daemon.log
+    finally:
+        daemon.assert_clean_stop()
