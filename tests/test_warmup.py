@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -27,7 +29,7 @@ from grpc_health.v1 import health_pb2
 from client import InterpreterManager, NotFoundError
 from deployd_wire.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from server.models.warmup import Warmup, WarmupError, parse_warmup
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import REPO, DaemonProcess
 from tests.test_lifecycle import wait_for_replacement, worker_pids
 from tests.test_operations import check_health
 from tests.test_repository import SCALE, config_with, rewrite_models, serve
@@ -236,3 +238,19 @@ def test_a_warmup_that_fails_in_a_replacement_evicts_the_model(package_dir: Path
         assert "evicted: replaying object" in daemon.log
     finally:
         daemon.assert_clean_stop()
+
+
+def test_the_daemon_checks_warmup_inputs_without_torch() -> None:
+    """The daemon never imports torch (tests/test_layers.py): reading a config's warmup ARGs must not either."""
+    code = (
+        "import sys\n"
+        "from server.app.config import load_config\n"
+        "from server.models.entry import parse_entries\n"
+        "entries = parse_entries([{'name': 'm', 'package': 'p.pt', 'pickle': 'a:b',"
+        " 'warmup': {'inputs': ['tensor:int64:[[1,2],[3,4]]', 'rand:2,3', '{\"k\": [1]}'],"
+        " 'kwargs': {'x': 'ones:2'}}}])\n"
+        "assert entries[0].warmup is not None\n"
+        "sys.exit(int('torch' in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"parsing a warmup imported torch{result.stderr}"
