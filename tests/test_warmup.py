@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def test_a_replacement_worker_is_warmed_before_it_takes_calls(warm_daemon: Daemo
         assert calls_by_worker(call_log, FILE_SCALE)[replacement] == 1
         for _ in range(6):
             assert manager.model("slow").call_method("is_warm") is True
+    assert re.search(r"worker \d: object 'obj-\w+' warmed up in 1\.\d+s", warm_daemon.log), warm_daemon.log
 
 
 def test_a_model_serves_and_is_ready_only_once_its_warmup_ran(warm_daemon: DaemonProcess, call_log: Path) -> None:

@@ -158,7 +158,9 @@ class ModelService:
         # A replay that hangs would hold `changes`, and so every load, for ever: past the
         # timeout the worker is killed, and the step counts as one that killed it.
         try:
-            await asyncio.wait_for(worker.request(request, []), self._replay_step_timeout)
+            seconds, _ = await asyncio.wait_for(worker.request(request, []), self._replay_step_timeout)
+            if isinstance(seconds, float):  # a LoadPickle's warmup (server.models.warmup)
+                log.info("worker %d: %s %r warmed up in %.3fs", worker.index, key.kind, key.name, seconds)
         except TimeoutError:
             why = f"was killed: replaying {key.kind} {key.name!r} took over {self._replay_step_timeout:g}s"
             worker.kill(why, "replay_timeout", caused_by_call=True)
