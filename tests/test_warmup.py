@@ -32,7 +32,7 @@ from deployd_wire.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from server.models.warmup import Warmup, WarmupError, parse_warmup
 from tests.daemon_process import REPO, DaemonProcess
 from tests.test_lifecycle import wait_for_replacement, worker_pids
-from tests.test_operations import check_health
+from tests.test_operations import check_health, sample, scrape
 from tests.test_repository import SCALE, config_with, rewrite_models, serve
 
 SLOW = {"name": "slow", "package": "models.pt", "pickle": "models:slow_start.pkl"}
@@ -62,7 +62,9 @@ def warm_daemon(package_dir: Path, tmp_path_factory: pytest.TempPathFactory, cal
     (package_dir / "warmup").mkdir(exist_ok=True)
     torch.save({"args": [torch.ones(3)], "kwargs": {"scale": FILE_SCALE}}, package_dir / "warmup" / "slow_args.pt")
     config = config_with(tmp_path_factory.mktemp("config") / "config.yaml", package_dir, [WARM_ARGS, WARM_FILE])
-    process = DaemonProcess(config, env={"DEPLOYD_TEST_CALL_LOG": str(call_log)}).start()
+    process = DaemonProcess(
+        config, "--metrics-address", "127.0.0.1:0", env={"DEPLOYD_TEST_CALL_LOG": str(call_log)}
+    ).start()
     try:
         yield process
     finally:
@@ -87,6 +89,9 @@ def test_the_warmup_runs_on_every_worker_before_the_first_call(warm_daemon: Daem
                 assert torch.equal(result, torch.full((2,), 2.0)) and seconds < WARM_CALL_SECONDS, seconds
     assert "slow warmed up on 2 workers" in warm_daemon.log
     assert "slow_file warmed up on 2 workers" in warm_daemon.log
+    metrics = scrape(warm_daemon)  # each model's warmup in each worker, each at least its cold call
+    assert sample(metrics, "deployd_warmup_duration_seconds_count") == 4
+    assert sample(metrics, "deployd_warmup_duration_seconds_sum") >= 4.0
 
 
 def test_a_replacement_worker_is_warmed_before_it_takes_calls(warm_daemon: DaemonProcess, call_log: Path) -> None:
@@ -101,6 +106,7 @@ def test_a_replacement_worker_is_warmed_before_it_takes_calls(warm_daemon: Daemo
         for _ in range(6):
             assert manager.model("slow").call_method("is_warm") is True
     assert re.search(r"worker \d: object 'obj-\w+' warmed up in 1\.\d+s", warm_daemon.log), warm_daemon.log
+    assert sample(scrape(warm_daemon), "deployd_warmup_duration_seconds_count") == 6  # 4 at start, 2 here
 
 
 def test_a_model_serves_and_is_ready_only_once_its_warmup_ran(warm_daemon: DaemonProcess, call_log: Path) -> None:

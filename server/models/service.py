@@ -83,13 +83,6 @@ async def _nothing() -> None:
     pass
 
 
-def _log_warmup(target: str, seconds: list[Any]) -> None:
-    """The line that says a model's warmup ran (each worker replies with its seconds)."""
-    timed = [value for value in seconds if isinstance(value, float)]
-    if timed:
-        log.info("%s warmed up on %d workers in %.3fs (the slowest)", target, len(timed), max(timed))
-
-
 class ModelService:
     def __init__(
         self,
@@ -102,6 +95,7 @@ class ModelService:
         max_packages: int = 0,
         max_objects: int = 0,
         batch_observer: BatchObserver = _NO_BATCH_OBSERVER,
+        on_warmup: Callable[[float], None] = lambda seconds: None,
         routes_to_workers: bool = False,
         signatures: Callable[[], dict[str, Any]] = dict,
         direct_calls: Callable[[int], Row] | None = None,
@@ -109,6 +103,7 @@ class ModelService:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
         replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
         max_packages, max_objects: how many may be loaded at once (limits.*); 0: no limit.
+        on_warmup: the seconds a model's warmup took in one worker (the daemon's metrics).
         routes_to_workers: the workers serve calls themselves (data ports): each is told what
         names and ids serve (SetRoutes) whenever that changes, before any unload reaches it.
         signatures: name -> (inputs, outputs) declared by the model entries, for those routes.
@@ -129,6 +124,7 @@ class ModelService:
         self._release_when_unused: set[str] = set()  # packages to unload with their last object
         self._batchers: dict[str, Batcher] = {}  # object id -> its batcher (models with batching on)
         self._batch_observer = batch_observer
+        self._on_warmup = on_warmup
         self._routes_to_workers = routes_to_workers
         self._signatures = signatures
         self._direct_calls = direct_calls
@@ -154,6 +150,14 @@ class ModelService:
         if self._routes_to_workers:
             await asyncio.wait_for(worker.request(self.routes(), []), self._replay_step_timeout)
 
+    def _observe_warmup(self, target: str, replies: list[Any]) -> None:
+        """Log that a model's warmup ran, and observe each worker's (each replies with its seconds)."""
+        timed = [value for value in replies if isinstance(value, float)]
+        for seconds in timed:
+            self._on_warmup(seconds)
+        if timed:
+            log.info("%s warmed up on %d workers in %.3fs (the slowest)", target, len(timed), max(timed))
+
     async def _replay_step(self, worker: WorkerHandle, key: ReplayKey, request: protocol.Request) -> None:
         # A replay that hangs would hold `changes`, and so every load, for ever: past the
         # timeout the worker is killed, and the step counts as one that killed it.
@@ -161,6 +165,7 @@ class ModelService:
             seconds, _ = await asyncio.wait_for(worker.request(request, []), self._replay_step_timeout)
             if isinstance(seconds, float):  # a LoadPickle's warmup (server.models.warmup)
                 log.info("worker %d: %s %r warmed up in %.3fs", worker.index, key.kind, key.name, seconds)
+                self._on_warmup(seconds)
         except TimeoutError:
             why = f"was killed: replaying {key.kind} {key.name!r} took over {self._replay_step_timeout:g}s"
             worker.kill(why, "replay_timeout", caused_by_call=True)
@@ -314,7 +319,7 @@ class ModelService:
                 f"cannot load pickle {file!r} of module {module!r}",
             )
             if warmup:
-                _log_warmup(name or object_id, warmed)
+                self._observe_warmup(name or object_id, warmed)
             self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file, warmup)
             if batching is not None:
                 self._batchers[object_id] = Batcher(object_id, name, batching, self._batch_pool(), self._batch_observer)
