@@ -262,3 +262,20 @@ def test_the_daemon_checks_warmup_inputs_without_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"parsing a warmup imported torch{result.stderr}"
+
+
+def test_a_kserve_v2_load_with_an_entry_runs_its_warmup(warm_daemon: DaemonProcess, call_log: Path) -> None:
+    """RepositoryModelLoad's `config` parameter is an entry: its warmup runs as the config's would."""
+    warmup = {"inputs": ["tensor:[1,2]"], "kwargs": {"scale": "9"}}
+    entry = {"package": "models.pt", "pickle": "models:slow_start.pkl", "warmup": warmup}
+    parameters = {"config": grpc_predict_v2_pb2.ModelRepositoryParameter(string_param=json.dumps(entry))}
+    with InterpreterManager(warm_daemon.target, timeout=60) as manager:
+        pids = worker_pids(manager)
+        with grpc.insecure_channel(warm_daemon.target) as channel:
+            stub = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            load = grpc_predict_v2_pb2.RepositoryModelLoadRequest(model_name="v2slow", parameters=parameters)
+            stub.RepositoryModelLoad(load, timeout=60)
+            ready = stub.ModelReady(grpc_predict_v2_pb2.ModelReadyRequest(name="v2slow"), timeout=10).ready
+        assert ready and calls_by_worker(call_log, 9.0) == {pid: 1 for pid in pids}
+        _, seconds = timed(lambda: manager.model("v2slow")(torch.ones(2)))
+        assert seconds < WARM_CALL_SECONDS
