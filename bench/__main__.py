@@ -41,6 +41,7 @@ from bench import (
     swaps,
     threshold,
     v2load,
+    warmup,
 )
 from bench.common import DAEMON_NOTES, DAEMON_PIDS, RESULTS_DIR, Context, Report, format_table, write_csv
 
@@ -65,6 +66,7 @@ BENCHMARKS: dict[str, Callable[[Context], None]] = {
     "direct": direct.run,
     "http_servers": http_servers.run,
     "http_v2": http_v2.run,
+    "warmup": warmup.run,
 }
 
 

@@ -274,8 +274,12 @@ class Daemon:
     stops it (SIGTERM, then SIGKILL for it and anything it left).
     """
 
-    def __init__(self, workdir: Path, workers: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, workers: int, env: dict[str, str] | None = None, config: dict[str, Any] | None = None
+    ) -> None:
+        """config: top-level keys added to the config (e.g. models:, with its packages.directory)."""
         self.workers = workers
+        self._extra_config = config or {}
         self.label = f"daemon with {workers_text(workers)}"
         self.env = {**os.environ, **(env or {})}
         self.port = 0
@@ -303,6 +307,7 @@ class Daemon:
             "packages": {"directory": str(packages)},
             # The per-call log line is an operator's choice; the benchmarks measure the transport.
             "server": {"shutdown_grace_seconds": 5.0, "log_calls": False},
+            **self._extra_config,
         }
         path = self._directory / "config.yaml"
         path.write_text(yaml.safe_dump(config))

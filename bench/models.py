@@ -9,11 +9,14 @@ standard library and torch: its source travels inside the archive.
 - LinearStack: big nn.Linear layers, mostly weights, for the memory benchmark.
 - Tagged: an Identity that also answers `tag()` with a label fixed at export, so two
   builds answer differently (the hot swap benchmarks tell versions apart by it).
+- LazyInit: an Identity whose first call in each process first waits `init_ms`: a lazy init
+  (kernels chosen, a cache filled, code compiled on first use), the warmup benchmark's model.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,21 @@ class Tagged(Identity):
         return self.label
 
 
+class LazyInit(Identity):
+    """An Identity whose first call in a process waits init_ms (its replicas start cold)."""
+
+    def __init__(self, init_ms: float) -> None:
+        super().__init__()
+        self.init_ms = init_ms
+        self.initialized_in = 0  # the pid that ran the lazy init; a new replica's is another
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.initialized_in != os.getpid():
+            time.sleep(self.init_ms / 1000)
+            self.initialized_in = os.getpid()
+        return x
+
+
 class LinearStack(nn.Module):
     """layers x nn.Linear(width, width): 4 * width * (width + 1) * layers bytes of float32 weights."""
 
@@ -89,6 +107,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         return Identity()
     if kind == "tagged":
         return Tagged(str(spec["label"]))
+    if kind == "lazy":
+        return LazyInit(float(spec["init_ms"]))
     if kind == "big":
         model = LinearStack(int(spec["width"]), int(spec["layers"]))
         if "label" in spec:  # only then, so that the other benchmarks' archives stay as they were

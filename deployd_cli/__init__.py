@@ -7,6 +7,6 @@ the client never import each other (tests/test_layers.py).
   `deployd serve` loads neither the client nor torch.
 - `deployd_cli.commands`: the operator commands, their options and exit codes (a client of the
   daemon, built on the public client).
-- `deployd_cli.tensor_args`: the tensor-argument language of `invoke` (ARG -> value, result -> JSON).
+- `deployd_cli.tensor_args`: `invoke`'s help on ARGs and its results as JSON (the ARG parser: deployd_wire.tensor_args).
 - `deployd_cli.status_view`: how `status` shows the daemon (JSON, or tables).
 """

@@ -2,7 +2,7 @@
 
 They are a client of a running daemon, built on the public client (InterpreterManager);
 deployd_cli.main adds them to the one `deployd` parser,
-beside server.app.cli's `serve`, and calls run(). What an ARG may be is deployd_cli.tensor_args;
+beside server.app.cli's `serve`, and calls run(). What an ARG may be is deployd_wire.tensor_args;
 how status prints is deployd_cli.status_view.
 
     deployd status                                   workers, models, packages, objects, modules, queue
@@ -53,7 +53,8 @@ import grpc
 
 from client import TLS, Batching, DeployError, InterpreterManager, Package, ReplicatedObj
 from deployd_cli.status_view import status_report, status_text
-from deployd_cli.tensor_args import ARGS_HELP, MAX_PRINTED_VALUES, BadArg, parse_arg, to_json
+from deployd_cli.tensor_args import ARGS_HELP, MAX_PRINTED_VALUES, to_json
+from deployd_wire.tensor_args import BadArg, parse_arg
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_SECONDS = 30.0

@@ -1,9 +1,7 @@
-"""The tensor-argument language of `deployd invoke`, both ways: an ARG (or a --kwarg value) on
-the command line -> a Python value or a torch tensor (parse_arg), and a result -> one line of JSON
-(to_json). ARGS_HELP is the language as `deployd invoke --help` shows it.
-
-No daemon and no client here: text in, values out, and BadArg (exit 2 in deployd_cli.commands)
-for text that is neither JSON nor a tensor spec.
+"""The tensor-argument language of `deployd invoke`, as the command line shows it: ARGS_HELP
+(`deployd invoke --help`), and a result -> one line of JSON (to_json). An ARG's parser is
+deployd_wire.tensor_args (the daemon parses a model's warmup inputs with it too); BadArg from
+there is exit 2 in deployd_cli.commands.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ from __future__ import annotations
 import base64
 import json
 from typing import TYPE_CHECKING, Any
-
-from deployd_wire.dtypes import DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -30,72 +26,6 @@ An ARG (and a --kwarg value) is JSON, or a tensor:
 The result prints as one line of JSON: a tensor as {"tensor": {"dtype", "shape", "values"}}
 (over 1000 values: the first 1000, flattened, unless --full), tuples as lists, bytes as
 {"bytes_base64": ...}."""
-
-# complex dtypes have no literal form in ARG
-_TENSOR_DTYPES = tuple(dtype.name for dtype in DTYPES if not dtype.name.startswith("complex"))
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-class BadArg(ValueError):
-    """An ARG that is neither JSON nor a tensor spec, or one whose value does not fit."""
-
-
-def parse_arg(text: str) -> Any:
-    """One ARG: a tensor spec (tensor:, ones:, zeros:, rand:) or a JSON value."""
-    kind, colon, rest = text.partition(":")
-    if colon and kind in ("tensor", "ones", "zeros", "rand"):
-        return _parse_tensor(kind, rest, text)
-    try:
-        value = json.loads(text)
-    except ValueError:
-        hint = f" (a string is JSON-quoted: '\"{text}\"')" if text.isidentifier() else ""
-        raise BadArg(f"ARG {text!r} is neither JSON nor a tensor spec{hint}") from None
-    _check_ints(value, text)
-    return value
-
-
-def _check_ints(value: Any, text: str) -> None:
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
-        raise BadArg(f"ARG {text!r}: integer {value} does not fit in int64")
-    if isinstance(value, list):
-        for item in value:
-            _check_ints(item, text)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_ints(item, text)
-
-
-def _parse_tensor(kind: str, rest: str, text: str) -> torch.Tensor:
-    import torch  # only invoke needs it
-
-    name, colon, tail = rest.partition(":")
-    dtype_name = "float32"
-    if colon and name.isidentifier():
-        if name not in _TENSOR_DTYPES:
-            raise BadArg(f"ARG {text!r}: unknown dtype {name!r} (one of: {', '.join(_TENSOR_DTYPES)})")
-        dtype_name, rest = name, tail
-    if kind == "rand" and dtype_name not in ("float16", "float32", "float64", "bfloat16"):
-        raise BadArg(f"ARG {text!r}: rand: makes floating-point tensors only")
-    dtype = getattr(torch, dtype_name)
-    if kind == "tensor":
-        try:
-            values = json.loads(rest)
-            return torch.tensor(values, dtype=dtype)
-        except (ValueError, TypeError, RuntimeError, OverflowError) as error:
-            raise BadArg(f"ARG {text!r}: not a tensor of nested JSON lists ({error})") from None
-    try:
-        shape = [int(size) for size in rest.split(",")]
-    except ValueError:
-        raise BadArg(f"ARG {text!r}: {kind}: takes a shape like 2,3 (non-negative integers)") from None
-    if any(size < 0 for size in shape):
-        raise BadArg(f"ARG {text!r}: {kind}: takes a shape of non-negative integers")
-    make = {"ones": torch.ones, "zeros": torch.zeros, "rand": torch.rand}[kind]
-    try:
-        return make(shape, dtype=dtype)
-    except RuntimeError as error:
-        raise BadArg(f"ARG {text!r}: {error}") from None
 
 
 def to_json(value: Any, *, full: bool = False) -> Any:

@@ -5,6 +5,8 @@
   checks tensors without building them.
 - `deployd_wire.tensors`: torch tensors <-> their bytes (little-endian, C order), for the
   workers and the client.
+- `deployd_wire.tensor_args`: the tensor-argument language (`deployd invoke`'s ARGs, a model's
+  warmup inputs): text -> a value or a tensor; checked without torch, built with it.
 - `deployd_wire.proto`: the gRPC stubs generated from protos/ (deployd.v1, KServe v2) by
   scripts/generate_protos.py; never edited. The daemon's edge (server.api) and the client import
   them from here, and no other copy exists.

@@ -49,6 +49,7 @@ def build_models(out: Path) -> None:
         exporter.save_pickle("models", "complex.pkl", testmodels.Complexify())
         exporter.save_pickle("models", "raises_long.pkl", testmodels.RaisesLong())
         exporter.save_pickle("models", "printer.pkl", testmodels.Printer())
+        exporter.save_pickle("models", "slow_start.pkl", testmodels.SlowStart(1.0))
         exporter.save_text("models", "notes.txt", "weights: scale 2.0 ✓")
         exporter.save_binary("models", "blob.bin", bytes(range(256)))
 

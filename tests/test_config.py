@@ -14,6 +14,7 @@ import pytest
 from server.app.config import Config, ConfigError, load_config, worker_user
 from server.batching.batcher import BatchPolicy
 from server.models.entry import ModelEntry, TensorSpec
+from server.models.warmup import Warmup
 from tests.daemon_process import REPO
 
 
@@ -27,7 +28,8 @@ def test_bundled_config_is_the_defaults_and_the_seed_model() -> None:
     default: a daemon opens only the ports its config names); the one model `make serve` exports
     and serves by name."""
     bundled = load_config(REPO / "config.yaml", environ={})
-    assert bundled.models == (ModelEntry("seed", "seed.pt", "model", "model.pkl"),)
+    seed = ModelEntry("seed", "seed.pt", "model", "model.pkl", warmup=Warmup(("rand:1,1,28,28",)))
+    assert bundled.models == (seed,)
     assert bundled.server.http_address == "127.0.0.1:8000"
     server = dataclasses.replace(bundled.server, http_address="")
     assert dataclasses.replace(bundled, models=(), server=server) == Config()

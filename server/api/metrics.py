@@ -106,6 +106,12 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.warmup_duration = Histogram(
+            "deployd_warmup_duration_seconds",
+            "Time a model's warmup (its entry's warmup:) took in one worker: at load, and in a replacement",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
         if directory:
             _write_to_directory(directory)
         # The series a worker's data port observes too: kept apart, for the workers' files to be added.

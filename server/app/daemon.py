@@ -160,6 +160,7 @@ class Daemon:
             max_packages=limits.max_packages,
             max_objects=limits.max_objects,
             batch_observer=BatchObserver(self._metrics.observe_batch, self._metrics.observe_batch_wait),
+            on_warmup=self._metrics.warmup_duration.observe,
             routes_to_workers=self._data_ports is not None,
             signatures=self._declared_signatures,
             direct_calls=self._data_ports.row if self._data_ports is not None else None,

@@ -56,10 +56,15 @@ class ClosePackage(NamedTuple):
 
 
 class LoadPickle(NamedTuple):
+    """Unpickle an object; the reply is the seconds its warmup ran (None without one)."""
+
     object_id: str
     package_id: str
     module: str
     file: str
+    # Calls run on the object before the reply (server.worker.warmup), () for none:
+    # (method, [ARG texts], {name: ARG text}, torch.save bytes of the arguments or b"", repeat)
+    warmup: tuple[Any, ...] = ()
 
 
 class UnloadObject(NamedTuple):

@@ -11,6 +11,7 @@ from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
 from server.models.names import check_name
 from server.models.placement import EVERYWHERE, Placement, parse_placement
+from server.models.warmup import Warmup, WarmupError, parse_warmup
 
 
 class TensorSpec(NamedTuple):
@@ -35,6 +36,7 @@ class ModelEntry:
     outputs: tuple[TensorSpec, ...] = ()
     batching: BatchPolicy | None = None  # dynamic batching (server.batching); None: off
     workers: Placement = EVERYWHERE  # where it is loaded and called (server.models.placement)
+    warmup: Warmup | None = None  # calls run on each worker after the load (server.models.warmup)
 
 
 class EntryError(ValueError):
@@ -43,7 +45,7 @@ class EntryError(ValueError):
 
 def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
     """The `models:` list: each entry a mapping of name, package and pickle ("module:file"),
-    and optionally inputs and outputs (each a list of name, datatype, shape)."""
+    and optionally inputs and outputs (each a list of name, datatype, shape), batching and warmup."""
     if not isinstance(raw, list):
         raise EntryError(f"models must be a list of entries (name, package, pickle), got {raw!r}")
     entries: list[ModelEntry] = []
@@ -52,7 +54,7 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         if not isinstance(item, dict) or not {"name", "package", "pickle"} <= set(item) <= _ENTRY_KEYS:
             raise EntryError(
                 f"{where} must have the keys name, package and pickle (and may have inputs, outputs, batching,"
-                f" workers),"
+                f" workers, warmup),"
                 f" got {item!r}"
             )
         name, package, pickle = (item[key] for key in ("name", "package", "pickle"))
@@ -71,11 +73,15 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         outputs = _tensor_specs(item.get("outputs", []), f"{where} ({name}) outputs")
         batching = _batch_policy(item["batching"], f"{where} ({name}) batching") if "batching" in item else None
         workers = _placement(item["workers"], f"{where} ({name}) workers") if "workers" in item else EVERYWHERE
-        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching, workers))
+        try:
+            warmup = parse_warmup(item["warmup"], f"{where} ({name}) warmup") if "warmup" in item else None
+        except WarmupError as error:
+            raise EntryError(str(error)) from None
+        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching, workers, warmup))
     return tuple(entries)
 
 
-_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching", "workers"}
+_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching", "workers", "warmup"}
 _BATCHING_KEYS = {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes"}
 
 

@@ -92,18 +92,7 @@ class PackageStore:
         return await self.save(read_chunks())
 
     def resolve_server_path(self, path: str) -> Path:
-        if "\x00" in path:
-            raise InvalidArgument(f"{path!r} is not a path: it holds a NUL character")
-        root = self._package_directory.resolve()
-        try:
-            candidate = (root / path).resolve()  # follows symlinks, so they cannot lead outside
-            if not candidate.is_relative_to(root):
-                raise PathNotAllowed(f"{path!r} is outside the package directory")
-            if not candidate.is_file():
-                raise NotFound(f"no file {path!r} in the package directory")
-        except (OSError, RuntimeError) as error:  # a name too long, a symlink loop
-            raise NotFound(f"no file {path!r} in the package directory: {error}") from None
-        return candidate
+        return resolve_server_path(self._package_directory, path)
 
     def remove(self, package_id: str) -> None:
         (self._directory / f"{package_id}.pt").unlink(missing_ok=True)
@@ -134,6 +123,22 @@ class PackageStore:
         final = self._directory / f"{package_id}.pt"
         os.replace(temporary, final)
         return StoredPackage(package_id, str(final), size)
+
+
+def resolve_server_path(package_directory: Path, path: str) -> Path:
+    """A file named by a path inside the package directory; PathNotAllowed outside it."""
+    if "\x00" in path:
+        raise InvalidArgument(f"{path!r} is not a path: it holds a NUL character")
+    root = package_directory.resolve()
+    try:
+        candidate = (root / path).resolve()  # follows symlinks, so they cannot lead outside
+        if not candidate.is_relative_to(root):
+            raise PathNotAllowed(f"{path!r} is outside the package directory")
+        if not candidate.is_file():
+            raise NotFound(f"no file {path!r} in the package directory")
+    except (OSError, RuntimeError) as error:  # a name too long, a symlink loop
+        raise NotFound(f"no file {path!r} in the package directory: {error}") from None
+    return candidate
 
 
 def _read_file(path: Path) -> Iterator[bytes]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from server.ipc import protocol
 from server.models.placement import EVERYWHERE, Placement
@@ -30,6 +30,7 @@ class ObjectRecord:
     package_id: str
     module: str
     file: str
+    warmup: tuple[Any, ...] = ()  # LoadPickle's: run again in every new worker
     slots: tuple[int, ...] | None = None  # the worker slots it is loaded on; None: every one
     placement: Placement = EVERYWHERE  # as asked for (a new version of its name keeps it)
 
@@ -65,7 +66,7 @@ class Registry:
         steps += [
             (
                 ReplayKey("object", record.object_id),
-                protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file),
+                protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file, record.warmup),
             )
             for record in self.objects.values()
             if record.held_by(slot)

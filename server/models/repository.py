@@ -4,24 +4,28 @@ At start every entry is loaded (package from packages.directory, then its pickle
 entry's name) before the daemon serves; one that cannot load stops the start
 (ModelLoadFailed: exit 2) unless models_on_error is "continue", when its error is kept for
 Status and health. A reload compares the new list with what it loaded: new names load,
-changed entries (another package, pickle, or package file) hot-swap to a new version,
-removed names unload, unchanged ones are left alone; one that fails stays as it was. A
-package the repository loaded and no entry uses any more is unloaded once its last
-version has drained.
+changed entries (another package, pickle or warmup, or its package or warmup file changed
+on disk) hot-swap to a new version, removed names unload, unchanged ones are left alone; one
+that fails stays as it was. A package the repository loaded and no entry uses any more is
+unloaded once its last version has drained. A model's warmup (server.models.warmup) runs
+inside its load: it serves once every worker ran it.
 
 Imports no grpc: the daemon (SIGHUP) and the servicer (Reload) call it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from server.errors import DeploydError, NotFound
 from server.models.entry import ModelEntry
 from server.models.service import ModelService
+from server.models.warmup import warmup_message
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class ReloadReport:
 class _Loaded:
     entry: ModelEntry
     package_id: str
-    file_stamp: tuple[int, int]  # the package file's (size, mtime_ns) when loaded
+    file_stamp: tuple[int, ...]  # the package file's (size, mtime_ns) when loaded, and its warmup file's
 
 
 class ModelRepository:
@@ -91,10 +95,11 @@ class ModelRepository:
             await self._release_unused_packages()
             return
         loaded_before = {package.package_id for package in self._service.status().packages}
+        warmup = await self._warmup_message(entry)
         package = await self._service.load_package_path(entry.package)
         try:
             await self._service.load_pickle(
-                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers
+                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers, warmup
             )
         finally:
             if package.package_id not in loaded_before:
@@ -163,10 +168,11 @@ class ModelRepository:
 
     async def _load(self, entry: ModelEntry) -> None:
         stamp = self._stamp(entry)
+        warmup = await self._warmup_message(entry)
         package = await self._service.load_package_path(entry.package)
         try:
             await self._service.load_pickle(
-                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers
+                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers, warmup
             )
         except DeploydError:
             if package.package_id not in self._packages:  # loaded for this entry alone: not kept
@@ -176,21 +182,33 @@ class ModelRepository:
         self._packages.add(package.package_id)
         self.errors.pop(entry.name, None)
 
+    async def _warmup_message(self, entry: ModelEntry) -> tuple[Any, ...]:
+        """The entry's warmup as the load carries it: its inputs file read (in a thread: it is disk)."""
+        return await asyncio.to_thread(warmup_message, entry.warmup, self._package_directory)
+
     def _serves_as_loaded(self, entry: ModelEntry) -> bool:
         """The name is served from exactly this entry, its package file unchanged on disk."""
         current = self._loaded.get(entry.name)
         unchanged = current is not None and current.entry == entry and current.file_stamp == self._stamp(entry)
         return unchanged and entry.name in self._service.served_names()
 
-    def _stamp(self, entry: ModelEntry) -> tuple[int, int]:
-        try:
-            status = os.stat(self._package_directory / entry.package)
-        except OSError:
-            return (-1, -1)
-        return (status.st_size, status.st_mtime_ns)
+    def _stamp(self, entry: ModelEntry) -> tuple[int, ...]:
+        warmup_file = entry.warmup.file if entry.warmup is not None else ""
+        return _file_stamp(self._package_directory / entry.package) + (
+            _file_stamp(self._package_directory / warmup_file) if warmup_file else ()
+        )
 
     async def _release_unused_packages(self) -> None:
         in_use = {loaded.package_id for loaded in self._loaded.values()}
         for package_id in self._packages - in_use:
             await self._service.release_package_when_unused(package_id)
         self._packages = in_use
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns): a file changed on disk has another; (-1, -1) for none."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (status.st_size, status.st_mtime_ns)

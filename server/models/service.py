@@ -101,6 +101,7 @@ class ModelService:
         max_packages: int = 0,
         max_objects: int = 0,
         batch_observer: BatchObserver = _NO_BATCH_OBSERVER,
+        on_warmup: Callable[[float], None] = lambda seconds: None,
         routes_to_workers: bool = False,
         signatures: Callable[[], dict[str, Any]] = dict,
         direct_calls: Callable[[int], Row] | None = None,
@@ -108,6 +109,7 @@ class ModelService:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
         replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
         max_packages, max_objects: how many may be loaded at once (limits.*); 0: no limit.
+        on_warmup: the seconds a model's warmup took in one worker (the daemon's metrics).
         routes_to_workers: the workers serve calls themselves (data ports): each is told what
         names and ids serve (SetRoutes) whenever that changes, before any unload reaches it.
         signatures: name -> (inputs, outputs) declared by the model entries, for those routes.
@@ -128,6 +130,7 @@ class ModelService:
         self._release_when_unused: set[str] = set()  # packages to unload with their last object
         self._batchers: dict[str, Batcher] = {}  # object id -> its batcher (models with batching on)
         self._batch_observer = batch_observer
+        self._on_warmup = on_warmup
         self._routes_to_workers = routes_to_workers
         self._signatures = signatures
         self._direct_calls = direct_calls
@@ -153,11 +156,22 @@ class ModelService:
         if self._routes_to_workers:
             await asyncio.wait_for(worker.request(self.routes(worker.index), []), self._replay_step_timeout)
 
+    def _observe_warmup(self, target: str, replies: list[Any]) -> None:
+        """Log that a model's warmup ran, and observe each worker's (each replies with its seconds)."""
+        timed = [value for value in replies if isinstance(value, float)]
+        for seconds in timed:
+            self._on_warmup(seconds)
+        if timed:
+            log.info("%s warmed up on %d workers in %.3fs (the slowest)", target, len(timed), max(timed))
+
     async def _replay_step(self, worker: WorkerHandle, key: ReplayKey, request: protocol.Request) -> None:
         # A replay that hangs would hold `changes`, and so every load, for ever: past the
         # timeout the worker is killed, and the step counts as one that killed it.
         try:
-            await asyncio.wait_for(worker.request(request, []), self._replay_step_timeout)
+            seconds, _ = await asyncio.wait_for(worker.request(request, []), self._replay_step_timeout)
+            if isinstance(seconds, float):  # a LoadPickle's warmup (server.models.warmup)
+                log.info("worker %d: %s %r warmed up in %.3fs", worker.index, key.kind, key.name, seconds)
+                self._on_warmup(seconds)
         except TimeoutError:
             why = f"was killed: replaying {key.kind} {key.name!r} took over {self._replay_step_timeout:g}s"
             worker.kill(why, "replay_timeout", caused_by_call=True)
@@ -290,10 +304,13 @@ class ModelService:
         name: str = "",
         batching: BatchPolicy | None = None,
         placement: Placement | None = None,
+        warmup: tuple[Any, ...] = (),
     ) -> LoadedObject:
         """Unpickle an object on every worker (or where placement says; None: where the
         name's serving version is, else every worker); with a name, serve it as that model's
-        next version (with batching, its calls batched: server.batching)."""
+        next version (with batching, its calls batched: server.batching). warmup: calls each
+        worker runs on it before the load succeeds (server.models.warmup's warmup_message), and
+        so before it serves."""
         if name:
             check_name(name)
         if placement is not None:
@@ -308,13 +325,17 @@ class ModelService:
             if self._max_objects and len(self._registry.objects) >= self._max_objects:
                 raise TooLarge(f"{self._max_objects} objects are loaded, the limit (limits.max_objects)")
             placement, slots = self._place(name, placement)
-            await self._everywhere(
-                protocol.LoadPickle(object_id, package_id, module, file),
+            warmed = await self._everywhere(
+                protocol.LoadPickle(object_id, package_id, module, file, warmup),
                 protocol.UnloadObject(object_id),
                 f"cannot load pickle {file!r} of module {module!r}",
                 slots,
             )
-            self._registry.objects[object_id] = ObjectRecord(object_id, package_id, module, file, slots, placement)
+            if warmup:
+                self._observe_warmup(name or object_id, warmed)
+            self._registry.objects[object_id] = ObjectRecord(
+                object_id, package_id, module, file, warmup=warmup, slots=slots, placement=placement
+            )
             if batching is not None:
                 pool = self._batch_pool(slots)
                 self._batchers[object_id] = Batcher(object_id, name, batching, pool, self._batch_observer)
@@ -550,8 +571,9 @@ class ModelService:
 
     async def _everywhere(
         self, request: protocol.Request, undo: protocol.Request | None, context: str, slots: Slots = None
-    ) -> None:
-        """Run a request on every serving worker (of `slots`), all or nothing (caller holds `changes`)."""
+    ) -> list[Any]:
+        """Run a request on every serving worker (of `slots`), all or nothing (caller holds
+        `changes`); returns the replies of those that ran it."""
         if self._dispatcher.serving_in(slots) == 0:
             where = "" if slots is None else f" in worker slots {', '.join(map(str, slots))}"
             raise WorkerCrashed(f"no worker is serving{where}; try again once the pool has recovered")
@@ -573,7 +595,7 @@ class ModelService:
         if not failures and succeeded:
             for worker, outcome in bystanders:
                 log.warning("%s: worker %d will get it by replay: %s", context, worker.index, outcome)
-            return
+            return [outcome[0] for worker, outcome in outcomes if not isinstance(outcome, BaseException)]
         if not failures:
             failures = bystanders
         if undo is not None:

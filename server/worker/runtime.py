@@ -23,6 +23,7 @@ from server.worker.failures import RequestFailed
 from server.worker.sessions import SessionObjects
 from server.worker.shared import SharedWeightsReader
 from server.worker.values import pack, unpack
+from server.worker.warmup import run_warmup
 
 _MISSING = object()
 _RUNS_CODE = (
@@ -58,8 +59,8 @@ class Runtime:
         out_buffers: list[Any] = []
         try:
             value = self._handlers[type(request)](request, buffers, out_buffers)
-        except RequestFailed as failed:
-            return Failure(failed.kind, "", str(failed), ""), []
+        except RequestFailed as failed:  # its message says it all; a cause's traceback helps (a warmup's)
+            return Failure(failed.kind, "", str(failed), traceback.format_exc() if failed.__cause__ else ""), []
         except Cancelled as gone:  # model code stopped early, as asked: not a fault of the model's
             kind = protocol.FAILURE_DEADLINE_EXCEEDED if gone.deadline_passed else protocol.FAILURE_CANCELLED
             return Failure(kind, "", f"the model stopped: {gone}", ""), []
@@ -126,11 +127,15 @@ class Runtime:
 
     # ------------------------------------------------------------ objects
 
-    def _load_pickle(self, request: protocol.LoadPickle, _: list[Any], __: list[Any]) -> None:
+    def _load_pickle(self, request: protocol.LoadPickle, _: list[Any], __: list[Any]) -> float | None:
         package = self._package(request.package_id)
         if isinstance(package.zip_reader, SharedWeightsReader):
             package.zip_reader.new_mapping()
-        self._objects[request.object_id] = package.load_pickle(request.module, request.file)
+        loaded = package.load_pickle(request.module, request.file)
+        # Warm before it is kept: an object whose warmup fails is not loaded here.
+        seconds = run_warmup(loaded, request.warmup) if request.warmup else None
+        self._objects[request.object_id] = loaded
+        return seconds
 
     def _unload_object(self, request: protocol.UnloadObject, _: list[Any], __: list[Any]) -> None:
         if self._objects.pop(request.object_id, None) is not None:

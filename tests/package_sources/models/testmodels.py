@@ -130,6 +130,34 @@ class DiesInNewWorkers:
         return x
 
 
+class SlowStart:
+    """A model whose first call in each process is slow (a lazy init: a cache filled, kernels
+    chosen): it sleeps `delay` seconds, then x * scale. Each call appends "pid scale" to the file
+    named by $DEPLOYD_TEST_CALL_LOG (when set), so a test sees which workers ran it, how often and
+    with what (tests/test_warmup.py)."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.warm = False
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.warm = False  # each replica starts cold, as a fresh process would
+
+    def __call__(self, x, scale=2.0):
+        if not self.warm:
+            time.sleep(self.delay)
+            self.warm = True
+        log = os.environ.get("DEPLOYD_TEST_CALL_LOG", "")
+        if log:
+            with open(log, "a") as calls:
+                calls.write(f"{os.getpid()} {float(scale)}\n")
+        return x * scale
+
+    def is_warm(self):
+        return self.warm
+
+
 class RaisesLong:
     """Raises a ValueError of x.numel() lines: its traceback too long for any answer to carry
     whole (tests/test_tracebacks.py)."""
