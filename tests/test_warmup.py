@@ -27,8 +27,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
+# The v2 messages as Triton's client has them: ours (deployd_wire.proto) define the same protobuf
+# names, and one process's descriptor pool takes each once (other test modules import tritonclient).
+from tritonclient.grpc import service_pb2 as grpc_predict_v2_pb2
+from tritonclient.grpc import service_pb2_grpc as grpc_predict_v2_pb2_grpc
+
 from client import InterpreterManager, NotFoundError
-from deployd_wire.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from server.models.warmup import Warmup, WarmupError, parse_warmup
 from tests.daemon_process import REPO, DaemonProcess
 from tests.test_lifecycle import wait_for_replacement, worker_pids
