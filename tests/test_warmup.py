@@ -109,7 +109,7 @@ def test_a_replacement_worker_is_warmed_before_it_takes_calls(warm_daemon: Daemo
         assert calls_by_worker(call_log, FILE_SCALE)[replacement] == 1
         for _ in range(6):
             assert manager.model("slow").call_method("is_warm") is True
-    assert re.search(r"worker \d: object 'obj-\w+' warmed up in 1\.\d+s", warm_daemon.log), warm_daemon.log
+    assert re.search(r"worker \d: object 'obj-\w+' \(model slow v1\) warmed up in 1\.\d+s", warm_daemon.log), warm_daemon.log
     assert sample(scrape(warm_daemon), "deployd_warmup_duration_seconds_count") == 6  # 4 at start, 2 here
 
 
@@ -247,7 +247,7 @@ def test_a_warmup_that_fails_in_a_replacement_evicts_the_model(package_dir: Path
             with pytest.raises(NotFoundError):
                 manager.model("scale")(torch.ones(1))
         assert "warmup call 1 of 1 (call_module) raised FileNotFoundError" in daemon.log, daemon.log
-        assert "evicted: replaying object" in daemon.log
+        assert re.search(r"evicted: replaying object 'obj-[0-9a-f]+' \(model scale v1\) into a new worker", daemon.log)
     finally:
         daemon.assert_clean_stop()
 

@@ -55,6 +55,7 @@ from server.models.placement import EVERYWHERE, Placement, choose_slots
 from server.models.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
 from server.models.weights import SharedWeights, stage_weights
 from server.pool.dispatcher import Dispatcher, Slots
+from server.pool.object_labels import object_label
 from server.pool.supervisor import Supervisor, WorkerStatus
 from server.pool.worker_handle import WorkerHandle, WorkerState
 
@@ -150,7 +151,7 @@ class ModelService:
             except DeploydError as error:
                 # It failed outright (it may never have run anywhere: a load that no worker
                 # could run at the time is taken on one worker's word): no retry will differ.
-                await self._evict(key, f"evicted: replaying {key.kind} {key.name!r} into a new worker failed: {error}")
+                await self._evict(key, f"evicted: replaying {_described(key)} into a new worker failed: {error}")
                 raise
         self._replay_strikes.clear()
         if self._routes_to_workers:
@@ -170,10 +171,10 @@ class ModelService:
         try:
             seconds, _ = await asyncio.wait_for(worker.request(request, []), self._replay_step_timeout)
             if isinstance(seconds, float):  # a LoadPickle's warmup (server.models.warmup)
-                log.info("worker %d: %s %r warmed up in %.3fs", worker.index, key.kind, key.name, seconds)
+                log.info("worker %d: %s warmed up in %.3fs", worker.index, _described(key), seconds)
                 self._on_warmup(seconds)
         except TimeoutError:
-            why = f"was killed: replaying {key.kind} {key.name!r} took over {self._replay_step_timeout:g}s"
+            why = f"was killed: replaying {_described(key)} took over {self._replay_step_timeout:g}s"
             worker.kill(why, "replay_timeout", caused_by_call=True)
             raise WorkerCrashed(f"worker {worker.index} {why}", caused_by_call=True) from None
 
@@ -182,7 +183,7 @@ class ModelService:
         if strikes < _REPLAY_STRIKES:
             return
         del self._replay_strikes[key]
-        what = f"{key.kind} {key.name!r}"
+        what = _described(key)
         await self._evict(key, f"evicted: replaying {what} into {strikes} new workers killed each (last: {last_death})")
 
     async def _evict(self, key: ReplayKey, why: str) -> None:
@@ -612,3 +613,9 @@ class ModelService:
         elif isinstance(failure, DeploydError):
             failure.args = (f"{context}: {failure} (on worker {worker.index})",)
         raise failure
+
+
+def _described(key: ReplayKey) -> str:
+    """What a replay step brings back, for the log: "object 'obj-1f2e' (model seed v2)"."""
+    label = object_label(key.name) if key.kind == "object" else ""
+    return f"{key.kind} {key.name!r}" + (f" ({label})" if label else "")
