@@ -109,7 +109,8 @@ def test_a_replacement_worker_is_warmed_before_it_takes_calls(warm_daemon: Daemo
         assert calls_by_worker(call_log, FILE_SCALE)[replacement] == 1
         for _ in range(6):
             assert manager.model("slow").call_method("is_warm") is True
-    assert re.search(r"worker \d: object 'obj-\w+' \(model slow v1\) warmed up in 1\.\d+s", warm_daemon.log), warm_daemon.log
+    warmed = r"worker \d: object 'obj-\w+' \(model slow v1\) warmed up in 1\.\d+s"
+    assert re.search(warmed, warm_daemon.log), warm_daemon.log
     assert sample(scrape(warm_daemon), "deployd_warmup_duration_seconds_count") == 6  # 4 at start, 2 here
 
 
