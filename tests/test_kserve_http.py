@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import re
 import shlex
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -36,6 +38,7 @@ from client import InterpreterManager
 from deployd_wire.dtypes import BY_KSERVE
 from tests.conftest import write_config
 from tests.daemon_process import REPO, DaemonProcess, wait_until
+from tests.test_data_ports import endpoints
 from tests.test_operations import make_certificates, scrape
 from tests.v2_models import COMPLEX, DECLARED, ECHO, MANY
 
@@ -45,6 +48,7 @@ TIMEOUT = 60.0  # of any one call: generous, for a loaded 2-core machine
 TEST_SECONDS = 100.0  # of a test's asyncio loop or subprocess: before pytest-timeout's 120 s
 ADMIN_TOKEN = "http-admin-token-5e1d"
 INVOKE_TOKEN = "http-invoke-token-c07a"
+MAX_BODY = 8 << 20  # the module daemon's server.http_max_body_bytes: over the 4 MiB tensor of a test
 
 MODELS: list[dict[str, object]] = [
     {"name": "seed", "package": "conv.pt", "pickle": "model:model.pkl"},
@@ -88,7 +92,11 @@ def _run(awaitable: Awaitable[T]) -> T:
 @pytest.fixture(scope="module")
 def http_daemon(package_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     config = _config(
-        tmp_path_factory.mktemp("http") / "config.yaml", package_dir, MODELS, metrics={"address": "127.0.0.1:0"}
+        tmp_path_factory.mktemp("http") / "config.yaml",
+        package_dir,
+        MODELS,
+        metrics={"address": "127.0.0.1:0"},
+        server={"http_max_body_bytes": MAX_BODY},
     )
     process = _start(config)
     try:
@@ -506,6 +514,109 @@ def test_the_models_own_exception_is_500_naming_its_type(
     assert _without_call_id(error["error"]) == _without_call_id(over_http.message())
     assert f"call id {error['call_id']}: the whole traceback is in the daemon's log" in error["error"]
     assert "testmodels" in error["traceback"] and "x * self.factor + offset" in error["traceback"]
+
+
+def _raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[int, dict[str, str], bytes]:
+    """Send head and chunks on a socket of its own and read one answer (the status, its headers
+    and its body, by its Content-Length) without sending anything more: an answer that comes was
+    given to what was sent so far."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as connection:
+        connection.sendall(head)
+        for chunk in chunks:
+            connection.sendall(chunk)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = connection.recv(65536)
+            assert data, f"the connection closed without an answer: {received!r}"
+            received += data
+        top, _, body = received.partition(b"\r\n\r\n")
+        status_line, *header_lines = top.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (h.partition(":") for h in header_lines)}
+        while len(body) < int(headers.get("content-length", "0")):
+            data = connection.recv(65536)
+            assert data, f"the connection closed in the answer's body: {body!r}"
+            body += data
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_body_over_the_cap_is_413_before_it_is_read(http_daemon: DaemonProcess) -> None:
+    """Refused by its Content-Length with not a byte of it sent; a chunked body (no length)
+    as soon as it passes the cap, its end never sent."""
+    over = {"error": f"the request body is over {MAX_BODY} bytes (server.http_max_body_bytes)"}
+    path = b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for length in (MAX_BODY + 1, 1 << 40):
+        head = path + b"Content-Length: %d\r\n\r\n" % length
+        status, headers, body = _raw_exchange(http_daemon.http_port, head, [])
+        assert (status, json.loads(body)) == (413, over), length
+        assert headers["content-type"].startswith("application/json")
+    piece = b"x" * (1 << 20)
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (MAX_BODY // len(piece) + 1)  # no 0-size last chunk
+    status, _, body = _raw_exchange(http_daemon.http_port, path + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert (status, json.loads(body)) == (413, over)
+    status, _, _ = _infer_json(
+        http_daemon.http_url, "echo", {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}]}
+    )
+    assert status == 200, "the daemon serves on"
+
+
+def test_a_full_queue_is_503_with_retry_after_and_grpcs_message(package_dir: Path, tmp_path: Path) -> None:
+    """One worker busy with a call that runs until its caller hangs up, one call waiting for
+    it (pool.max_queued_calls: 1): the next is refused at once, 503 with Retry-After, the
+    message gRPC's ModelInfer gives, counted RESOURCE_EXHAUSTED. Hanging up frees both."""
+    patient = {"name": "patient", "package": "models.pt", "pickle": "models:patient.pkl"}
+    config = _config(
+        tmp_path / "config.yaml",
+        package_dir,
+        [patient],
+        pool={"workers": 1, "max_queued_calls": 1},
+        metrics={"address": "127.0.0.1:0"},
+    )
+    process = _start(config)
+    held: list[http.client.HTTPConnection] = []
+    try:
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
+        with InterpreterManager(process.target, timeout=TIMEOUT) as manager:
+            for waiting in (0, 1):
+                connection = http.client.HTTPConnection("127.0.0.1", process.http_port, timeout=TIMEOUT)
+                connection.request("POST", "/v2/models/patient/infer", body, {"Content-Type": "application/json"})
+                held.append(connection)
+                assert wait_until(
+                    lambda w=waiting: (
+                        all(worker.state == "busy" for worker in manager.status().workers)
+                        and manager.status().queued_calls == w
+                    ),
+                    TIMEOUT,
+                ), manager.status()
+            before = scrape(process)
+            status, headers, answer = _infer_json(process.http_url, "patient", json.loads(body))
+            error = json.loads(answer)
+            assert status == 503 and headers["Retry-After"] == "1", (status, headers, error)
+            assert "pool.max_queued_calls=1" in error["error"], error
+            grpc_connection = triton_grpc.InferenceServerClient(process.target)
+            try:
+                over_grpc = _refused(
+                    lambda: grpc_connection.infer("patient", [_grpc_input("x", np.ones(1, np.float32), "FP32")])
+                )
+            finally:
+                grpc_connection.close()
+            assert str(over_grpc.status()) == "StatusCode.RESOURCE_EXHAUSTED"
+            assert over_grpc.message() == error["error"]
+            full = {"method": "ModelInfer", "model": "patient", "code": "RESOURCE_EXHAUSTED", "protocol": "http"}
+            assert _calls_total(scrape(process), **full) - _calls_total(before, **full) == 1
+            for connection in held:  # the running call sees its caller gone; the waiting one leaves the line
+                connection.close()
+            held.clear()
+            assert wait_until(
+                lambda: (
+                    manager.status().queued_calls == 0
+                    and not any(worker.state == "busy" for worker in manager.status().workers)
+                ),
+                TIMEOUT,
+            ), manager.status()
+    finally:
+        for connection in held:
+            connection.close()
+        process.assert_clean_stop()
 
 
 def test_unknown_path_and_method_are_json_errors(http_daemon: DaemonProcess) -> None:
@@ -937,5 +1048,67 @@ def test_tls_with_the_grpc_ports_certificate(package_dir: Path, tmp_path: Path, 
         else:
             status, _, body = _request(f"https://{address}/v2/health/ready", context=context)
             assert (status, json.loads(body)) == (200, {"ready": True})
+    finally:
+        process.assert_clean_stop()
+
+
+# ---------------------------------------------------------------------------- data ports; the flag
+
+
+def test_http_stays_on_the_daemon_when_workers_serve_data_ports(package_dir: Path, tmp_path: Path) -> None:
+    """With pool.data_ports the workers serve gRPC only (Endpoints lists their gRPC ports); HTTP
+    is the daemon's, on the daemon path, and answers as without data ports. HTTP comes from
+    --http-address here (the config has none)."""
+    config = _config(tmp_path / "config.yaml", package_dir, [ECHO], pool={"data_ports": 0}, server={"http_address": ""})
+    process = DaemonProcess(config, "--http-address", "127.0.0.1:0").start()
+    try:
+        assert process.http_port, f"--http-address gave no 'http on HOST:PORT':\n{process.log}"
+        workers = endpoints(process.target).workers
+        assert len(workers) == 2 and all(worker.address for worker in workers)
+        assert process.http_port not in {int(worker.address.rpartition(":")[2]) for worker in workers}
+        x = np.array([[1.5, -2.0], [3.0, 0.25]], np.float32)
+        client = triton.InferenceServerClient(
+            f"127.0.0.1:{process.http_port}", connection_timeout=TIMEOUT, network_timeout=TIMEOUT
+        )
+        try:
+            assert client.is_server_ready() and client.is_model_ready("echo")
+            for binary in (True, False):
+                result = client.infer(
+                    "echo",
+                    [_input("x", x, "FP32", binary)],
+                    outputs=[_output("output0", binary)],
+                    headers={"x-request-id": f"http-dp-{binary}"},
+                )
+                assert _same(result.as_numpy("output0"), x), binary
+            missing = _refused(lambda: client.infer("no-such-model", [_input("x", x, "FP32")]))
+            assert missing.status() == "404"
+        finally:
+            client.close()
+        # A worker's data port serves the same model over gRPC meanwhile.
+        over_grpc = triton_grpc.InferenceServerClient(workers[0].address)
+        try:
+            result = over_grpc.infer("echo", [_grpc_input("x", x, "FP32")])
+            assert _same(result.as_numpy("output0"), x)
+        finally:
+            over_grpc.close()
+
+        def logged(request_id: str) -> str:
+            return next((line for line in process.lines if f"request_id={request_id} " in line), "")
+
+        assert wait_until(lambda: all(logged(f"http-dp-{binary}") for binary in (True, False)), TIMEOUT)
+        for binary in (True, False):
+            line = logged(f"http-dp-{binary}")
+            assert "protocol=http" in line and "status=OK" in line, line
+            assert "worker=" not in line, f"an HTTP call answered by a worker, not the daemon: {line}"
+    finally:
+        process.assert_clean_stop()
+
+
+def test_an_empty_http_address_turns_http_off(package_dir: Path, tmp_path: Path) -> None:
+    """--http-address '' over a config that serves HTTP: no HTTP server, no 'http on' line."""
+    config = _config(tmp_path / "config.yaml", package_dir, [ECHO], pool={"workers": 1})
+    process = DaemonProcess(config, "--http-address", "").start()
+    try:
+        assert process.http_port == 0 and "http on" not in process.log, process.log
     finally:
         process.assert_clean_stop()
