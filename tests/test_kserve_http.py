@@ -39,6 +39,7 @@ from deployd_wire.dtypes import BY_KSERVE
 from tests.conftest import write_config
 from tests.daemon_process import REPO, DaemonProcess, wait_until
 from tests.test_data_ports import endpoints
+from tests.test_kserve_rest import VALUES, expected_bytes
 from tests.test_operations import make_certificates, scrape
 from tests.v2_models import COMPLEX, DECLARED, ECHO, MANY
 
@@ -327,6 +328,47 @@ def test_json_data_may_be_nested_by_shape(http_daemon: DaemonProcess) -> None:
     assert json.loads(body)["outputs"] == [
         {"name": "output0", "datatype": "INT32", "shape": [2, 2], "data": [1, 2, 3, 4]}
     ]
+
+
+NESTED_BYTES = ["ab", "", "é ✓", "\u2603"]
+
+
+@pytest.mark.parametrize("datatype", [*sorted(VALUES), "BYTES"])
+def test_every_datatype_as_flat_and_nested_json_data(http_daemon: DaemonProcess, datatype: str) -> None:
+    """JSON data flat, or nested by the shape, for every datatype (BYTES as strings): the same
+    answer, as JSON and as binary data (the bytes the values make). BYTES of shape [2, 2] reach
+    the model as two lists of two bytes, which it answers as two outputs, a row each (as on
+    gRPC: a list of bytes is one BYTES output): output0 is the first row."""
+    values = VALUES.get(datatype, NESTED_BYTES)
+    want = None if datatype == "BYTES" else expected_bytes(datatype, values)
+    answers: dict[tuple[str, bool], Any] = {}
+    for layout, data in (("flat", values), ("nested", [values[:2], values[2:]])):
+        for binary in (False, True):
+            request = {
+                "inputs": [{"name": "x", "datatype": datatype, "shape": [2, 2], "data": data}],
+                "outputs": [{"name": "output0", "parameters": {"binary_data": binary}}],
+            }
+            status, headers, body = _infer_json(http_daemon.http_url, "echo", request)
+            assert status == 200, (layout, binary, body)
+            if binary:
+                length = int(headers["Inference-Header-Content-Length"])
+                (output,) = json.loads(body[:length])["outputs"]
+                answers[layout, binary] = output, body[length:]
+                if want is not None:
+                    assert output["parameters"] == {"binary_data_size": len(want)}
+                    assert body[length:] == want, (layout, body[length:])
+            else:
+                (output,) = json.loads(body)["outputs"]
+                answers[layout, binary] = output
+                if want is not None:
+                    assert output["shape"] == [2, 2] and output["datatype"] == datatype
+                    assert len(output["data"]) == 4, output  # a flat list in row-major order
+    assert answers["flat", False] == answers["nested", False]
+    assert answers["flat", True] == answers["nested", True]
+    if datatype == "BOOL" or datatype.startswith(("INT", "UINT")):
+        assert answers["nested", False]["data"] == values
+    if datatype == "BYTES":
+        assert answers["nested", False] == {"name": "output0", "datatype": "BYTES", "shape": [2], "data": values[:2]}
 
 
 def test_binary_data_output_for_the_whole_request(http_daemon: DaemonProcess) -> None:
@@ -709,7 +751,7 @@ def _calls_total(text: str, **labels: str) -> float:
 
 
 def test_calls_count_with_protocol_http_and_log_a_line(
-    client: triton.InferenceServerClient, http_daemon: DaemonProcess
+    client: triton.InferenceServerClient, grpc_client: triton_grpc.InferenceServerClient, http_daemon: DaemonProcess
 ) -> None:
     ok = {"method": "ModelInfer", "model": "echo", "code": "OK", "protocol": "http"}
     missing = {"method": "ModelInfer", "model": "", "code": "NOT_FOUND", "protocol": "http"}
@@ -733,6 +775,16 @@ def test_calls_count_with_protocol_http_and_log_a_line(
     line = logged("http-m-2")
     for field in ("method=ModelInfer", "object=echo", "status=OK", "http_status=200", "protocol=http"):
         assert field in line, line
+    # The same call over gRPC: its line has the same fields (HTTP's adds http_status and protocol).
+    grpc_client.infer("echo", [_grpc_input("x", np.ones(1, np.float32), "FP32")], headers={"x-request-id": "grpc-m"})
+    assert wait_until(lambda: bool(logged("grpc-m")), TIMEOUT)
+    grpc_line = logged("grpc-m")
+    assert "method=ModelInfer" in grpc_line and "object=echo" in grpc_line and "status=OK" in grpc_line, grpc_line
+
+    def keys(text: str) -> list[str]:
+        return re.findall(r"(?:^|\s)(\w+)=", text)
+
+    assert [key for key in keys(line) if key not in ("http_status", "protocol")] == keys(grpc_line), (line, grpc_line)
     assert wait_until(
         lambda: any(
             "object=no-such-model" in x and "http_status=404" in x and "protocol=http" in x for x in http_daemon.lines
@@ -951,6 +1003,9 @@ def test_auth_bearer_tokens(auth_daemon: DaemonProcess) -> None:
         assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
         status, _, _ = _request(f"{auth_daemon.http_url}/v2/health/ready")
         assert status == 200
+        for path in ("index", "models/echo/unload", "models/echo/load"):  # the repository: no token, 401
+            status, _, body = _request(f"{auth_daemon.http_url}/v2/repository/{path}", b"{}")
+            assert (status, json.loads(body)) == (401, {"error": "a valid bearer token is required"}), path
 
         caller = _bearer(INVOKE_TOKEN)
         assert client.is_model_ready("echo", headers=caller)
