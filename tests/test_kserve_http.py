@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,6 +60,13 @@ MODELS: list[dict[str, object]] = [
     {"name": "scale", "package": "models.pt", "pickle": "models:scale.pkl"},
     COMPLEX,
     DECLARED,
+    # x * 2 and, per row, the rows of the batch it ran in (tests/test_batching.py's probe)
+    {
+        "name": "probe",
+        "package": "models.pt",
+        "pickle": "models:batch_probe.pkl",
+        "batching": {"max_batch_size": 16, "max_queue_delay_ms": 5},
+    },
 ]
 
 
@@ -443,6 +451,34 @@ def test_declared_inputs_are_matched_by_name(client: triton.InferenceServerClien
 def test_request_id_comes_back(client: triton.InferenceServerClient) -> None:
     result = client.infer("echo", [_input("x", np.ones(1, np.float32), "FP32")], request_id="req-71")
     assert result.get_response()["id"] == "req-71"
+
+
+def test_http_and_grpc_calls_go_through_the_same_batcher(http_daemon: DaemonProcess) -> None:
+    """8 callers at once, half over HTTP (JSON and binary), half over gRPC, 10 calls each, on a
+    model with batching: each gets its own rows back, and calls did run in batches."""
+
+    def work(caller: int) -> int:
+        x = np.full((1, 4), caller, dtype=np.float32)
+        client: Any
+        if caller % 2:
+            client = triton_grpc.InferenceServerClient(http_daemon.target)
+            inputs: list[Any] = [_grpc_input("x", x, "FP32")]
+        else:
+            client = triton.InferenceServerClient(
+                f"127.0.0.1:{http_daemon.http_port}", connection_timeout=TIMEOUT, network_timeout=TIMEOUT
+            )
+            inputs = [_input("x", x, "FP32", binary=caller % 4 == 0)]
+        try:
+            answers = [client.infer("probe", inputs) for _ in range(10)]
+        finally:
+            client.close()
+        for answer in answers:
+            assert (answer.as_numpy("output0") == x * 2).all(), (caller, answer.as_numpy("output0"))
+        return max(int(answer.as_numpy("output1")[0]) for answer in answers)
+
+    with ThreadPoolExecutor(8) as pool:
+        largest = list(pool.map(work, range(8), timeout=TEST_SECONDS))
+    assert max(largest) > 1, largest
 
 
 # ---------------------------------------------------------------------------- versions
