@@ -303,7 +303,9 @@ class Daemon:
         packages = self._directory / "packages"
         packages.mkdir(exist_ok=True)
         config = {
-            "pool": {"workers": self.workers, "start_timeout_seconds": 120.0},
+            # The daemon's path, as the benchmarks were written for it; those of the direct path
+            # set pool.data_ports (DEPLOYD_POOL_DATA_PORTS=0 in the environment overrides this).
+            "pool": {"workers": self.workers, "start_timeout_seconds": 120.0, "data_ports": -1},
             "packages": {"directory": str(packages)},
             # The per-call log line is an operator's choice; the benchmarks measure the transport.
             "server": {"shutdown_grace_seconds": 5.0, "log_calls": False},

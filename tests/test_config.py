@@ -137,7 +137,9 @@ def test_remote_data_ports_without_tokens_are_refused() -> None:
     allowed = {**remote_ports, "DEPLOYD_AUTH_ALLOW_UNAUTHENTICATED_REMOTE": "true"}
     assert load_config(environ=allowed).data_host == "0.0.0.0"
     # Off, the host says nothing; on loopback (server.address's host by default), no tokens needed.
-    assert load_config(environ={"DEPLOYD_POOL_DATA_HOST": "0.0.0.0"}).pool.data_ports == -1
+    off = {"DEPLOYD_POOL_DATA_HOST": "0.0.0.0", "DEPLOYD_POOL_DATA_PORTS": "-1"}
+    assert load_config(environ=off).pool.data_ports == -1
+    assert load_config(environ={}).pool.data_ports == 0  # on by default, on free ports
     assert load_config(environ={"DEPLOYD_POOL_DATA_PORTS": "0"}).data_host == "127.0.0.1"
     with pytest.raises(ConfigError, match=r"bad value for pool\.data_ports: -2"):
         load_config(environ={"DEPLOYD_POOL_DATA_PORTS": "-2"})

@@ -90,7 +90,7 @@ def dumped(log: str) -> bool:
 def test_a_call_over_max_call_seconds_leaves_its_stack_in_the_log(
     daemon_with: Callable[..., DaemonProcess], sleeper_dir: Path
 ) -> None:
-    daemon = daemon_with(pool={"max_call_seconds": 1.0})
+    daemon = daemon_with(pool={"max_call_seconds": 1.0, "data_ports": -1})
     with InterpreterManager(daemon.target, timeout=60, retry=Retry(attempts=1)) as manager:
         sleeper = manager.load_package(sleeper_dir / "sleeper.pt").load_pickle(
             "sleepers", "sleeper.pkl", name="sleeper"
@@ -111,7 +111,7 @@ def test_a_call_over_max_call_seconds_leaves_its_stack_in_the_log(
 def test_a_call_its_caller_gave_up_on_leaves_its_stack_in_the_log(
     daemon_with: Callable[..., DaemonProcess], sleeper_dir: Path
 ) -> None:
-    daemon = daemon_with(pool={"abandoned_call_grace_seconds": 1.0})
+    daemon = daemon_with(pool={"abandoned_call_grace_seconds": 1.0, "data_ports": -1})
     with InterpreterManager(daemon.target, timeout=60, retry=Retry(attempts=1)) as manager:
         sleeper = manager.load_package(sleeper_dir / "sleeper.pt").load_pickle("sleepers", "sleeper.pkl")
         with pytest.raises(DeadlineExceededError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from client import InterpreterManager, InvalidArgumentError, NotFoundError
+from tests.conftest import write_config
 from tests.daemon_process import DaemonProcess, wait_until
 
 
@@ -65,11 +67,21 @@ def test_a_bad_name_is_invalid(manager: InterpreterManager, package_dir: Path, n
         manager.model("never-loaded")()
 
 
-def test_calls_resolved_to_the_old_version_finish_there(fresh_daemon: DaemonProcess, package_dir: Path) -> None:
+@pytest.fixture
+def daemon_path_only(package_dir: Path, tmp_path: Path) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(write_config(tmp_path / "config.yaml", package_dir, pool={"data_ports": -1})).start()
+    try:
+        yield process
+    finally:
+        process.assert_clean_stop()
+
+
+def test_calls_resolved_to_the_old_version_finish_there(daemon_path_only: DaemonProcess, package_dir: Path) -> None:
     """Two calls keep both workers busy and a third waits for one, all on version 1; then version 2
     is loaded (the load waits for the busy workers). The waiting call still runs on version 1,
-    which drains and is unloaded after it."""
-    with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+    which drains and is unloaded after it. A daemon without data ports: its queue is what this
+    is about (on data ports the swap is test_data_ports' and test_hot_swap_under_load's)."""
+    with InterpreterManager(daemon_path_only.target, timeout=60) as manager:
         package = manager.load_package(package_dir / "models.pt")
         old = package.load_pickle("models", "scale.pkl", name="slow")
         outcomes: list[dict[str, Any]] = []

@@ -72,7 +72,7 @@ def metrics_daemon(package_dir: Path, tmp_path: Path) -> Iterator[DaemonProcess]
 
 
 def test_metrics_cover_calls_workers_loads_and_memory(metrics_daemon: DaemonProcess, package_dir: Path) -> None:
-    with InterpreterManager(metrics_daemon.target, timeout=60) as manager:
+    with InterpreterManager(metrics_daemon.target, timeout=60, direct=False) as manager:
         scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
         for _ in range(3):
             scale(torch.ones(1024))

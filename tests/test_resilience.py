@@ -235,7 +235,7 @@ def test_a_worker_that_writes_a_frame_the_daemon_cannot_take_is_replaced(
 def test_hung_model_loses_its_worker_after_the_grace(
     daemon_with: Callable[..., DaemonProcess], package_dir: Path
 ) -> None:
-    daemon = daemon_with(pool={"abandoned_call_grace_seconds": 1.0})
+    daemon = daemon_with(pool={"abandoned_call_grace_seconds": 1.0, "data_ports": -1})  # the daemon path's grace
     with InterpreterManager(daemon.target, timeout=60) as manager:
         scale = load_scale(manager, package_dir)
         before = worker_pids(manager)
@@ -316,7 +316,7 @@ def test_a_call_over_the_servers_limit_kills_its_worker(
 def test_a_flood_past_the_queue_bound_fails_at_once(
     daemon_with: Callable[..., DaemonProcess], package_dir: Path
 ) -> None:
-    daemon = daemon_with(pool={"max_queued_calls": 2})
+    daemon = daemon_with(pool={"max_queued_calls": 2, "data_ports": -1})  # the daemon's queue
     with InterpreterManager(daemon.target, timeout=60) as manager:
         scale = load_scale(manager, package_dir)
         running = [in_thread(lambda: scale.call_method("nap", 2.0)) for _ in range(2)]

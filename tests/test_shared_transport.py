@@ -1,8 +1,11 @@
-"""Tensors between the daemon and its workers: large ones through shared memory, small inline."""
+"""Tensors between the daemon and its workers: large ones through shared memory, small inline.
+Every call here takes the daemon's path (direct=False): on a data port, tensors come in the
+gRPC message to the worker itself."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,9 @@ THRESHOLD = 65536  # worker.shm_threshold_bytes, the default
 
 
 @pytest.fixture
-def scale(manager: InterpreterManager, package_dir: Path) -> ReplicatedObj:
-    return manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
+def scale(daemon: DaemonProcess, package_dir: Path) -> Iterator[ReplicatedObj]:
+    with InterpreterManager(daemon.target, timeout=60, direct=False) as manager:
+        yield manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
 
 
 def test_large_inputs_are_wrapped_in_shared_memory(scale: ReplicatedObj, daemon: DaemonProcess) -> None:
@@ -38,7 +42,7 @@ def test_large_results_come_back_whole(scale: ReplicatedObj) -> None:
 
 
 def test_model_that_keeps_its_input_keeps_its_values(fresh_daemon: DaemonProcess, package_dir: Path) -> None:
-    with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+    with InterpreterManager(fresh_daemon.target, timeout=60, direct=False) as manager:
         scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
         keeper = scale.call_method("keep", torch.full((THRESHOLD,), 1.0))
         # Later calls, on every worker, must not write over the input that was kept.
@@ -49,7 +53,7 @@ def test_model_that_keeps_its_input_keeps_its_values(fresh_daemon: DaemonProcess
 
 
 def test_arenas_are_named_for_the_daemon(fresh_daemon: DaemonProcess, package_dir: Path) -> None:
-    with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
+    with InterpreterManager(fresh_daemon.target, timeout=60, direct=False) as manager:
         scale = manager.load_package(package_dir / "models.pt").load_pickle("models", "scale.pkl")
         scale(torch.ones(THRESHOLD))
         worker_pids = {str(worker.pid) for worker in manager.status().workers}

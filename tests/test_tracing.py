@@ -99,7 +99,8 @@ def traced_daemon(
 ) -> Iterator[DaemonProcess]:
     path = tmp_path_factory.mktemp("tracing") / "config.yaml"
     tracing = {"endpoint": f"127.0.0.1:{collector[1]}", "export_delay_ms": 50, "service_name": "deployd-test"}
-    write_config(path, package_dir, tracing=tracing, server={"http_address": "127.0.0.1:0"})
+    # The daemon path: its spans (queue, hops). A data port's: test_a_data_port_is_the_edge_...
+    write_config(path, package_dir, tracing=tracing, server={"http_address": "127.0.0.1:0"}, pool={"data_ports": -1})
     config = yaml.safe_load(path.read_text())
     config["models"] = MODELS
     path.write_text(yaml.safe_dump(config))

@@ -59,7 +59,7 @@ def dropped(log: str) -> tuple[int, int]:
 def test_a_model_that_prints_10_mb_does_not_stall_and_its_lines_are_tagged(
     daemon_with: Callable[..., DaemonProcess], package_dir: Path
 ) -> None:
-    daemon = daemon_with("--metrics-address", "127.0.0.1:0")
+    daemon = daemon_with("--metrics-address", "127.0.0.1:0", pool={"data_ports": -1})
     with InterpreterManager(daemon.target, timeout=120) as manager:
         package = manager.load_package(package_dir / "models.pt")
         printer = package.load_pickle("models", "printer.pkl", name="printer")
@@ -110,7 +110,7 @@ def test_a_model_that_prints_10_mb_does_not_stall_and_its_lines_are_tagged(
 def test_a_long_line_is_cut_and_json_keeps_the_tag_as_fields(
     daemon_with: Callable[..., DaemonProcess], package_dir: Path
 ) -> None:
-    daemon = daemon_with(server={"log_format": "json"})
+    daemon = daemon_with(server={"log_format": "json"}, pool={"data_ports": -1})
     with InterpreterManager(daemon.target, timeout=60) as manager:
         package = manager.load_package(package_dir / "models.pt")
         printer = package.load_pickle("models", "printer.pkl", name="printer")

@@ -67,8 +67,9 @@ class PoolSection:
     # A session (acquire_one) with no call for this long ends and its objects are released; 0: never.
     session_idle_seconds: float = 300.0
     # Workers serve calls themselves, each on a port of its own (README: "Two paths"): P gives
-    # slot i the port P + i, 0 any free port (kept by the slot's replacements), -1 none.
-    data_ports: int = -1
+    # slot i the port P + i, 0 any free port (kept by the slot's replacements), -1 none (every
+    # call through the daemon). On by default: the daemon's one event loop caps a host's calls/s.
+    data_ports: int = 0
     # The host the data ports listen on; empty: server.address's host.
     data_host: str = ""
 
