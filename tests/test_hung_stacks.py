@@ -77,8 +77,9 @@ def daemon_with(sleeper_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Dae
 
 
 def stuck_line(log: str, call: str) -> re.Match[str] | None:
-    """The daemon's line before a stack dump: the worker's slot and pid, and the call."""
-    return re.search(rf"worker (\d+) \(pid (\d+)\) is stuck in {re.escape(call)}: ([^\n]*)", log)
+    """The daemon's line before a stack dump: the worker's slot and pid, and the call (on a data
+    port, the id our client gave the call may follow)."""
+    return re.search(rf"worker (\d+) \(pid (\d+)\) is stuck in {re.escape(call)}(?: \(call \d+\))?: ([^\n]*)", log)
 
 
 def dumped(log: str) -> bool:
@@ -87,10 +88,14 @@ def dumped(log: str) -> bool:
     return re.search(rf'File "<torch_package_\d+>\.hung_stacks_model\.py", line \d+ in {NAP}', log) is not None
 
 
+ON_A_PORT = {-1: "", 0: " on its data port"}  # how the stuck line ends, by pool.data_ports
+
+
+@pytest.mark.parametrize("data_ports", [-1, 0], ids=["daemon-path", "direct"])
 def test_a_call_over_max_call_seconds_leaves_its_stack_in_the_log(
-    daemon_with: Callable[..., DaemonProcess], sleeper_dir: Path
+    daemon_with: Callable[..., DaemonProcess], sleeper_dir: Path, data_ports: int
 ) -> None:
-    daemon = daemon_with(pool={"max_call_seconds": 1.0, "data_ports": -1})
+    daemon = daemon_with(pool={"max_call_seconds": 1.0, "data_ports": data_ports})
     with InterpreterManager(daemon.target, timeout=60, retry=Retry(attempts=1)) as manager:
         sleeper = manager.load_package(sleeper_dir / "sleeper.pt").load_pickle(
             "sleepers", "sleeper.pkl", name="sleeper"
@@ -98,29 +103,33 @@ def test_a_call_over_max_call_seconds_leaves_its_stack_in_the_log(
         pids = {worker.pid for worker in manager.status().workers}
         with pytest.raises(UnavailableError, match=r"ran over pool\.max_call_seconds \(1s\)"):
             sleeper.call_method("sleep", 30.0)
-    call = f"Invoke {sleeper.object_id}.sleep (model sleeper v1)"  # the call, its object and its model
+    # The call, its object and its model (a data port's worker marks them on the call board).
+    call = f"Invoke {sleeper.object_id}.sleep (model sleeper v1){ON_A_PORT[data_ports]}"
     assert wait_until(lambda: stuck_line(daemon.log, call) is not None and dumped(daemon.log), 10), daemon.log
     line = stuck_line(daemon.log, call)
     assert line is not None
     assert int(line.group(2)) in pids
     assert "ran past pool.max_call_seconds (1s)" in line.group(3)
-    # The call's own line names the model.
-    assert wait_until(lambda: "method=Invoke object=sleeper status=UNAVAILABLE" in daemon.log, 10), daemon.log
+    if data_ports < 0:  # The call's own line names the model (a port's worker died with its call).
+        assert wait_until(lambda: "method=Invoke object=sleeper status=UNAVAILABLE" in daemon.log, 10), daemon.log
 
 
+@pytest.mark.parametrize("data_ports", [-1, 0], ids=["daemon-path", "direct"])
 def test_a_call_its_caller_gave_up_on_leaves_its_stack_in_the_log(
-    daemon_with: Callable[..., DaemonProcess], sleeper_dir: Path
+    daemon_with: Callable[..., DaemonProcess], sleeper_dir: Path, data_ports: int
 ) -> None:
-    daemon = daemon_with(pool={"abandoned_call_grace_seconds": 1.0, "data_ports": -1})
+    daemon = daemon_with(pool={"abandoned_call_grace_seconds": 1.0, "data_ports": data_ports})
     with InterpreterManager(daemon.target, timeout=60, retry=Retry(attempts=1)) as manager:
         sleeper = manager.load_package(sleeper_dir / "sleeper.pt").load_pickle("sleepers", "sleeper.pkl")
         with pytest.raises(DeadlineExceededError):
             sleeper.options(timeout=1.0).call_method("sleep", 30.0)
-    call = f"Invoke {sleeper.object_id}.sleep"
+    call = f"Invoke {sleeper.object_id}.sleep{ON_A_PORT[data_ports]}"
     assert wait_until(lambda: stuck_line(daemon.log, call) is not None and dumped(daemon.log), 15), daemon.log
     line = stuck_line(daemon.log, call)
     assert line is not None
-    assert "its caller gave up 1s ago" in line.group(3)
+    # The daemon hears of a caller giving up; a port's worker sees only the deadline pass.
+    why = "its caller gave up 1s ago" if data_ports < 0 else "its caller's deadline passed"
+    assert why in line.group(3)
 
 
 def test_a_hung_call_on_a_data_port_leaves_its_stack_in_the_log(
@@ -128,7 +137,8 @@ def test_a_hung_call_on_a_data_port_leaves_its_stack_in_the_log(
 ) -> None:
     daemon = daemon_with(pool={"max_call_seconds": 1.0, "data_ports": 0})
     with InterpreterManager(daemon.target, timeout=60) as manager:
-        manager.load_package(sleeper_dir / "sleeper.pt").load_pickle("sleepers", "sleeper.pkl", name="sleeper")
+        package = manager.load_package(sleeper_dir / "sleeper.pt")
+        sleeper = package.load_pickle("sleepers", "sleeper.pkl", name="sleeper")
     worker = endpoints(daemon.target).workers[0]
     error = rpc_error(
         lambda: invoke(
@@ -140,7 +150,7 @@ def test_a_hung_call_on_a_data_port_leaves_its_stack_in_the_log(
         )
     )
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    call = "call 4242 on its data port"
+    call = f"Invoke {sleeper.object_id}.sleep (model sleeper v1) on its data port (call 4242)"
     assert wait_until(lambda: stuck_line(daemon.log, call) is not None and dumped(daemon.log), 10), daemon.log
     line = stuck_line(daemon.log, call)
     assert line is not None

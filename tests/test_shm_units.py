@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.ipc import shm
+from server.ipc import call_board, shm
 from server.ipc.protocol import Gathered, place_buffers
 from server.ipc.shm import Arena, Segment, SharedMemoryFull
 from server.models import weights
@@ -109,3 +109,25 @@ def test_weights_not_shared_when_dev_shm_is_full(tmp_path: Path, monkeypatch: py
         exporter.save_pickle("model", "model.pkl", torch.nn.Linear(8, 4))
     monkeypatch.setattr(shm.os, "posix_fallocate", no_room)
     assert weights.stage_weights(str(archive)) is None
+
+
+def test_the_call_board_row_carries_the_running_calls_label() -> None:
+    """A data port's worker marks what it runs; the daemon reads it while it runs, and nothing
+    once it ended or when a label is cut (the daemon names the call by the board's words)."""
+    segment = Segment(call_board.board_bytes(2))
+    try:
+        row = call_board.WorkerRow(segment.name, 1)
+        board = segment.buffer
+        assert call_board.read_label(board, 1) == ()
+        row.begin(0, 42, call_board.call_label("Invoke", "obj-00ff", "forward"))
+        assert call_board.read_label(board, 1) == ("Invoke", "obj-00ff", "forward")
+        assert call_board.read_label(board, 0) == ()  # the other slot's row is its own
+        assert call_board.read_row(board, 1).call_id == 42
+        row.end()
+        assert call_board.read_label(board, 1) == ()
+        row.begin(0, 0, call_board.call_label("Invoke", "obj-1", "m" * 200))
+        kind, object_id, member = call_board.read_label(board, 1)
+        assert (kind, object_id) == ("Invoke", "obj-1") and len(member) < 80
+        row.end()
+    finally:
+        segment.close()

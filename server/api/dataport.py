@@ -47,7 +47,7 @@ from server.batching.batcher import Batcher, BatchObserver, BatchPolicy
 from server.batching.batcher import Pool as BatchPool
 from server.errors import InvalidArgument, NotFound, error_from_failure
 from server.ipc import protocol
-from server.ipc.call_board import WorkerRow
+from server.ipc.call_board import WorkerRow, call_label
 from server.models.entry import TensorSpec
 from server.models.names import ModelNames, NamedModel
 from server.pool.deadlines import caller_deadline_ns
@@ -134,6 +134,7 @@ class LocalModels:
         self.slot = -1  # the worker's, once its port opens (for its spans)
         self._run_request = run
         self._row = row
+        self._labels: dict[tuple[Any, str, Any], bytes] = {}  # call site -> its call board label
         self._names = ModelNames()
         self._objects: set[str] = set()
         self._signatures: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
@@ -211,7 +212,7 @@ class LocalModels:
         row = self._row
         deadline = caller_deadline_ns.get()
         if row is not None:
-            row.begin(deadline, _call_id.get())
+            row.begin(deadline, _call_id.get(), self._label_of(message))
         try:
             # Model code may ask whether its caller is gone (deployd_worker): here, once the
             # deadline has passed. A cancellation reaches this worker's grpc only through the
@@ -233,6 +234,20 @@ class LocalModels:
             raise error_from_failure(reply)
         assert isinstance(reply, protocol.Result)
         return reply.value, out_buffers
+
+    def _label_of(self, message: protocol.Request) -> bytes:
+        """The call in the board's words ("Invoke", object id, method), made once per call site."""
+        member = getattr(message, "method", None) or getattr(message, "name", "")
+        key = (type(message), getattr(message, "object_id", ""), member)
+        label = self._labels.get(key)
+        if label is None:
+            if len(self._labels) >= _LABELS_KEPT:
+                self._labels.clear()
+            label = self._labels[key] = call_label(type(message).__name__, key[1], str(member))
+        return label
+
+
+_LABELS_KEPT = 1024  # call sites whose board label is kept made
 
 
 def _specs(wire: list[tuple[str, str, list[int]]]) -> tuple[TensorSpec, ...]:

@@ -22,10 +22,15 @@ import time
 from typing import NamedTuple
 
 # started, finished, running since (monotonic ns, 0: idle), caller's deadline (ns, 0: none),
-# the running call's id (its caller's "deployd-call-id", 0: none), one spare word
+# the running call's id (its caller's "deployd-call-id", 0: none), its label's length; then the
+# label: what the call runs ("Invoke", object id, method), for the log of a hung call and for
+# the lines the model prints (the daemon path knows these from its own requests).
 _FIELDS = 6
-ROW_BYTES = _FIELDS * 8
-_STARTED, _FINISHED, _SINCE, _DEADLINE, _CALL_ID, _ = range(_FIELDS)
+_WORDS_BYTES = _FIELDS * 8
+LABEL_BYTES = 80
+ROW_BYTES = _WORDS_BYTES + LABEL_BYTES
+_STARTED, _FINISHED, _SINCE, _DEADLINE, _CALL_ID, _LABEL_LENGTH = range(_FIELDS)
+LABEL_SEPARATOR = "\x1f"  # between the label's parts: no object id or Python name holds it
 
 
 def board_bytes(slots: int) -> int:
@@ -48,8 +53,21 @@ class Row(NamedTuple):
 
 def read_row(board: memoryview, slot: int) -> Row:
     """A slot's row, from the daemon's mapping of the board."""
-    words = board[slot * ROW_BYTES : (slot + 1) * ROW_BYTES].cast("q")
+    words = board[slot * ROW_BYTES : slot * ROW_BYTES + _WORDS_BYTES].cast("q")
     return Row(words[_STARTED], words[_FINISHED], words[_SINCE], words[_DEADLINE], words[_CALL_ID])
+
+
+def read_label(board: memoryview, slot: int) -> tuple[str, ...]:
+    """The parts of the label of the call a slot runs (kind, object id, member); () when idle,
+    or when the worker moved to another call while it was read."""
+    base = slot * ROW_BYTES
+    words = board[base : base + _WORDS_BYTES].cast("q")
+    started = words[_STARTED]
+    length = min(max(words[_LABEL_LENGTH], 0), LABEL_BYTES)
+    text = bytes(board[base + _WORDS_BYTES : base + _WORDS_BYTES + length])
+    if not words[_SINCE] or words[_STARTED] != started:
+        return ()
+    return tuple(text.decode("utf-8", "replace").split(LABEL_SEPARATOR))
 
 
 def clear_row(board: memoryview, slot: int) -> None:
@@ -66,12 +84,17 @@ class WorkerRow:
             self._mapping = mmap.mmap(descriptor, 0)
         finally:
             os.close(descriptor)
-        self._words = memoryview(self._mapping)[slot * ROW_BYTES : (slot + 1) * ROW_BYTES].cast("q")
+        row = memoryview(self._mapping)[slot * ROW_BYTES : (slot + 1) * ROW_BYTES]
+        self._words = row[:_WORDS_BYTES].cast("q")
+        self._label = row[_WORDS_BYTES:]
 
-    def begin(self, deadline_ns: int = 0, call_id: int = 0) -> None:
+    def begin(self, deadline_ns: int = 0, call_id: int = 0, label: bytes = b"") -> None:
+        """label: from call_label (at most LABEL_BYTES)."""
         words = self._words
         words[_DEADLINE] = deadline_ns
         words[_CALL_ID] = call_id
+        self._label[: len(label)] = label
+        words[_LABEL_LENGTH] = len(label)
         words[_SINCE] = time.monotonic_ns()
         words[_STARTED] += 1
 
@@ -81,3 +104,8 @@ class WorkerRow:
         words[_DEADLINE] = 0
         words[_CALL_ID] = 0
         words[_FINISHED] += 1
+
+
+def call_label(kind: str, object_id: str, member: str) -> bytes:
+    """A call's label for its row, cut to fit (the worker caches it per call site)."""
+    return LABEL_SEPARATOR.join((kind, object_id, member)).encode()[:LABEL_BYTES]

@@ -24,10 +24,11 @@ from typing import NamedTuple
 
 from server.errors import DeploydError
 from server.ipc import protocol
-from server.ipc.call_board import Row, board_bytes, clear_row, read_row
+from server.ipc.call_board import Row, board_bytes, clear_row, read_label, read_row
 from server.ipc.shm import Segment
 from server.pool.events import WorkerEvent, WorkerExited
-from server.pool.worker_handle import WorkerHandle
+from server.pool.worker_handle import WorkerHandle, describe_call
+from server.pool.worker_output import RunningCall
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class DataPorts:
         """Open a new worker's data port (its replay and routes done): its slot's port."""
         slot = worker.index
         clear_row(self.board.buffer, slot)
-        worker.running_elsewhere = lambda: self.row(slot).running_since_ns != 0
+        worker.call_elsewhere = lambda: self.running_call(slot)
         wanted = self._ports.get(slot, self._first_port + slot if self._first_port else 0)
         try:
             port, _ = await worker.request(protocol.OpenDataPort(slot, wanted), [])
@@ -115,6 +116,17 @@ class DataPorts:
     def row(self, slot: int) -> Row:
         return read_row(self.board.buffer, slot)
 
+    def running_call(self, slot: int) -> RunningCall | None:
+        """The call a slot's worker runs on its data port, in words; None if it runs none."""
+        row = self.row(slot)
+        if not row.running_since_ns:
+            return None
+        parts = read_label(self.board.buffer, slot)
+        if len(parts) != 3:  # it moved on to another call meanwhile
+            return RunningCall(f"call {row.call_id} on its data port" if row.call_id else "a call on its data port")
+        kind, object_id, member = parts
+        return RunningCall(f"{describe_call(kind, object_id, member)} on its data port", object_id)
+
     def start_watch(self, workers: Callable[[], Iterable[WorkerHandle]]) -> None:
         if self._watch is None:
             self._watch = asyncio.create_task(self._watch_calls(workers), name="data-port-watch")
@@ -130,7 +142,10 @@ class DataPorts:
     def _check(self, worker: WorkerHandle, row: Row, now: int) -> None:
         if not row.running_since_ns:
             return
-        call = f"call {row.call_id} on its data port" if row.call_id else "a call on its data port"
+        running = self.running_call(worker.index)
+        call = running.call if running is not None else "a call on its data port"
+        if row.call_id and running is not None and not running.call.startswith("call "):
+            call = f"{call} (call {row.call_id})"
         if self._max_call_seconds and now - row.running_since_ns > self._max_call_seconds * 1e9:
             why = f"was killed: a call on its data port ran over pool.max_call_seconds ({self._max_call_seconds:g}s)"
             hung = f"it ran past pool.max_call_seconds ({self._max_call_seconds:g}s)"

@@ -144,7 +144,13 @@ def describe_request(message: protocol.Request) -> str:
     if not isinstance(object_id, str):
         return kind
     member = getattr(message, "method", None) or getattr(message, "name", None)
-    described = f"{kind} {object_id}.{member}" if isinstance(member, str) else f"{kind} {object_id}"
+    return describe_call(kind, object_id, member if isinstance(member, str) else "")
+
+
+def describe_call(kind: str, object_id: str, member: str) -> str:
+    """ "Invoke obj-1f2e.forward (model seed v2)": a call in words (also one a worker marked on
+    the call board, server.models.dataports)."""
+    described = f"{kind} {object_id}.{member}" if member else f"{kind} {object_id}"
     label = object_label(object_id)
     return f"{described} ({label})" if label else described
 
@@ -216,9 +222,10 @@ class WorkerHandle:
         # Once exited: it ended itself (a crash, an exit, a limit of its own) while running a
         # call, rather than being killed from outside or stopped.
         self.ended_by_call = False
-        # Whether it is running a call that came another way than this channel (its data port:
-        # server.models.dataports sets this); then none of the daemon's requests has started.
-        self.running_elsewhere: Callable[[], bool] = lambda: False
+        # The call it is running that came another way than this channel (its data port:
+        # server.models.dataports sets this), None if none; while one runs, none of the daemon's
+        # requests has started.
+        self.call_elsewhere: Callable[[], RunningCall | None] = lambda: None
         # Set when the daemon kills the worker for a reason of its own (memory limit, a hung
         # call): (why, cause, whether the call it was running caused it).
         self._kill_reason: tuple[str, str, bool] | None = None
@@ -303,8 +310,9 @@ class WorkerHandle:
     def running_call(self) -> RunningCall:
         """What the worker runs now, for the lines it prints: the oldest request unanswered (it
         serves them in order), a call of its data port, or nothing."""
-        if self.running_elsewhere():
-            return RunningCall("a call on its data port")
+        elsewhere = self.call_elsewhere()
+        if elsewhere is not None:
+            return elsewhere
         for call in self._calls.values():
             return call
         return RunningCall("starting" if self.state is WorkerState.STARTING else "idle")
@@ -482,7 +490,7 @@ class WorkerHandle:
         # A worker serves its requests one at a time, in the order sent: the oldest one
         # unanswered is the one it was running (unless it was running a call of its data
         # port); the others waited behind it and did not cause its end, whatever it was.
-        running = not self.running_elsewhere()
+        running = self.call_elsewhere() is None
         for reply in self._pending.values():
             if reply.done():
                 continue
