@@ -50,6 +50,7 @@ TIMEOUT = 60.0  # of any one call: generous, for a loaded 2-core machine
 TEST_SECONDS = 100.0  # of a test's asyncio loop or subprocess: before pytest-timeout's 120 s
 ADMIN_TOKEN = "http-admin-token-5e1d"
 INVOKE_TOKEN = "http-invoke-token-c07a"
+MAX_JSON = 2 << 20  # the module daemon's server.http_max_json_bytes
 MAX_BODY = 8 << 20  # the module daemon's server.http_max_body_bytes: over the 4 MiB tensor of a test
 
 MODELS: list[dict[str, object]] = [
@@ -105,7 +106,7 @@ def http_daemon(package_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         package_dir,
         MODELS,
         metrics={"address": "127.0.0.1:0"},
-        server={"http_max_body_bytes": MAX_BODY},
+        server={"http_max_body_bytes": MAX_BODY, "http_max_json_bytes": MAX_JSON},
     )
     process = _start(config)
     try:
@@ -635,6 +636,34 @@ def test_a_body_over_the_cap_is_413_before_it_is_read(http_daemon: DaemonProcess
         http_daemon.http_url, "echo", {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1], "data": [1]}]}
     )
     assert status == 200, "the daemon serves on"
+
+
+def test_json_over_its_cap_is_413_and_the_same_tensor_as_binary_data_is_served(http_daemon: DaemonProcess) -> None:
+    """Parsed JSON takes about 10x its size: an infer whose JSON is over
+    server.http_max_json_bytes is refused (by its Content-Length before it is read), while the
+    same values as binary data, within the body's cap, are answered."""
+    values = [1.5] * (MAX_JSON // 4)  # "1.5, " a value: about 5 bytes each
+    request = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [len(values)], "data": values}]}
+    status, _, body = _infer_json(http_daemon.http_url, "echo", request)
+    assert status == 413, body[:200]
+    assert "server.http_max_json_bytes" in json.loads(body)["error"]
+    # A binary body whose JSON header says it is over the cap is refused too.
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}).encode()
+    head = (
+        b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (MAX_JSON + 1, MAX_JSON + 8)
+    )
+    status, _, body = _raw_exchange(http_daemon.http_port, head, [header.ljust(MAX_JSON + 8)])
+    assert status == 413 and "server.http_max_json_bytes" in json.loads(body)["error"]
+    client = triton.InferenceServerClient(http_daemon.http_url.removeprefix("http://"))
+    try:
+        tensor = np.full(len(values), 1.5, dtype=np.float32)
+        infer_input = triton.InferInput("x", list(tensor.shape), "FP32")
+        infer_input.set_data_from_numpy(tensor, binary_data=True)
+        result = client.infer("echo", [infer_input])
+        assert np.array_equal(result.as_numpy(result.get_response()["outputs"][0]["name"]), tensor)
+    finally:
+        client.close()
 
 
 def test_a_full_queue_is_503_with_retry_after_and_grpcs_message(package_dir: Path, tmp_path: Path) -> None:

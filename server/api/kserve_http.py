@@ -91,11 +91,13 @@ class HttpSettings:
         value_limits: ValueLimits,
         max_body_bytes: int,
         log_calls: bool = True,
+        max_json_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.tokens = tokens
         self.value_limits = value_limits
         self.max_body_bytes = max_body_bytes
         self.log_calls = log_calls
+        self.max_json_bytes = max_json_bytes
 
 
 class KServeHttp:
@@ -167,8 +169,14 @@ class KServeHttp:
 
     async def _infer(self, request: web.Request) -> web.Response:
         name, version = self._calls.resolve(*_model_and_version(request))
-        body = await self._body(request)
         header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
+        json_limit = self._settings.max_json_bytes
+        length = request.content_length
+        if header_length is None and length is not None and json_limit < length <= self._settings.max_body_bytes:
+            raise errors.TooLarge(_json_over_cap(json_limit))  # before reading it (past both caps: the body's)
+        body = await self._body(request)
+        if (len(body) if header_length is None else header_length) > json_limit:
+            raise errors.TooLarge(_json_over_cap(json_limit))
         parsed = parse_infer_request(body, header_length, self._settings.value_limits)
         answer = await self._calls.infer(name, version, parsed.inputs, [output.name for output in parsed.outputs])
         content, json_length = encode_infer_response(
@@ -459,6 +467,13 @@ def _error_response(status: int, error: DeploydError, call_id: str = "") -> web.
 
 def _over_cap(limit: int) -> str:
     return f"the request body is over {limit} bytes (server.http_max_body_bytes)"
+
+
+def _json_over_cap(limit: int) -> str:
+    return (
+        f"the request's JSON is over {limit} bytes (server.http_max_json_bytes): send large tensors"
+        " as binary data (Inference-Header-Content-Length)"
+    )
 
 
 def _json(value: Any, status: int = 200) -> web.Response:

@@ -49,6 +49,10 @@ class ServerSection:
     http_address: str = ""
     # A larger HTTP request body is refused (413) before it is read whole.
     http_max_body_bytes: int = 256 * 1024 * 1024
+    # A larger JSON part of an HTTP request (the whole body, or what Inference-Header-Content-
+    # Length names) is refused (413): parsed JSON takes about 10x its size in memory, and large
+    # tensors travel better as binary data.
+    http_max_json_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -347,6 +351,7 @@ def _validate(config: Config) -> None:
             not config.server.http_address or _is_address(config.server.http_address),
         ),
         ("server.http_max_body_bytes", config.server.http_max_body_bytes, config.server.http_max_body_bytes >= 1),
+        ("server.http_max_json_bytes", config.server.http_max_json_bytes, config.server.http_max_json_bytes >= 1),
         ("tracing.sample_ratio", config.tracing.sample_ratio, 0.0 <= config.tracing.sample_ratio <= 1.0),
         ("tracing.export_delay_ms", config.tracing.export_delay_ms, config.tracing.export_delay_ms > 0),
         (

@@ -463,6 +463,7 @@ def _http_server(
         value_limits,
         config.server.http_max_body_bytes,
         config.server.log_calls,
+        config.server.http_max_json_bytes,
     )
     tls = config.tls
     context = ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls.cert_file else None
