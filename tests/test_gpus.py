@@ -260,3 +260,17 @@ def test_deployd_load_device(gpu_daemon: DaemonProcess, package_dir: Path) -> No
         [*load, "--device", "cuda:9"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
     )
     assert refused.returncode != 0 and "device cuda:9: the pool has no workers on that GPU" in refused.stderr
+
+
+def test_cuda_out_of_memory_is_a_load_or_call_failure_naming_what_ran_out() -> None:
+    from server.errors import DeviceOutOfMemory, TooLarge, error_from_failure
+    from server.ipc import protocol
+    from server.worker.devices import out_of_memory_as_failure
+    from server.worker.failures import RequestFailed
+
+    with pytest.raises(RequestFailed) as failed, out_of_memory_as_failure("moving the model to cuda:0"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
+    assert failed.value.kind == protocol.FAILURE_OUT_OF_MEMORY
+    assert str(failed.value) == "moving the model to cuda:0: CUDA out of memory. Tried to allocate 2.00 GiB"
+    error = error_from_failure(protocol.Failure(failed.value.kind, "", str(failed.value), ""), "cannot load model 'm'")
+    assert isinstance(error, DeviceOutOfMemory) and isinstance(error, TooLarge)  # RESOURCE_EXHAUSTED

@@ -48,8 +48,9 @@ def out_of_memory_as_failure(doing: str) -> Iterator[None]:
     except torch.OutOfMemoryError as error:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what the failed step held goes back to the GPU
-        first = str(error).splitlines()[0] if str(error) else "out of memory"
-        raise RequestFailed(FAILURE_OUT_OF_MEMORY, f"{doing}: CUDA out of memory: {first}") from None
+        first = str(error).splitlines()[0] if str(error) else ""
+        said = first if "out of memory" in first.lower() else f"CUDA out of memory: {first}".rstrip(": ")
+        raise RequestFailed(FAILURE_OUT_OF_MEMORY, f"{doing}: {said}") from None
 
 
 def move_object(loaded: Any, device: torch.device) -> Any:
