@@ -269,7 +269,7 @@ def run(out: Path, cpu_dry_run: bool, callers: int, seconds: float, big_mib: int
             " with ResNet-18 loaded (4 worker contexts + the keeper)",
             flush=True,
         )
-        results["workers_gpu"] = [worker.gpu for worker in manager.status().workers]
+        results["workers_gpu"] = [worker.gpu if worker.HasField("gpu") else -1 for worker in manager.status().workers]
         check_correctness(manager, packages / "resnet.pt", results)
         big = check_memory(manager, nvml, daemon.pid, big_mib, device, results)
         check_replacement(manager, big, nvml, results)

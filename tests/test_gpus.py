@@ -179,7 +179,7 @@ def test_each_worker_sees_only_its_gpu(gpu_daemon: DaemonProcess, package_dir: P
                 obj.unload()
         assert seen == {0: ("0", "PCI_BUS_ID"), 1: ("0", "PCI_BUS_ID"), 2: ("1", "PCI_BUS_ID"), 3: ("", "PCI_BUS_ID")}
         workers = manager.status().workers
-        assert [worker.gpu for worker in workers] == list(SLOT_GPUS)
+        assert [worker.gpu if worker.HasField("gpu") else -1 for worker in workers] == list(SLOT_GPUS)
         # No NVML here (pynvml is not installed): no GPU readings, rather than zeros or an error.
         assert not any(worker.HasField("gpu_memory_bytes") for worker in workers)
 
@@ -274,3 +274,13 @@ def test_cuda_out_of_memory_is_a_load_or_call_failure_naming_what_ran_out() -> N
     assert str(failed.value) == "moving the model to cuda:0: CUDA out of memory. Tried to allocate 2.00 GiB"
     error = error_from_failure(protocol.Failure(failed.value.kind, "", str(failed.value), ""), "cannot load model 'm'")
     assert isinstance(error, DeviceOutOfMemory) and isinstance(error, TooLarge)  # RESOURCE_EXHAUSTED
+
+
+def test_deployd_status_shows_each_workers_gpu(gpu_daemon: DaemonProcess) -> None:
+    command = [sys.executable, "-m", "deployd_cli", "status", "--json", "--address", gpu_daemon.target]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shown = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0, shown.stderr
+    workers = yaml.safe_load(shown.stdout)["workers"]
+    assert [worker.get("gpu") for worker in workers] == [0, 0, 1, None]  # absent: a CPU worker
+    assert not any("gpu_memory_bytes" in worker for worker in workers)  # no NVML here

@@ -186,7 +186,7 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
                     calls_served=w.calls_served,
                     restarts=w.restarts,
                     last_failure=w.last_failure,
-                    gpu=w.gpu,
+                    gpu=w.gpu if w.gpu >= 0 else None,
                     gpu_memory_bytes=w.gpu_memory_bytes,
                     gpu_utilization_percent=w.gpu_utilization_percent,
                     **w.memory._asdict(),
