@@ -284,3 +284,24 @@ def test_deployd_status_shows_each_workers_gpu(gpu_daemon: DaemonProcess) -> Non
     workers = yaml.safe_load(shown.stdout)["workers"]
     assert [worker.get("gpu") for worker in workers] == [0, 0, 1, None]  # absent: a CPU worker
     assert not any("gpu_memory_bytes" in worker for worker in workers)  # no NVML here
+
+
+def test_a_session_on_a_model_on_a_device_sends_its_calls_tensors_there() -> None:
+    from server.ipc import protocol
+    from server.worker.sessions import SessionObjects
+
+    class Recorder:
+        def devices(self, x: torch.Tensor, scale: torch.Tensor) -> str:
+            return f"{x.device} {scale.device}"
+
+    meta = torch.device("meta")
+    devices = {"obj-gpu": meta}
+    sessions = SessionObjects(lambda object_id: Recorder(), lambda package_id: None, list, devices.get)
+    x = ("tensor", "float32", [2], 0)
+    for session, object_id, expected in (("s1", "obj-gpu", "meta meta"), ("s2", "obj-cpu", "cpu cpu")):
+        sessions._from_object(protocol.SessionFromObject(session, 1, object_id, ""), [], [])
+        call = protocol.ObjCall(session, 2, 1, "devices", [x], {"scale": x})
+        sessions._call(call, [memoryview(bytearray(8))], [])
+        assert sessions._object(session, 2) == expected
+    sessions.close("s1")
+    assert sessions.open_count() == 1

@@ -53,7 +53,9 @@ class Runtime:
             protocol.HasAttr: self._has_attr,
             protocol.LoadResource: self._load_resource,
         }
-        self.sessions = SessionObjects(self._object, self._package, lambda: reversed(self._packages.values()))
+        self.sessions = SessionObjects(
+            self._object, self._package, lambda: reversed(self._packages.values()), self._devices.get
+        )
         self._handlers.update(self.sessions.handlers())
         self._handlers[protocol.SessionClose] = self._close_session
 
