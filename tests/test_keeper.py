@@ -68,7 +68,7 @@ def test_a_keeper_holds_a_models_weights_for_other_processes(package_dir: Path) 
             assert await keeper.kept() == []
         finally:
             await keeper.stop(5.0)
-        assert not keeper.alive
+        assert not keeper.alive and not keeper.died.is_set()  # stopped, not died
         with pytest.raises(KeeperFailed, match="not running"):
             await keeper.kept()
 
@@ -82,7 +82,9 @@ def test_a_keeper_that_dies_fails_what_is_asked_of_it(package_dir: Path) -> None
         keeper = Keeper(-1, "cpu")
         await keeper.start(multiprocessing.get_context("forkserver"))
         try:
+            assert not keeper.died.is_set()
             os.kill(keeper.pid, 9)
+            await asyncio.wait_for(keeper.died.wait(), 30)  # seen at once, before anything is asked
             with pytest.raises(KeeperFailed, match=r"the keeper of cpu \(pid \d+\) died"):
                 await keeper.keep("obj-1", str(package_dir / "models.pt"), "models", "scale.pkl")
         finally:

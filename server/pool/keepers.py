@@ -43,6 +43,8 @@ class Keeper:
         self._process: Any = None
         self._connection: Any = None
         self._lock = asyncio.Lock()
+        self._stopping = False
+        self.died = asyncio.Event()  # set when its process ends other than by stop()
 
     @property
     def pid(self) -> int:
@@ -66,7 +68,23 @@ class Keeper:
         finally:
             theirs.close()
         self._connection = ours
+        # Its death is seen at once (its sentinel becomes readable), not at the next question.
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._process.sentinel, self._on_exit, loop, self._process)
         log.info("keeper of %s started (pid %d)", self.describe(), self.pid)
+
+    def _on_exit(self, loop: asyncio.AbstractEventLoop, process: Any) -> None:
+        loop.remove_reader(process.sentinel)
+        if self._stopping:
+            return
+        self.died.set()
+        log.error(
+            "the keeper of %s (pid %d) died; the weights it held for its workers are gone: load the models on"
+            " %s again (or restart the daemon)",
+            self.describe(),
+            process.pid,
+            self.describe(),
+        )
 
     def describe(self) -> str:
         return f"GPU {self.gpu}" if self.gpu >= 0 else self.device
@@ -107,6 +125,7 @@ class Keeper:
 
     async def stop(self, timeout: float) -> None:
         """Close its Connection (it exits), then terminate it, then kill it."""
+        self._stopping = True
         async with self._lock:
             if self._connection is not None:
                 self._connection.close()
@@ -115,6 +134,7 @@ class Keeper:
         if process is None:
             return
         loop = asyncio.get_running_loop()
+        loop.remove_reader(process.sentinel)
         for force in (None, process.terminate, process.kill):
             if force is not None:
                 force()
