@@ -413,6 +413,7 @@ class Package:
         name: str | None = None,
         batching: Batching | None = None,
         workers: int | Sequence[int] | None = None,
+        device: str = "",
     ) -> ReplicatedObj:
         """Unpickle an object on every worker and return a handle to its replicas.
 
@@ -423,8 +424,11 @@ class Package:
         With a name, the object is served as that model's next version (hot swap: new calls go
         to it at once, calls running on the old version finish there), and the handle follows
         the name; its `.version` says which version this load made. With batching (and a
-        name), concurrent calls to it are joined into one model call along dim 0."""
-        request = requests.load_pickle_request(self.id, module, file, name, batching, workers)
+        name), concurrent calls to it are joined into one model call along dim 0.
+
+        device (README: GPUs): "cpu", "cuda", "cuda:N" or "auto"; empty: cpu. Its inputs go to
+        the device in the worker, its results come back on the CPU."""
+        request = requests.load_pickle_request(self.id, module, file, name, batching, workers, device)
         response = self.manager.call(self.manager._stub.LoadPickle, request)
         handle = ReplicatedObj(self.manager, response.name or response.object_id)
         handle.object_id, handle.version = response.object_id, response.version

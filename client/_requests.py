@@ -86,10 +86,12 @@ def load_pickle_request(
     name: str | None,
     batching: Batching | None,
     workers: int | Sequence[int] | None = None,
+    device: str = "",
 ) -> pb.LoadPickleRequest:
     """workers: how many workers hold the object (the daemon picks them), or which worker
-    slots; None: where the name's serving version is, else every worker."""
-    request = pb.LoadPickleRequest(package_id=package_id, module=module, file=file, name=name or "")
+    slots; None: where the name's serving version is, else every worker. device: where it runs
+    (cpu, cuda, cuda:N, auto; empty: cpu)."""
+    request = pb.LoadPickleRequest(package_id=package_id, module=module, file=file, name=name or "", device=device)
     if isinstance(workers, int):
         if workers < 1:
             raise InvalidArgumentError(

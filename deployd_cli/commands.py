@@ -7,7 +7,7 @@ how status prints is deployd_cli.status_view.
 
     deployd status                                   workers, models, packages, objects, modules, queue
     deployd load PACKAGE [--server-path] [--pickle MODULE:FILE ...] [--name NAME [--batching ROWS[:DELAY_MS]]]
-                 [--workers N|SLOT,SLOT...]
+                 [--workers N|SLOT,SLOT...] [--device cpu|cuda|cuda:N|auto]
     deployd unload (TARGET | --model NAME | --object ID | --package ID)
     deployd invoke TARGET [--version N] [--method NAME] [--kwarg NAME=ARG ...] [--full] [ARG ...]
     deployd health [--service NAME]                  exit 0 only when SERVING
@@ -190,6 +190,12 @@ def add_commands(subparsers: Any) -> None:
         help="place the --pickle objects: on N workers the daemon picks (--workers 2), or on those worker"
         " slots (--workers 0,2; one slot: --workers 1,); default: every worker",
     )
+    load.add_argument(
+        "--device",
+        metavar="cpu|cuda|cuda:N|auto",
+        help="where the --pickle objects run: cpu (default), cuda (any of the pool's GPUs), cuda:N (the workers"
+        " bound to GPU N: pool.gpus) or auto (cuda if the pool has GPUs, else cpu)",
+    )
 
     unload = add(
         "unload",
@@ -356,6 +362,8 @@ def _load(options: argparse.Namespace) -> int:
     workers = _placement(options.workers) if options.workers is not None else None
     if workers is not None and not pickles:
         raise UsageError("--workers places objects: give --pickle MODULE:FILE too")
+    if options.device is not None and not pickles:
+        raise UsageError("--device places objects: give --pickle MODULE:FILE too")
     if options.name is not None and len(pickles) != 1:
         raise UsageError(f"--name serves one object: give exactly one --pickle MODULE:FILE, not {len(pickles)}")
     batching = _batching(options.batching) if options.batching is not None else None
@@ -375,7 +383,11 @@ def _load(options: argparse.Namespace) -> int:
         objects: list[ReplicatedObj] = []
         try:
             for module, file in pickles:
-                objects.append(package.load_pickle(module, file, name=options.name, batching=batching, workers=workers))
+                objects.append(
+                    package.load_pickle(
+                        module, file, name=options.name, batching=batching, workers=workers, device=options.device or ""
+                    )
+                )
         except DeployError as error:
             # All or nothing for the objects of this command (their ids are new); the package
             # stays: it is content-addressed, so others may hold objects from it. By object id:

@@ -21,6 +21,7 @@ def status_report(status: Any) -> dict[str, Any]:
                 "shared_bytes": worker.shared_bytes,
                 "private_bytes": worker.private_bytes,
                 "last_failure": worker.last_failure,
+                **_gpu_report(worker),
             }
             for worker in status.workers
         ],
@@ -43,6 +44,7 @@ def status_report(status: Any) -> dict[str, Any]:
                 "module": obj.module,
                 "file": obj.file,
                 **_placement_report(obj),
+                **({"device": obj.device} if obj.device not in ("", "cpu") else {}),
             }
             for obj in status.objects
         ],
@@ -59,6 +61,17 @@ def status_report(status: Any) -> dict[str, Any]:
             for session in status.sessions
         ],
     }
+
+
+def _gpu_report(worker: Any) -> dict[str, Any]:
+    """gpu (and NVML's readings, when it has them) for a worker bound to a GPU only (pool.gpus)."""
+    if not worker.HasField("gpu"):
+        return {}
+    report: dict[str, Any] = {"gpu": worker.gpu}
+    for field in ("gpu_memory_bytes", "gpu_utilization_percent"):
+        if worker.HasField(field):
+            report[field] = getattr(worker, field)
+    return report
 
 
 def _placement_report(placed: Any) -> dict[str, Any]:
@@ -144,6 +157,7 @@ def status_text(report: dict[str, Any]) -> str:
     lines += [
         f"  {o['object_id']}  {o['module']}:{o['file']}  package {o['package_id']}"
         + _placed_on(o.get("worker_slots", []))
+        + (f"  on {o['device']}" if "device" in o else "")
         for o in report["objects"]
     ]
     lines.append(f"modules: {len(report['modules'])}")

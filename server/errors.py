@@ -5,7 +5,7 @@ DeploydError
 ├── InvalidArgument     InvalidPackage, InvalidValue, and a bad module, pickle or resource
 ├── PathNotAllowed      a server-side path outside the package directory
 ├── TooLarge            over a configured size or count limit (a package, packages or objects loaded,
-│                       sessions open, objects in a session)
+│                       sessions open, objects in a session); DeviceOutOfMemory (a GPU's)
 ├── FailedPrecondition  not possible in this state: SessionEnded, an Obj of another session
 ├── WorkerCrashed       the worker died while serving the call (.caused_by_call: it ended itself)
 ├── Overloaded          too many calls already wait for a worker
@@ -80,6 +80,10 @@ class TooLarge(DeploydError):
     pass
 
 
+class DeviceOutOfMemory(TooLarge):
+    """A model's device (a GPU) had no room for it, or for a call's tensors; the worker lives."""
+
+
 class FailedPrecondition(DeploydError):
     pass
 
@@ -130,6 +134,7 @@ _ERROR_FOR_FAILURE: dict[str, type[DeploydError]] = {
     protocol.FAILURE_NOT_FOUND: NotFound,
     protocol.FAILURE_CANCELLED: CallCancelled,
     protocol.FAILURE_DEADLINE_EXCEEDED: DeadlineExceeded,
+    protocol.FAILURE_OUT_OF_MEMORY: DeviceOutOfMemory,
 }
 
 

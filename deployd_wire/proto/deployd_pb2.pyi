@@ -124,7 +124,7 @@ class LoadPackageResponse(_message.Message):
     def __init__(self, package_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadPickleRequest(_message.Message):
-    __slots__ = ("package_id", "module", "file", "name", "batching", "workers", "worker_slots")
+    __slots__ = ("package_id", "module", "file", "name", "batching", "workers", "worker_slots", "device")
     PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class LoadPickleRequest(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     WORKER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     package_id: str
     module: str
     file: str
@@ -139,7 +140,8 @@ class LoadPickleRequest(_message.Message):
     batching: Batching
     workers: int
     worker_slots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., name: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., workers: _Optional[int] = ..., worker_slots: _Optional[_Iterable[int]] = ...) -> None: ...
+    device: str
+    def __init__(self, package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., name: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., workers: _Optional[int] = ..., worker_slots: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Batching(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes")
@@ -399,7 +401,7 @@ class ModelVersionStatus(_message.Message):
     def __init__(self, version: _Optional[int] = ..., object_id: _Optional[str] = ..., state: _Optional[str] = ..., calls_in_flight: _Optional[int] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("index", "pid", "state", "calls_served", "restarts", "rss_bytes", "pss_bytes", "shared_bytes", "private_bytes", "last_failure")
+    __slots__ = ("index", "pid", "state", "calls_served", "restarts", "rss_bytes", "pss_bytes", "shared_bytes", "private_bytes", "last_failure", "gpu", "gpu_memory_bytes", "gpu_utilization_percent")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +412,9 @@ class WorkerStatus(_message.Message):
     SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
     index: int
     pid: int
     state: str
@@ -420,7 +425,10 @@ class WorkerStatus(_message.Message):
     shared_bytes: int
     private_bytes: int
     last_failure: str
-    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., calls_served: _Optional[int] = ..., restarts: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., private_bytes: _Optional[int] = ..., last_failure: _Optional[str] = ...) -> None: ...
+    gpu: int
+    gpu_memory_bytes: int
+    gpu_utilization_percent: float
+    def __init__(self, index: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., calls_served: _Optional[int] = ..., restarts: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., pss_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., private_bytes: _Optional[int] = ..., last_failure: _Optional[str] = ..., gpu: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., gpu_utilization_percent: _Optional[float] = ...) -> None: ...
 
 class PackageStatus(_message.Message):
     __slots__ = ("package_id", "size_bytes")
@@ -431,18 +439,20 @@ class PackageStatus(_message.Message):
     def __init__(self, package_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ObjectStatus(_message.Message):
-    __slots__ = ("object_id", "package_id", "module", "file", "worker_slots")
+    __slots__ = ("object_id", "package_id", "module", "file", "worker_slots", "device")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     PACKAGE_ID_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     WORKER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     object_id: str
     package_id: str
     module: str
     file: str
     worker_slots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, object_id: _Optional[str] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., worker_slots: _Optional[_Iterable[int]] = ...) -> None: ...
+    device: str
+    def __init__(self, object_id: _Optional[str] = ..., package_id: _Optional[str] = ..., module: _Optional[str] = ..., file: _Optional[str] = ..., worker_slots: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("object_id", "version", "package_id", "worker")

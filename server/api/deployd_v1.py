@@ -135,7 +135,13 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
         if request.workers or request.worker_slots:
             placement = Placement(request.workers, tuple(sorted(request.worker_slots)))
         loaded = await self._service.load_pickle(
-            request.package_id, request.module, request.file, request.name, batching, placement
+            request.package_id,
+            request.module,
+            request.file,
+            request.name,
+            batching,
+            placement,
+            device=request.device or "cpu",
         )
         return pb.LoadPickleResponse(object_id=loaded.object_id, name=loaded.name, version=loaded.version)
 
@@ -180,6 +186,9 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
                     calls_served=w.calls_served,
                     restarts=w.restarts,
                     last_failure=w.last_failure,
+                    gpu=w.gpu if w.gpu >= 0 else None,
+                    gpu_memory_bytes=w.gpu_memory_bytes,
+                    gpu_utilization_percent=w.gpu_utilization_percent,
                     **w.memory._asdict(),
                 )
                 for w in snapshot.workers
@@ -192,6 +201,7 @@ class DeploydServicer(InvokeHandlers, pb_grpc.DeploydServicer):  # type: ignore[
                     module=o.module,
                     file=o.file,
                     worker_slots=o.slots or (),
+                    device=o.device,
                 )
                 for o in snapshot.objects
             ],

@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from server import logs
+from server.pool.gpustats import GpuUsage
 from server.pool.procinfo import MemoryUsage
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class Metrics:
         worker_memory: Callable[[], list[tuple[int, MemoryUsage]]],
         sessions: Callable[[], int] = lambda: 0,
         models: Callable[[], Collection[str]] | None = None,
+        gpu_usage: Callable[[], list[tuple[int, int, GpuUsage]]] = list,
     ) -> None:
         """Gauges read from the daemon's state when scraped, not kept up to date on every change.
         models: the names and object ids loaded now; the workers' series of others are not shown
@@ -188,6 +190,7 @@ class Metrics:
         self.packages_loaded.set_function(packages)
         self.objects_loaded.set_function(objects)
         self.registry.register(_WorkerMemoryCollector(worker_memory))
+        self.registry.register(_WorkerGpuCollector(gpu_usage))
 
     def observe_call(self, method: str, object_id: str, code: str, seconds: float, protocol: str = GRPC) -> None:
         # labels() takes a lock and builds a key on every call; the children never change.
@@ -406,6 +409,38 @@ class _WorkerMemoryCollector(Collector):
             for kind, value in zip(("rss", "pss", "shared", "private"), usage, strict=True):
                 family.add_metric([str(index), kind], value)
         yield family
+
+
+class _WorkerGpuCollector(Collector):
+    """deployd_worker_gpu_memory_bytes{worker, gpu} and deployd_gpu_utilization_percent{gpu}, read
+    from NVML when scraped (server.pool.gpustats); no series at all without GPUs or NVML."""
+
+    def __init__(self, source: Callable[[], list[tuple[int, int, GpuUsage]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        readings = self._source()
+        if not readings:
+            return
+        memory = GaugeMetricFamily(
+            "deployd_worker_gpu_memory_bytes",
+            "Each GPU worker's memory on its GPU (NVML; the keeper's shared weights are not counted here)",
+            labels=["worker", "gpu"],
+        )
+        utilization = GaugeMetricFamily(
+            "deployd_gpu_utilization_percent",
+            "Each GPU's utilisation over NVML's last sample period, for the GPUs of pool.gpus",
+            labels=["gpu"],
+        )
+        seen: set[int] = set()
+        for index, gpu, usage in readings:
+            if usage.memory_bytes is not None:
+                memory.add_metric([str(index), str(gpu)], usage.memory_bytes)
+            if usage.utilization_percent is not None and gpu not in seen:
+                seen.add(gpu)
+                utilization.add_metric([str(gpu)], usage.utilization_percent)
+        yield memory
+        yield utilization
 
 
 class _LogDropsCollector(Collector):

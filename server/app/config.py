@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from server.errors import InvalidArgument
+from server.models.devices import bind_slots, parse_gpus, resolve_device
 from server.models.entry import EntryError, ModelEntry, parse_entries
 
 ENV_PREFIX = "DEPLOYD_"
@@ -76,6 +77,13 @@ class PoolSection:
     data_ports: int = 0
     # The host the data ports listen on; empty: server.address's host.
     data_host: str = ""
+    # The GPUs the pool uses, each "N" (one worker bound to GPU N) or "N=W" (W workers): those
+    # workers take the first slots, in order, each seeing only its GPU (CUDA_VISIBLE_DEVICES);
+    # the rest of pool.workers run on the CPU. Empty: no GPUs. With pool.workers 0: just the GPUs' workers.
+    gpus: tuple[str, ...] = ()
+    # A keeper process per GPU holds each model's weights on it once, shared with that GPU's
+    # workers (CUDA IPC); false: each worker moves a copy of its own to the GPU.
+    share_gpu_weights: bool = True
 
 
 @dataclass(frozen=True)
@@ -175,7 +183,19 @@ class Config:
 
     @property
     def worker_count(self) -> int:
+        if not self.pool.workers and self.gpu_workers:
+            return self.gpu_workers
         return self.pool.workers or os.cpu_count() or 1
+
+    @property
+    def gpu_workers(self) -> int:
+        """The workers pool.gpus binds to GPUs (checked by load_config)."""
+        return sum(workers for _, workers in parse_gpus(self.pool.gpus))
+
+    @property
+    def slot_gpus(self) -> tuple[int, ...]:
+        """Each worker slot's GPU (-1: none); () when pool.gpus is empty."""
+        return bind_slots(parse_gpus(self.pool.gpus), self.worker_count)
 
 
 def load_config(
@@ -197,6 +217,9 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)
         values[section][key] = value
+    gpus = values["pool"].get("gpus")
+    if isinstance(gpus, list):  # YAML gives plain GPU numbers as ints
+        values["pool"]["gpus"] = [str(item) if type(item) is int else item for item in gpus]
     sections: dict[str, Any] = {}
     for section_field in _sections():
         section_type = _section_type(section_field.name)
@@ -300,6 +323,15 @@ def _coerce(key: str, item: dataclasses.Field[Any], value: Any) -> Any:
 
 
 def _validate(config: Config) -> None:
+    try:
+        parse_gpus(config.pool.gpus)  # first: the pool's size depends on it
+    except ValueError as error:
+        raise ConfigError(f"bad value for pool.gpus: {error}") from None
+    if config.pool.workers and config.pool.workers < config.gpu_workers:
+        raise ConfigError(
+            f"bad value for pool.workers: {config.pool.workers} is fewer than the {config.gpu_workers}"
+            f" workers pool.gpus binds to GPUs ({', '.join(config.pool.gpus)})"
+        )
     checks = [
         ("server.address", config.server.address, _is_address(config.server.address)),
         ("server.max_message_bytes", config.server.max_message_bytes, config.server.max_message_bytes > 0),
@@ -388,6 +420,10 @@ def _validate(config: Config) -> None:
             entry.workers.checked(config.worker_count)
         except InvalidArgument as error:
             raise ConfigError(f"model {entry.name!r} workers: {error}") from None
+        try:
+            resolve_device(entry.device, config.slot_gpus)
+        except InvalidArgument as error:
+            raise ConfigError(f"model {entry.name!r}: {error}") from None
     if config.worker.user:
         worker_user(config.worker.user)  # refuses an unknown user, or one the daemon cannot become
     host = split_address(config.server.address)[0]

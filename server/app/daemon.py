@@ -49,6 +49,7 @@ from server.ipc.cancel_board import CancelBoard
 from server.ipc.shm import remove_stale_segments, set_worker_group
 from server.malloc import tune_malloc
 from server.models.dataports import DataPorts
+from server.models.devices import parse_gpus
 from server.models.packages import PackageStore
 from server.models.registry import Registry
 from server.models.repository import ModelLoadFailed, ModelRepository, ReloadReport
@@ -56,6 +57,8 @@ from server.models.service import ModelService
 from server.models.sessions import Sessions
 from server.pool.dispatcher import Dispatcher
 from server.pool.events import WorkerEvent, WorkerExited
+from server.pool.gpustats import GpuStats
+from server.pool.keepers import Keeper
 from server.pool.supervisor import Supervisor
 from server.pool.worker_handle import WorkerHandle, WorkerTarget
 from server.worker.entry import WorkerSettings, run_worker
@@ -87,7 +90,15 @@ class Daemon:
         self._store_directory = Path(store_directory or tempfile.mkdtemp(prefix="deployd-store-"))
         self._store_directory.mkdir(parents=True, exist_ok=True)
         self._owns_store_directory = not store_directory
-        self._registry = Registry()
+        self._registry = Registry(config.slot_gpus)
+        # GPU memory per worker, utilisation per GPU (NVML, never CUDA: server.pool.gpustats).
+        self._gpu_stats = GpuStats() if config.pool.gpus else None
+        # One keeper per GPU: the weights of its models, once for its workers (server.pool.keepers).
+        self._keepers = (
+            {gpu: Keeper(gpu, "cuda", config.worker.extra_sys_paths) for gpu, _ in parse_gpus(config.pool.gpus)}
+            if config.pool.share_gpu_weights
+            else {}
+        )
         limits = config.limits
         uid, gid = worker_user(config.worker.user) if config.worker.user else (-1, -1)
         worker_group = gid if uid not in (-1, os.geteuid()) else None
@@ -126,6 +137,7 @@ class Daemon:
                 config.worker.max_address_space_bytes,
                 uid,
                 gid,
+                slot_gpus=config.slot_gpus,
             ),
             start_timeout=config.pool.start_timeout_seconds,
             stop_timeout=config.pool.stop_timeout_seconds,
@@ -134,6 +146,7 @@ class Daemon:
             on_call_timing=self._metrics.observe_worker_call,
             cancel_board=self._cancel_board,
             on_output_dropped=self._metrics.worker_output_dropped.inc,
+            gpu_stats=self._gpu_stats,
         )
         self._dispatcher = Dispatcher(
             max_queued_calls=config.pool.max_queued_calls,
@@ -164,6 +177,8 @@ class Daemon:
             routes_to_workers=self._data_ports is not None,
             signatures=self._declared_signatures,
             direct_calls=self._data_ports.row if self._data_ports is not None else None,
+            slot_gpus=config.slot_gpus,
+            keepers=self._keepers,
         )
         self._sessions = Sessions(
             self._dispatcher,
@@ -187,6 +202,7 @@ class Daemon:
             worker_memory=self._supervisor.memory,
             sessions=lambda: self._sessions.open_count,
             models=lambda: self._known_objects,
+            gpu_usage=self._supervisor.gpu_usage,
         )
         self._known_objects: set[str] = set()
         message_limit = config.server.max_message_bytes
@@ -364,6 +380,9 @@ class Daemon:
                     self.http_port = self._http.bind(*split_address(self.config.server.http_address))
                 except OSError as error:
                     raise StartupError(str(error)) from None
+            self._check_gpus()
+            for keeper in self._keepers.values():
+                await keeper.start(self._supervisor.context)
             log.info("starting %d workers", self._supervisor.size)
             await self._supervisor.start()
             if self._data_ports is not None:
@@ -388,15 +407,35 @@ class Daemon:
             await self._sessions.close()
             self._dispatcher.close()
             await self._supervisor.stop("the daemon is stopping")
+            for keeper in self._keepers.values():  # after the workers: they map its weights
+                await keeper.stop(self.config.pool.stop_timeout_seconds)
             if self._data_ports is not None:
                 self._data_ports.unlink()
             self._cancel_board.unlink()
             self._service.close()
             self._metrics.close()
+            if self._gpu_stats is not None:
+                self._gpu_stats.close()
             if self._owns_store_directory:
                 shutil.rmtree(self._store_directory, ignore_errors=True)
         log.info("stopped")
         return ExitCode.OK  # after a second signal too: it only skips the drain
+
+    def _check_gpus(self) -> None:
+        """pool.gpus against the GPUs NVML sees: one it does not is a config error. Without
+        NVML (or a driver) the host cannot be asked: a load on cuda says so, in the worker."""
+        if self._gpu_stats is None:
+            return
+        count = self._gpu_stats.device_count()
+        gpus = [gpu for gpu, _ in parse_gpus(self.config.pool.gpus)]
+        if count is None:
+            log.warning("pool.gpus lists GPUs %s, but NVML cannot count this host's GPUs", gpus)
+            return
+        missing = [gpu for gpu in gpus if gpu >= count]
+        if missing:
+            raise ConfigError(
+                f"bad value for pool.gpus: this host has no GPU {missing[0]} (NVML sees {count} GPUs: 0 to {count - 1})"
+            )
 
     def _bind(self, address: str) -> int:
         """Bind before starting workers, so a taken port fails fast."""
@@ -509,9 +548,9 @@ def run_daemon(config: Config, reload_config: Callable[[], Config] | None = None
         except (StartupError, WorkerCrashed) as error:
             log.error("cannot start: %s", error)
             return ExitCode.STARTUP_ERROR
-        except ModelLoadFailed as error:
+        except (ModelLoadFailed, ConfigError) as error:
             log.error("cannot start: %s", error)
-            return ExitCode.CONFIG_ERROR  # models_on_error: stop
+            return ExitCode.CONFIG_ERROR  # models_on_error: stop; a GPU the host lacks
         finally:
             if stop_tracing is not None:
                 stop_tracing()

@@ -65,6 +65,11 @@ class LoadPickle(NamedTuple):
     # Calls run on the object before the reply (server.worker.warmup), () for none:
     # (method, [ARG texts], {name: ARG text}, torch.save bytes of the arguments or b"", repeat)
     warmup: tuple[Any, ...] = ()
+    # Where it runs: "cpu", or "cuda" (the one GPU this worker sees: CUDA_VISIBLE_DEVICES).
+    device: str = "cpu"
+    # Its weights, shared by its GPU's keeper (server.worker.handles): state name -> handle;
+    # {}: the worker moves its own copy to the device.
+    shared: dict[str, Any] = {}
 
 
 class UnloadObject(NamedTuple):
@@ -216,6 +221,7 @@ FAILURE_NOT_FOUND = "not_found"  # no such object, package or method in the work
 # Model code stopped because its caller was gone (deployd_worker.check raised Cancelled).
 FAILURE_CANCELLED = "cancelled"  # the caller cancelled the call
 FAILURE_DEADLINE_EXCEEDED = "deadline_exceeded"  # the caller's deadline passed
+FAILURE_OUT_OF_MEMORY = "out_of_memory"  # the model's device ran out of memory (CUDA)
 
 Request = (
     RegisterModule

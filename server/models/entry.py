@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from deployd_wire.dtypes import DTYPES
 from server.batching.batcher import BatchPolicy
 from server.errors import InvalidArgument
+from server.models.devices import CPU, parse_device
 from server.models.names import check_name
 from server.models.placement import EVERYWHERE, Placement, parse_placement
 from server.models.warmup import Warmup, WarmupError, parse_warmup
@@ -37,6 +38,7 @@ class ModelEntry:
     batching: BatchPolicy | None = None  # dynamic batching (server.batching); None: off
     workers: Placement = EVERYWHERE  # where it is loaded and called (server.models.placement)
     warmup: Warmup | None = None  # calls run on each worker after the load (server.models.warmup)
+    device: str = CPU  # cpu, cuda, cuda:N or auto (server.models.devices)
 
 
 class EntryError(ValueError):
@@ -54,7 +56,7 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
         if not isinstance(item, dict) or not {"name", "package", "pickle"} <= set(item) <= _ENTRY_KEYS:
             raise EntryError(
                 f"{where} must have the keys name, package and pickle (and may have inputs, outputs, batching,"
-                f" workers, warmup),"
+                f" workers, warmup, device),"
                 f" got {item!r}"
             )
         name, package, pickle = (item[key] for key in ("name", "package", "pickle"))
@@ -77,11 +79,15 @@ def parse_entries(raw: Any) -> tuple[ModelEntry, ...]:
             warmup = parse_warmup(item["warmup"], f"{where} ({name}) warmup") if "warmup" in item else None
         except WarmupError as error:
             raise EntryError(str(error)) from None
-        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching, workers, warmup))
+        try:
+            device = parse_device(item.get("device", CPU))
+        except InvalidArgument as error:
+            raise EntryError(f"{where} ({name}): {error}") from None
+        entries.append(ModelEntry(name, package, module, file, inputs, outputs, batching, workers, warmup, device))
     return tuple(entries)
 
 
-_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching", "workers", "warmup"}
+_ENTRY_KEYS = {"name", "package", "pickle", "inputs", "outputs", "batching", "workers", "warmup", "device"}
 _BATCHING_KEYS = {"max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes"}
 
 

@@ -67,9 +67,14 @@ def parse_placement(raw: Any) -> Placement:
     raise InvalidArgument(f"workers must be a number of workers or a list of worker slots, got {raw!r}")
 
 
-def choose_slots(placement: Placement, pool_size: int, held: Iterable[Iterable[int]]) -> tuple[int, ...] | None:
-    """The slots to load on (None: every worker). held: the slots of each object already placed."""
+def choose_slots(
+    placement: Placement, pool_size: int, held: Iterable[Iterable[int]], among: tuple[int, ...] | None = None
+) -> tuple[int, ...] | None:
+    """The slots to load on (None: every worker). held: the slots of each object already placed.
+    among: the slots it may use at all (its device's: server.models.devices); None: any."""
     placement.checked(pool_size)
+    if among is not None:
+        return _choose_among(placement, among, held)
     if placement.slots:
         return placement.slots
     if not placement.count:
@@ -80,4 +85,26 @@ def choose_slots(placement: Placement, pool_size: int, held: Iterable[Iterable[i
             if 0 <= slot < pool_size:
                 load[slot] += 1
     chosen = sorted(range(pool_size), key=lambda slot: (load[slot], slot))[: placement.count]
+    return tuple(sorted(chosen))
+
+
+def _choose_among(placement: Placement, among: tuple[int, ...], held: Iterable[Iterable[int]]) -> tuple[int, ...]:
+    if placement.slots:
+        outside = [slot for slot in placement.slots if slot not in among]
+        if outside:
+            raise InvalidArgument(
+                f"worker slot {outside[0]} is not on the model's device: its workers are slots"
+                f" {', '.join(map(str, among))}"
+            )
+        return placement.slots
+    if not placement.count:
+        return among
+    if placement.count > len(among):
+        raise InvalidArgument(f"workers: {placement.count} is more than the {len(among)} workers on the model's device")
+    load = dict.fromkeys(among, 0)
+    for slots in held:
+        for slot in slots:
+            if slot in load:
+                load[slot] += 1
+    chosen = sorted(among, key=lambda slot: (load[slot], slot))[: placement.count]
     return tuple(sorted(chosen))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from server.ipc import protocol
@@ -33,6 +33,16 @@ class ObjectRecord:
     warmup: tuple[Any, ...] = ()  # LoadPickle's: run again in every new worker
     slots: tuple[int, ...] | None = None  # the worker slots it is loaded on; None: every one
     placement: Placement = EVERYWHERE  # as asked for (a new version of its name keeps it)
+    device: str = "cpu"  # as asked for (server.models.devices)
+    runs_on: str = "cpu"  # what the workers were told: cpu or cuda
+    # GPU -> its keeper's handles of the weights (server.pool.keepers); {}: none kept
+    shared: dict[int, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
+
+    def load_request(self, gpu: int = -1) -> protocol.LoadPickle:
+        """The LoadPickle of a worker on `gpu` (-1: none): with that GPU's keeper's handles."""
+        return protocol.LoadPickle(
+            self.object_id, self.package_id, self.module, self.file, self.warmup, self.runs_on, self.shared.get(gpu, {})
+        )
 
     def held_by(self, slot: int) -> bool:
         return self.slots is None or slot in self.slots
@@ -44,7 +54,9 @@ class ReplayKey(NamedTuple):
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, slot_gpus: tuple[int, ...] = ()) -> None:
+        """slot_gpus: each worker slot's GPU (pool.gpus), for the keepers' handles a replay carries."""
+        self._slot_gpus = slot_gpus
         self.modules: dict[str, str] = {}  # name -> source
         self.packages: dict[str, PackageRecord] = {}
         self.objects: dict[str, ObjectRecord] = {}
@@ -66,7 +78,7 @@ class Registry:
         steps += [
             (
                 ReplayKey("object", record.object_id),
-                protocol.LoadPickle(record.object_id, record.package_id, record.module, record.file, record.warmup),
+                record.load_request(self._slot_gpus[slot] if slot < len(self._slot_gpus) else -1),
             )
             for record in self.objects.values()
             if record.held_by(slot)

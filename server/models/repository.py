@@ -99,7 +99,14 @@ class ModelRepository:
         package = await self._service.load_package_path(entry.package)
         try:
             await self._service.load_pickle(
-                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers, warmup
+                package.package_id,
+                entry.module,
+                entry.file,
+                entry.name,
+                entry.batching,
+                entry.workers,
+                warmup,
+                entry.device,
             )
         finally:
             if package.package_id not in loaded_before:
@@ -172,7 +179,14 @@ class ModelRepository:
         package = await self._service.load_package_path(entry.package)
         try:
             await self._service.load_pickle(
-                package.package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers, warmup
+                package.package_id,
+                entry.module,
+                entry.file,
+                entry.name,
+                entry.batching,
+                entry.workers,
+                warmup,
+                entry.device,
             )
         except DeploydError:
             if package.package_id not in self._packages:  # loaded for this entry alone: not kept

@@ -49,12 +49,14 @@ from server.errors import (
 from server.ipc import protocol
 from server.ipc.call_board import Row
 from server.malloc import release_free_memory
+from server.models.devices import resolve_device
 from server.models.names import ModelNames, NamedModel, check_name, is_object_id
 from server.models.packages import PackageStore, StoredPackage
 from server.models.placement import EVERYWHERE, Placement, choose_slots
 from server.models.registry import ObjectRecord, PackageRecord, Registry, ReplayKey
 from server.models.weights import SharedWeights, stage_weights
 from server.pool.dispatcher import Dispatcher, Slots
+from server.pool.keepers import Keeper
 from server.pool.object_labels import object_label
 from server.pool.supervisor import Supervisor, WorkerStatus
 from server.pool.worker_handle import WorkerHandle, WorkerState
@@ -106,6 +108,8 @@ class ModelService:
         routes_to_workers: bool = False,
         signatures: Callable[[], dict[str, Any]] = dict,
         direct_calls: Callable[[int], Row] | None = None,
+        slot_gpus: tuple[int, ...] = (),
+        keepers: dict[int, Keeper] | None = None,
     ) -> None:
         """on_objects_changed: awaited after objects were loaded or unloaded, before the caller is answered.
         replay_step_timeout: seconds one replayed module, package or object may take in a new worker.
@@ -114,7 +118,12 @@ class ModelService:
         routes_to_workers: the workers serve calls themselves (data ports): each is told what
         names and ids serve (SetRoutes) whenever that changes, before any unload reaches it.
         signatures: name -> (inputs, outputs) declared by the model entries, for those routes.
-        direct_calls: a worker slot's calls on its data port (the call board), for Status."""
+        direct_calls: a worker slot's calls on its data port (the call board), for Status.
+        slot_gpus: each worker slot's GPU, -1 for none (pool.gpus; (): no GPUs).
+        keepers: GPU -> its keeper (server.pool.keepers), which holds the weights of the models on
+        that GPU once for its workers; None or a GPU without one: each worker moves its own copy."""
+        self._slot_gpus = slot_gpus
+        self._keepers = keepers or {}
         self._supervisor = supervisor
         self._dispatcher = dispatcher
         self._max_packages = max_packages
@@ -272,6 +281,7 @@ class ModelService:
             await self.publish_routes()  # no worker takes a call for them once they start to go
         for loaded in objects:
             await self._dispatcher.broadcast(protocol.UnloadObject(loaded.object_id), [], loaded.slots)
+            await self._release_kept(loaded.object_id, loaded.shared)  # after every worker let it go
         for package_id in {loaded.package_id for loaded in objects} & self._release_when_unused:
             if package_id in self._registry.packages and not self._registry.objects_of(package_id):
                 self._release_when_unused.discard(package_id)
@@ -306,14 +316,17 @@ class ModelService:
         batching: BatchPolicy | None = None,
         placement: Placement | None = None,
         warmup: tuple[Any, ...] = (),
+        device: str = "cpu",
     ) -> LoadedObject:
         """Unpickle an object on every worker (or where placement says; None: where the
         name's serving version is, else every worker); with a name, serve it as that model's
         next version (with batching, its calls batched: server.batching). warmup: calls each
         worker runs on it before the load succeeds (server.models.warmup's warmup_message), and
-        so before it serves."""
+        so before it serves. device: where it runs (server.models.devices): a model on a GPU is
+        placed on that GPU's workers only."""
         if name:
             check_name(name)
+        runs_on, allowed = resolve_device(device, self._slot_gpus)
         if placement is not None:
             placement.checked(self._supervisor.size)
         if batching is not None:
@@ -325,17 +338,29 @@ class ModelService:
             self._require_package(package_id)
             if self._max_objects and len(self._registry.objects) >= self._max_objects:
                 raise TooLarge(f"{self._max_objects} objects are loaded, the limit (limits.max_objects)")
-            placement, slots = self._place(name, placement)
-            warmed = await self._everywhere(
-                protocol.LoadPickle(object_id, package_id, module, file, warmup),
-                protocol.UnloadObject(object_id),
-                f"cannot load pickle {file!r} of module {module!r}",
-                slots,
-            )
+            placement, slots = self._place(name, placement, device, allowed)
+            what = f"model {name!r}" if name else f"pickle {file!r} of module {module!r}"
+            context = f"cannot load {what}" + (f" on {device}" if runs_on != "cpu" else "")
+            request = protocol.LoadPickle(object_id, package_id, module, file, warmup, runs_on)
+            shared = await self._keep(request, slots, context) if runs_on == "cuda" else {}
+            try:
+                warmed = await self._load_on_workers(request, slots, shared, context)
+            except BaseException:
+                await self._release_kept(object_id, shared)
+                raise
             if warmup:
                 self._observe_warmup(name or object_id, warmed)
             self._registry.objects[object_id] = ObjectRecord(
-                object_id, package_id, module, file, warmup=warmup, slots=slots, placement=placement
+                object_id,
+                package_id,
+                module,
+                file,
+                warmup=warmup,
+                slots=slots,
+                placement=placement,
+                device=device,
+                runs_on=runs_on,
+                shared=shared,
             )
             if batching is not None:
                 pool = self._batch_pool(slots)
@@ -349,16 +374,77 @@ class ModelService:
             await self._on_objects_changed()
         return LoadedObject(object_id, name, version)
 
-    def _place(self, name: str, placement: Placement | None) -> tuple[Placement, tuple[int, ...] | None]:
-        """The placement of a new object and its slots: a name's new version keeps the slots of
-        the one it replaces when the placement is the same (or not given); others go to the
-        slots holding the fewest placed objects."""
+    def _gpus_of(self, slots: tuple[int, ...] | None) -> list[int]:
+        """The GPUs the slots are bound to, in order."""
+        chosen = range(self._supervisor.size) if slots is None else slots
+        return sorted({self._slot_gpus[slot] for slot in chosen if slot < len(self._slot_gpus)} - {-1})
+
+    async def _keep(
+        self, request: protocol.LoadPickle, slots: tuple[int, ...] | None, context: str
+    ) -> dict[int, dict[str, Any]]:
+        """Have the keeper of each GPU of `slots` hold the object's weights: GPU -> handles. All
+        or nothing: on a failure the keepers that took it let it go."""
+        shared: dict[int, dict[str, Any]] = {}
+        path = self._registry.packages[request.package_id].path
+        try:
+            for gpu in self._gpus_of(slots):
+                keeper = self._keepers.get(gpu)
+                if keeper is not None:
+                    shared[gpu] = await keeper.keep(request.object_id, path, request.module, request.file)
+        except DeploydError as error:
+            await self._release_kept(request.object_id, shared)
+            error.args = (f"{context}: {error}",)
+            raise
+        return shared
+
+    async def _release_kept(self, object_id: str, shared: dict[int, dict[str, Any]]) -> None:
+        for gpu in shared:
+            try:
+                await self._keepers[gpu].drop(object_id)
+            except DeploydError as error:
+                log.warning("the keeper of GPU %d could not let %s go: %s", gpu, object_id, error)
+
+    async def _load_on_workers(
+        self,
+        request: protocol.LoadPickle,
+        slots: tuple[int, ...] | None,
+        shared: dict[int, dict[str, Any]],
+        context: str,
+    ) -> list[Any]:
+        """LoadPickle on the slots, each GPU's workers with their keeper's handles; all or nothing."""
+        if not shared:
+            return await self._everywhere(request, protocol.UnloadObject(request.object_id), context, slots)
+        chosen = tuple(range(self._supervisor.size)) if slots is None else slots
+        groups: dict[int, tuple[int, ...]] = {}
+        for slot in chosen:
+            gpu = self._slot_gpus[slot] if slot < len(self._slot_gpus) else -1
+            groups[gpu] = (*groups.get(gpu, ()), slot)
+        replies: list[Any] = []
+        done: list[tuple[int, ...]] = []
+        try:
+            for gpu, group in groups.items():
+                step = request._replace(shared=shared.get(gpu, {}))
+                replies += await self._everywhere(step, protocol.UnloadObject(request.object_id), context, group)
+                done.append(group)
+        except BaseException:
+            for group in done:
+                await self._dispatcher.broadcast(protocol.UnloadObject(request.object_id), [], group)
+            raise
+        return replies
+
+    def _place(
+        self, name: str, placement: Placement | None, device: str, allowed: tuple[int, ...] | None
+    ) -> tuple[Placement, tuple[int, ...] | None]:
+        """The placement of a new object and its slots, among those its device allows (None:
+        any): a name's new version keeps the slots of the one it replaces when the placement
+        and device are the same (or the placement not given); others go to the slots holding
+        the fewest placed objects."""
         current = self._serving_record(name)
-        if current is not None and (placement is None or placement == current.placement):
+        if current is not None and current.device == device and (placement is None or placement == current.placement):
             return current.placement, current.slots
         placement = EVERYWHERE if placement is None else placement
         held = [record.slots for record in self._registry.objects.values() if record.slots is not None]
-        return placement, choose_slots(placement, self._supervisor.size, held)
+        return placement, choose_slots(placement, self._supervisor.size, held, allowed)
 
     def _serving_record(self, name: str) -> ObjectRecord | None:
         model = self._names.models.get(name) if name else None

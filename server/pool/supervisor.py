@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from server.errors import DeploydError, WorkerCrashed
 from server.ipc.cancel_board import CancelBoard
 from server.pool.events import WorkerEvent, WorkerExited, WorkerListener, WorkerServing
+from server.pool.gpustats import GpuStats, GpuUsage
 from server.pool.procinfo import MemoryUsage, anonymous_resident_bytes, memory_usage
 from server.pool.worker_handle import CallTiming, WorkerHandle, WorkerState, WorkerTarget
 from server.worker.entry import WorkerSettings, run_worker
@@ -65,6 +66,9 @@ class WorkerStatus:
     restarts: int
     memory: MemoryUsage
     last_failure: str = ""  # why the slot's last replacement failed, while it has no worker
+    gpu: int = -1  # the GPU it is bound to (pool.gpus); -1: none
+    gpu_memory_bytes: int | None = None  # its memory on that GPU (NVML; None: unknown)
+    gpu_utilization_percent: float | None = None  # that GPU's utilisation (NVML; None: unknown)
 
 
 @dataclass
@@ -94,13 +98,16 @@ class Supervisor:
         on_call_timing: Callable[[CallTiming], None] = lambda timing: None,
         cancel_board: CancelBoard | None = None,
         on_output_dropped: Callable[[int], None] = lambda size: None,
+        gpu_stats: GpuStats | None = None,
     ) -> None:
         """prepare: replays everything loaded into a new worker (awaited under `changes`).
         target: what a worker process runs (server.worker.entry.run_worker).
         on_call_timing: where each request's timing goes (the daemon's metrics).
         cancel_board: where each worker learns that its call's caller gave up (one word per
         slot; the daemon owns it);
-        on_output_dropped: bytes of a worker's output the log could not take (the daemon's metrics)."""
+        on_output_dropped: bytes of a worker's output the log could not take (the daemon's metrics);
+        gpu_stats: where the GPU workers' GPU memory and utilisation are read (NVML)."""
+        self._gpu_stats = gpu_stats
         self.size = size
         # Held while a worker is prepared and starts serving, and by the service while it
         # changes what every worker holds.
@@ -125,6 +132,11 @@ class Supervisor:
         self._closing = False
         self._stop_reason = ""  # stop()'s, once stopping
         self._memory_cache: dict[int, tuple[float, MemoryUsage]] = {}
+
+    @property
+    def context(self) -> multiprocessing.context.BaseContext:
+        """The fork server's context, for other processes that must start as workers do (keepers)."""
+        return self._context
 
     def subscribe(self, listener: WorkerListener) -> None:
         """Have listener(event) called with every later event, after the listeners before it."""
@@ -304,10 +316,33 @@ class Supervisor:
                 slot.restarts,
                 self._memory(worker.pid),
                 slot.last_failure,
+                self.gpu_of(slot.index),
+                *(self.gpu_usage_of(worker.pid, slot.index) or (None, None)),
             )
             for slot in self._slots
             if (worker := slot.worker) is not None
         ]
+
+    def gpu_usage_of(self, pid: int, index: int) -> GpuUsage | None:
+        """A worker's GPU memory and its GPU's utilisation; None: no GPU, or NVML cannot tell."""
+        gpu = self.gpu_of(index)
+        if gpu < 0 or self._gpu_stats is None:
+            return None
+        return self._gpu_stats.usage(pid, gpu)
+
+    def gpu_usage(self) -> list[tuple[int, int, GpuUsage]]:
+        """(slot, GPU, usage) of each live worker bound to a GPU that NVML can read."""
+        found = []
+        for worker in self._live_workers():
+            usage = self.gpu_usage_of(worker.pid, worker.index)
+            if usage is not None:
+                found.append((worker.index, self.gpu_of(worker.index), usage))
+        return found
+
+    def gpu_of(self, index: int) -> int:
+        """The GPU a slot's workers are bound to (WorkerSettings.slot_gpus); -1: none."""
+        gpus = self._settings.slot_gpus
+        return gpus[index] if index < len(gpus) else -1
 
     def memory(self) -> list[tuple[int, MemoryUsage]]:
         """Each live worker's slot and memory (read at most once a second per worker)."""

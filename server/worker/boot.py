@@ -65,11 +65,12 @@ def start_worker_process(settings: WorkerSettings) -> Runtime:
     """Every step of a worker's start, in order; BootError names the one that failed."""
     with step("redirecting its output to the daemon"):
         redirect_output(settings.output)
+    bind_gpu(settings.cuda_visible_devices)
     if settings.uid >= 0:
         with step(f"switching to {_describe_user(settings.uid, settings.gid)}"):
             _become_user(settings.uid, settings.gid)  # first: a change of user clears the parent-death signal
     with step("asking to be killed with its parent"):
-        _die_with_parent()
+        die_with_parent()
     _limit_resources(settings)
     # Ctrl-C reaches the whole process group; the daemon decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -88,6 +89,16 @@ def start_worker_process(settings: WorkerSettings) -> Runtime:
     sys.path.extend(settings.extra_sys_paths)
     with step("starting its runtime"):
         return Runtime()
+
+
+def bind_gpu(visible: str | None) -> None:
+    """Show this worker its GPU alone (None: leave the environment as it is). Read by CUDA when
+    it starts, which nothing has done yet: not the fork server, nor the daemon (server.models.devices).
+    NVML's order (the daemon's metrics, pool.gpus) is the PCI bus order; CUDA's must be the same."""
+    if visible is None:
+        return
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
 
 
 def _describe_user(uid: int, gid: int) -> str:
@@ -134,7 +145,7 @@ def _mapped_bytes() -> int:
         return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Have the kernel SIGKILL this worker when its parent dies (Linux).
 
     The parent is the fork server, which exits when the daemon does, however the daemon

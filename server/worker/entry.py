@@ -34,9 +34,28 @@ class WorkerSettings(NamedTuple):
     # The write end of this worker's output pipe (a multiprocessing Connection), made for each
     # worker by WorkerHandle.spawn: its fds 1 and 2 at boot. None: they stay as inherited.
     output: Any = None
+    # Each slot's GPU (-1: none), from pool.gpus: a worker sees only its slot's GPU
+    # (CUDA_VISIBLE_DEVICES, set at boot before anything starts CUDA). (): the environment as inherited.
+    slot_gpus: tuple[int, ...] = ()
+
+    @property
+    def cuda_visible_devices(self) -> str | None:
+        """This worker's CUDA_VISIBLE_DEVICES: its GPU, "" (none: a CPU worker of a GPU pool),
+        or None (no GPUs configured: left as inherited)."""
+        if not self.slot_gpus or not 0 <= self.slot < len(self.slot_gpus):
+            return None
+        gpu = self.slot_gpus[self.slot]
+        return str(gpu) if gpu >= 0 else ""
 
 
 def run_worker(channel: socket.socket, settings: WorkerSettings) -> None:
     from server.worker.main import worker_main
 
     worker_main(channel, settings)
+
+
+def run_keeper(connection: Any, visible: str | None, device: str, extra_sys_paths: tuple[str, ...]) -> None:
+    """A keeper process (server.worker.keeper): the weights of its GPU's models."""
+    from server.worker.keeper import keeper_main
+
+    keeper_main(connection, visible, device, extra_sys_paths)

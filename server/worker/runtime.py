@@ -19,7 +19,9 @@ from torch.package import PackageImporter  # type: ignore[attr-defined]
 from deployd_worker import Cancelled
 from server.ipc import protocol
 from server.ipc.protocol import Failure, Reply, Request, Result
+from server.worker.devices import move_object, out_of_memory_as_failure, require_device, to_device
 from server.worker.failures import RequestFailed
+from server.worker.handles import adopt_state
 from server.worker.sessions import SessionObjects
 from server.worker.shared import SharedWeightsReader
 from server.worker.values import pack, unpack
@@ -40,6 +42,7 @@ class Runtime:
     def __init__(self) -> None:
         self._packages: dict[str, PackageImporter] = {}
         self._objects: dict[str, Any] = {}
+        self._devices: dict[str, torch.device] = {}  # object id -> its device, for those not on the CPU
         self._handlers: dict[type[Any], Callable[[Any, list[Any], list[Any]], Any]] = {
             protocol.RegisterModule: self._register_module,
             protocol.OpenPackage: self._open_package,
@@ -50,7 +53,9 @@ class Runtime:
             protocol.HasAttr: self._has_attr,
             protocol.LoadResource: self._load_resource,
         }
-        self.sessions = SessionObjects(self._object, self._package, lambda: reversed(self._packages.values()))
+        self.sessions = SessionObjects(
+            self._object, self._package, lambda: reversed(self._packages.values()), self._devices.get
+        )
         self._handlers.update(self.sessions.handlers())
         self._handlers[protocol.SessionClose] = self._close_session
 
@@ -129,17 +134,28 @@ class Runtime:
 
     def _load_pickle(self, request: protocol.LoadPickle, _: list[Any], __: list[Any]) -> float | None:
         package = self._package(request.package_id)
+        device = require_device(request.device)  # before the unpickling: a host without CUDA fails at once
         if isinstance(package.zip_reader, SharedWeightsReader):
             package.zip_reader.new_mapping()
         loaded = package.load_pickle(request.module, request.file)
+        if request.shared:  # the keeper's copy on the device, in place of this one
+            with out_of_memory_as_failure("mapping the keeper's weights"):
+                adopt_state(loaded, request.shared)
+        loaded = move_object(loaded, device)
         # Warm before it is kept: an object whose warmup fails is not loaded here.
-        seconds = run_warmup(loaded, request.warmup) if request.warmup else None
+        with out_of_memory_as_failure("the warmup"):
+            seconds = run_warmup(loaded, request.warmup, device) if request.warmup else None
         self._objects[request.object_id] = loaded
+        if device.type != "cpu":
+            self._devices[request.object_id] = device
         return seconds
 
     def _unload_object(self, request: protocol.UnloadObject, _: list[Any], __: list[Any]) -> None:
+        self._devices.pop(request.object_id, None)
         if self._objects.pop(request.object_id, None) is not None:
             _collect_garbage()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # its weights' blocks go back to the GPU, for other processes
 
     def _close_session(self, request: protocol.SessionClose, _: list[Any], __: list[Any]) -> None:
         if self.sessions.close(request.session_id):
@@ -164,9 +180,14 @@ class Runtime:
             )
         args = unpack(request.args, buffers)
         kwargs = unpack(request.kwargs, buffers)
-        with torch.no_grad():
-            result = method(*args, **kwargs)
-        return pack(result, out_buffers)
+        device = self._devices.get(request.object_id)
+        if device is None:
+            with torch.no_grad():
+                result = method(*args, **kwargs)
+            return pack(result, out_buffers)
+        with out_of_memory_as_failure(f"calling {request.method}"), torch.no_grad():
+            result = method(*to_device(args, device), **to_device(kwargs, device))
+            return pack(result, out_buffers)  # tensors come back to the CPU (pack_tensor)
 
 
 def _forget_sources(importer: PackageImporter) -> None:

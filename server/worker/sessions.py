@@ -17,6 +17,7 @@ import torch
 from torch.package import PackageExporter, sys_importer  # type: ignore[attr-defined]
 
 from server.ipc import protocol
+from server.worker.devices import to_device
 from server.worker.failures import RequestFailed
 from server.worker.values import pack, pack_tensor, unpack
 
@@ -32,7 +33,10 @@ class SessionObjects:
         replica: Callable[[str], Any],
         importer: Callable[[str], Any],
         importers: Callable[[], Iterable[Any]],
+        device_of: Callable[[str], Any] = lambda object_id: None,
     ) -> None:
+        self._device_of = device_of  # object id -> its device (server.worker.devices), None: the CPU
+        self._devices: dict[str, Any] = {}  # session id -> the device of the model it started from
         self._replica = replica  # object id -> this worker's replica (raises if none)
         self._importer = importer  # package id -> this worker's importer (raises if none)
         self._importers = importers  # every package importer here, the latest first
@@ -75,6 +79,9 @@ class SessionObjects:
 
     def _from_object(self, request: protocol.SessionFromObject, _: list[Any], __: list[Any]) -> str:
         obj = self._importer(request.package_id) if request.package_id else self._replica(request.object_id)
+        device = None if request.package_id else self._device_of(request.object_id)
+        if device is not None:  # a session on a model on a GPU: its calls' tensors go there too
+            self._devices[request.session_id] = device
         return self._keep(request.session_id, request.result, obj)
 
     def _call(self, request: protocol.ObjCall, buffers: list[Any], _: list[Any]) -> str:
@@ -83,6 +90,9 @@ class SessionObjects:
         function = getattr(target, request.method) if request.method else target
         args = unpack(request.args, buffers, objects)
         kwargs = unpack(request.kwargs, buffers, objects)
+        device = self._devices.get(request.session_id)
+        if device is not None:
+            args, kwargs = to_device(args, device), to_device(kwargs, device)
         return self._keep(request.session_id, request.result, function(*args, **kwargs))
 
     def _attr(self, request: protocol.ObjAttr, _: list[Any], __: list[Any]) -> Any:
@@ -135,6 +145,7 @@ class SessionObjects:
 
     def close(self, session_id: str) -> int:
         """Drop the session's objects; returns how many there were."""
+        self._devices.pop(session_id, None)
         return len(self._sessions.pop(session_id, {}))
 
 

@@ -82,5 +82,7 @@ def pack_tensor(tensor: torch.Tensor, buffers: list[Any]) -> tuple[str, str, lis
     dtype_name = DTYPE_NAMES.get(tensor.dtype)
     if dtype_name is None:
         raise TypeError(f"tensors of dtype {tensor.dtype} cannot be sent over the wire")
+    if tensor.device.type != "cpu":  # a model on a GPU: its results come back for the wire
+        tensor = tensor.detach().cpu()
     buffers.append(tensor_bytes(tensor))
     return ("tensor", dtype_name, list(tensor.shape), len(buffers) - 1)

@@ -15,6 +15,7 @@ import torch
 
 from deployd_wire.tensor_args import BadArg, parse_arg
 from server.ipc import protocol
+from server.worker.devices import to_device
 from server.worker.failures import RequestFailed
 
 
@@ -25,10 +26,12 @@ class WarmupFailed(RequestFailed):
         super().__init__(protocol.FAILURE_INVALID_ARGUMENT, message)
 
 
-def run_warmup(target: Any, warmup: tuple[Any, ...]) -> float:
-    """Call target's method with the warmup's inputs, repeat times; the seconds it took."""
+def run_warmup(target: Any, warmup: tuple[Any, ...], device: torch.device | None = None) -> float:
+    """Call target's method with the warmup's inputs (on the model's device), repeat times; the seconds it took."""
     method_name, texts, keyword_texts, data, repeat = warmup
     args, kwargs = _arguments(texts, keyword_texts, data)
+    if device is not None:
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
     method = getattr(target, method_name, None)
     if not callable(method):
         raise WarmupFailed(f"warmup: {type(target).__qualname__} has no method {method_name!r}")
