@@ -3,7 +3,7 @@ weights for 4 workers on one GPU, a SIGKILLed worker serving again from the keep
 batched against unbatched ResNet-18 at 32 callers (reported, not gated). They share one run of
 bench.gpu (its numbers printed and written to $OUT/gpu.json); scripts/device_check.sh runs them.
 
-Here, on the CPU: that bench.gpu runs (--cpu-dry-run) and that the device script's dry run does.
+Here, on the CPU: the device script's dry run, bench.gpu --cpu-dry-run included.
 """
 
 from __future__ import annotations
@@ -81,19 +81,7 @@ def test_batched_and_unbatched_resnet18_at_32_callers(gpu_run: dict[str, Any]) -
 # ---------------------------------------------------------------------------- here, on the CPU
 
 
-def test_the_gpu_bench_runs_on_the_cpu(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench.gpu", "--cpu-dry-run", "--callers", "4", "--out", str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "gpu.json").read_text())
-    assert results["correctness"]["max_abs_difference"] < 1e-4 and results["correctness"]["result_device"] == "cpu"
-    assert results["replacement"]["replaced"] and results["replacement"]["answers_as_before"]
-    assert set(results["bench"]["median"]) == {"resnet", "resnet_batched"}
-    for number in ("1.", "2.", "3.", "4."):
-        assert f"\n{number} " in f"\n{done.stdout}", done.stdout
-
-
+@pytest.mark.timeout(400)  # the bench boots daemons and a keeper: slow on a busy 2-core host
 def test_the_device_script_dry_run(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(
@@ -105,5 +93,12 @@ def test_the_device_script_dry_run(tmp_path: Path) -> None:
         env=env,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "gpu.json").is_file() and (tmp_path / "pytest.txt").is_file()
     assert "4 skipped" in (tmp_path / "pytest.txt").read_text()  # no GPU here: the gpu tests say so
+    # The script's bench.gpu --cpu-dry-run: every step ran, on the CPU.
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert results["correctness"]["max_abs_difference"] < 1e-4 and results["correctness"]["result_device"] == "cpu"
+    assert results["replacement"]["replaced"] and results["replacement"]["answers_as_before"]
+    assert set(results["bench"]["median"]) == {"resnet", "resnet_batched"}
+    printed = (tmp_path / "bench.txt").read_text()
+    for number in ("1.", "2.", "3.", "4."):
+        assert f"\n{number} " in f"\n{printed}", printed
