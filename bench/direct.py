@@ -115,12 +115,17 @@ class DirectDaemon(SeedDaemon):
 
     def write_config(self) -> Path:
         path = super().write_config()
-        shutil.copyfile(self.identity, path.parent / "packages" / "identity.pt")
-        config = yaml.safe_load(path.read_text())
-        config["pool"]["data_ports"] = 0
-        config["models"].append({"name": IDENTITY, "package": "identity.pt", "pickle": "model:model.pkl"})
-        path.write_text(yaml.safe_dump(config))
+        serve_identity(path, self.identity)
         return path
+
+
+def serve_identity(config_path: Path, identity: Path) -> None:
+    """Edit a bench daemon's config: data ports on (any free ones) and the identity served by name."""
+    shutil.copyfile(identity, config_path.parent / "packages" / "identity.pt")
+    config = yaml.safe_load(config_path.read_text())
+    config["pool"]["data_ports"] = 0
+    config.setdefault("models", []).append({"name": IDENTITY, "package": "identity.pt", "pickle": "model:model.pkl"})
+    config_path.write_text(yaml.safe_dump(config))
 
 
 class FloorServer:
@@ -303,18 +308,20 @@ def side_by_side_load(spec: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(_side_by_side(spec))
 
 
-async def data_ports(stub: Any, timeout: float = 120.0) -> list[Any]:
-    """The workers' endpoints once each serves both models on its data port."""
+async def data_ports(
+    stub: Any, workers: int = WORKERS, models: tuple[str, ...] = MODELS, timeout: float = 120.0
+) -> list[Any]:
+    """The endpoints of the daemon's workers once each of them serves the models on its data port."""
     from deployd_wire.proto import deployd_pb2 as pb
 
     deadline = time.monotonic() + timeout
     while True:
         answer = await stub.Endpoints(pb.EndpointsRequest(), timeout=30)
-        serving = [worker for worker in answer.workers if set(MODELS) <= set(worker.models)]
-        if len(serving) >= WORKERS:
-            return sorted(serving, key=lambda worker: worker.slot)[:WORKERS]
+        serving = [worker for worker in answer.workers if set(models) <= set(worker.models)]
+        if len(serving) >= workers:
+            return sorted(serving, key=lambda worker: worker.slot)[:workers]
         if time.monotonic() > deadline:
-            raise BenchError(f"the daemon named {len(serving)} data ports serving {MODELS} in {timeout:.0f}s")
+            raise BenchError(f"the daemon named {len(serving)} data ports serving {models} in {timeout:.0f}s")
         await asyncio.sleep(0.1)
 
 
