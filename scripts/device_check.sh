@@ -7,8 +7,9 @@
 # Installs the carried wheels (wheels/, made with `pip download --no-deps`: the machine fetches
 # nothing) and this package (pip install --no-deps -e .), prints the host, runs
 # tests/test_gpu_device.py -m gpu (one run of bench.gpu: every number printed, and written to
-# $OUT/gpu.json), and copies the daemon-side logs. Every step has a timeout; the whole stays
-# under about 8 minutes.
+# $OUT/gpu.json), then the direct path's scaling curve over the host's cores (bench
+# direct_scaling, about 3 minutes on 16 cores). Every step has a timeout; the whole stays under
+# about 9 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -52,6 +53,15 @@ step "gpu tests (one run of bench.gpu)"
 OUT="$OUT" timeout 420 "$PYTHON" -m pytest tests/test_gpu_device.py -m gpu -s -rA -p no:cacheprovider \
     -o timeout=400 2>&1 | tee "$OUT/pytest.txt"
 status=${PIPESTATUS[0]}
+
+step "the direct path's scaling curve (issue 19: 1, 2, 4, 8, 14 workers, direct against daemon path)"
+if [ "$DRY_RUN" = 0 ]; then
+    timeout 300 "$PYTHON" -m bench --only direct_scaling 2>&1 | grep -v Warning | tee "$OUT/direct_scaling.txt"
+    status=$(( status | PIPESTATUS[0] ))
+    cp -r bench/results "$OUT/bench-results" 2>/dev/null || true
+else
+    echo "(dry run: skipped here; make bench-smoke runs it)" | tee "$OUT/direct_scaling.txt"
+fi
 
 if [ "$DRY_RUN" = 1 ]; then
     step "bench.gpu --cpu-dry-run"

@@ -94,6 +94,7 @@ def test_the_device_script_dry_run(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "4 skipped" in (tmp_path / "pytest.txt").read_text()  # no GPU here: the gpu tests say so
+    assert (tmp_path / "direct_scaling.txt").is_file()
     # The script's bench.gpu --cpu-dry-run: every step ran, on the CPU.
     results = json.loads((tmp_path / "gpu.json").read_text())
     assert results["correctness"]["max_abs_difference"] < 1e-4 and results["correctness"]["result_device"] == "cpu"
