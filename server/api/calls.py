@@ -279,6 +279,8 @@ class _Call:
 
 def _cut(text: str, limit: int) -> str:
     """text in at most limit bytes of UTF-8: cut short, saying so, if longer."""
+    if len(text) * 4 <= limit:  # fits whatever its characters (a call's model name, every call)
+        return text
     data = text.encode()
     if len(data) <= limit:
         return text

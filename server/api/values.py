@@ -75,6 +75,13 @@ def check_shape(
     Returns the element count."""
     if len(shape) > limits.max_tensor_rank:
         raise wording.error(wording.rank.format(name=name, rank=len(shape), limit=limits.max_tensor_rank))
+    if before_elements is None and min(shape, default=1) > 0:
+        # The common case in fewer steps (every call's tensors): no size 0 or negative, so the
+        # element count is also what the byte sizes are made of.
+        elements = math.prod(shape)
+        limit = limits.max_tensor_elements if max_elements is None else max_elements
+        if elements * itemsize <= _INT64_MAX and elements <= limit:
+            return elements
     if any(size < 0 for size in shape):
         raise wording.error(wording.negative.format(name=name, shape=shape))
     if math.prod(max(size, 1) for size in shape) * itemsize > _INT64_MAX:
