@@ -54,7 +54,7 @@ class Call:
 _running: Call | None = None
 
 
-class running:  # noqa: N801 (used as a function: `with running(call):`)
+class running:  # lower case: used as a function, `with running(call):`
     """Make call the running one for the block (the worker's side of this module). A class, not
     a generator: it wraps every call a worker runs, and costs a third as much."""
 

@@ -205,6 +205,7 @@ def pack_value(packed: Any, buffers: list[Any], out: pb.Value) -> None:
         out.tuple_value.SetInParent()
     else:
         _, name, shape, index = packed
-        out.tensor_value.dtype = _DTYPE_BY_NAME[name]  # type: ignore[assignment]
-        out.tensor_value.shape.extend(shape)
-        out.tensor_value.data = bytes(buffers[index])
+        tensor = out.tensor_value  # each read of a message field makes a view: read it once
+        tensor.dtype = _DTYPE_BY_NAME[name]  # type: ignore[assignment]
+        tensor.shape.extend(shape)
+        tensor.data = bytes(buffers[index])
