@@ -222,7 +222,7 @@ class _Call:
         self._call_id = ""
         self._code, self._seconds = grpc.StatusCode.OK, 0.0
         self.span: Any = None  # the call's edge span (server.tracing), when traced
-        self._metrics.calls_in_flight.inc()
+        self._metrics.call_started()
 
     def finish(self, code: grpc.StatusCode) -> None:
         """The call has its answer (code): counted the first time, and logged once it is done."""
@@ -231,7 +231,7 @@ class _Call:
             # Before the answer leaves, so a caller that has its answer finds it counted.
             self._counted = True
             metrics = self._metrics
-            metrics.calls_in_flight.dec()
+            metrics.call_ended()
             # Not a name that is not loaded: every caller's typo would be a series for good.
             label = self._target if self._labelled and code != grpc.StatusCode.NOT_FOUND else ""
             metrics.observe_call(self._method, label, code.name, seconds)
