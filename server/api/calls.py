@@ -222,7 +222,7 @@ class _Call:
         self._call_id = ""
         self._code, self._seconds = grpc.StatusCode.OK, 0.0
         self.span: Any = None  # the call's edge span (server.tracing), when traced
-        self._metrics.calls_in_flight.inc()
+        self._metrics.call_started()
 
     def finish(self, code: grpc.StatusCode) -> None:
         """The call has its answer (code): counted the first time, and logged once it is done."""
@@ -231,7 +231,7 @@ class _Call:
             # Before the answer leaves, so a caller that has its answer finds it counted.
             self._counted = True
             metrics = self._metrics
-            metrics.calls_in_flight.dec()
+            metrics.call_ended()
             # Not a name that is not loaded: every caller's typo would be a series for good.
             label = self._target if self._labelled and code != grpc.StatusCode.NOT_FOUND else ""
             metrics.observe_call(self._method, label, code.name, seconds)
@@ -279,6 +279,8 @@ class _Call:
 
 def _cut(text: str, limit: int) -> str:
     """text in at most limit bytes of UTF-8: cut short, saying so, if longer."""
+    if len(text) * 4 <= limit:  # fits whatever its characters (a call's model name, every call)
+        return text
     data = text.encode()
     if len(data) <= limit:
         return text

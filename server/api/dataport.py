@@ -131,7 +131,10 @@ class LocalModels:
 
     def __init__(self, run: Run, row: WorkerRow | None, metrics: Metrics | None = None, max_queued: int = 1000) -> None:
         self.generation = 0
+        # What every answer's trailing metadata says (GENERATION_KEY), made once per generation.
+        self.trailer: tuple[tuple[str, str], ...] = ((GENERATION_KEY, "0"),)
         self.slot = -1  # the worker's, once its port opens (for its spans)
+        self._pid = os.getpid()  # for its spans
         self._run_request = run
         self._row = row
         self._labels: dict[tuple[Any, str, Any], bytes] = {}  # call site -> its call board label
@@ -162,6 +165,7 @@ class LocalModels:
                 policy = BatchPolicy(size, delay, tuple(preferred))
                 self._batchers[object_id] = Batcher(object_id, label, policy, self._pool, self._observer)
         self.generation = routes.generation
+        self.trailer = ((GENERATION_KEY, str(routes.generation)),)
 
     async def retire(self, object_id: str, timeout: float = 30.0) -> None:
         """Before an object is unloaded here: the calls its batcher holds finish first."""
@@ -217,7 +221,7 @@ class LocalModels:
             # Model code may ask whether its caller is gone (deployd_worker): here, once the
             # deadline has passed. A cancellation reaches this worker's grpc only through the
             # event loop, which the model holds while it runs: it cannot be seen meanwhile.
-            with tracing.model_run(self.slot, os.getpid(), getattr(message, "object_id", "")) as span:
+            with tracing.model_run(self.slot, self._pid, getattr(message, "object_id", "")) as span:
                 with running(Call(deadline)):
                     reply, out_buffers = self._run_request(message, buffers)
                 ran = isinstance(reply, protocol.Result)
@@ -279,13 +283,13 @@ class DataPortV1(deployd_v1.InvokeHandlers, pb_grpc.DeploydServicer):  # type: i
     async def Invoke(self, request: pb.InvokeRequest, context: Context) -> pb.InvokeResponse:
         _note_call(context)
         response = await super().Invoke(request, context)
-        context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
+        context.set_trailing_metadata(self._models.trailer)
         return response
 
     async def HasAttr(self, request: pb.HasAttrRequest, context: Context) -> pb.HasAttrResponse:
         _note_call(context)
         response = await super().HasAttr(request, context)
-        context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
+        context.set_trailing_metadata(self._models.trailer)
         return response
 
 
@@ -304,7 +308,7 @@ class DataPortV2(kserve_v2.InferHandlers, v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: v2.ModelInferRequest, context: Context) -> v2.ModelInferResponse:
         _note_call(context)
         response = await super().ModelInfer(request, context)
-        context.set_trailing_metadata(((GENERATION_KEY, str(self._models.generation)),))
+        context.set_trailing_metadata(self._models.trailer)
         return response
 
 

@@ -53,7 +53,11 @@ class InvokeHandlers(Servicer):
         args = [unpack_value(value, buffers, limits) for value in request.args]
         # A protobuf map has no order (upb's differs from process to process): by name, so a
         # model meets its kwargs in one order on every path, and of bad ones the same is named.
-        kwargs = {name: unpack_value(value, buffers, limits) for name, value in sorted(request.kwargs.items())}
+        kwargs = (
+            {name: unpack_value(value, buffers, limits) for name, value in sorted(request.kwargs.items())}
+            if request.kwargs  # most calls have none: sorting an empty map's items costs 0.7 us
+            else {}
+        )
         result, result_buffers = await self._service.invoke(
             request.object_id, request.version, request.method or "__call__", args, kwargs, buffers
         )

@@ -18,9 +18,11 @@ scraped, adds what the workers' files hold (MultiProcessCollector) series by ser
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import glob
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -135,6 +137,7 @@ class Metrics:
         self.calls_in_flight = Gauge(
             "deployd_calls_in_flight", "gRPC calls being handled now", multiprocess_mode="livesum", registry=shared
         )
+        self._add_in_flight = _adder(self.calls_in_flight)
         self.message_bytes = Counter(
             "deployd_message_bytes",
             "Bytes of gRPC messages and HTTP bodies, by direction (received, sent) and protocol (grpc, http)",
@@ -146,6 +149,7 @@ class Metrics:
             self.message_bytes.labels("sent", GRPC),
         )
         self._http_received = self.message_bytes.labels("received", HTTP)
+        self._add_received, self._add_sent = _adder(self._received), _adder(self._sent)
         self._http_sent = self.message_bytes.labels("sent", HTTP)
         self.batch_size = Histogram(
             "deployd_batch_size",
@@ -166,7 +170,8 @@ class Metrics:
         r.register(self._with_workers)
         r.register(_LogDropsCollector(logs.records_dropped))
         self._http: Any = None
-        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        # (method, model, code, protocol) -> how a call adds to its count and its duration
+        self._children: dict[tuple[str, str, str, str], tuple[Callable[[float], None], Callable[[float], None]]] = {}
         self._runs: dict[str, Any] = {}
 
     def watch(
@@ -198,17 +203,24 @@ class Metrics:
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
-                self.calls.labels(method, object_id, code, protocol),
-                self.call_duration.labels(method, protocol),
+                _adder(self.calls.labels(method, object_id, code, protocol)),
+                _observer(self.call_duration.labels(method, protocol)),
             )
-        children[0].inc()
-        children[1].observe(seconds)
+        children[0](1)
+        children[1](seconds)
+
+    def call_started(self) -> None:
+        """A gRPC call is being handled (calls_in_flight), until call_ended."""
+        self._add_in_flight(1)
+
+    def call_ended(self) -> None:
+        self._add_in_flight(-1)
 
     def observe_received(self, size: int) -> None:
-        self._received.inc(size)
+        self._add_received(size)
 
     def observe_sent(self, size: int) -> None:
-        self._sent.inc(size)
+        self._add_sent(size)
 
     def observe_http_bytes(self, received: int, sent: int) -> None:
         self._http_received.inc(received)
@@ -278,6 +290,37 @@ class Metrics:
             self._http.server_close()
         if self._with_workers.directory:
             shutil.rmtree(self._with_workers.directory, ignore_errors=True)
+
+
+# Every call adds to six values (calls in flight, up and down; its count; its duration's sum and
+# bucket; the bytes of its request and its answer). prometheus_client checks on each inc or
+# observe that the metric is not a parent with labels and that a counter's amount is not
+# negative: 6 us a call of a data port's ~40 us of Python. These series' children are made
+# here and their amounts are never negative, so the calls go to the values themselves.
+
+
+def _adder(child: Any) -> Callable[[float], None]:
+    """child.inc (a counter's or gauge's, labels given), without those checks: its value's own inc."""
+    value = getattr(child, "_value", None)
+    add = getattr(value, "inc", None)
+    return add if callable(add) else child.inc  # type: ignore[no-any-return]
+
+
+def _observer(child: Any) -> Callable[[float], None]:
+    """child.observe (a histogram's, labels given), without those checks: the sum's value and the
+    first bucket whose bound is at least the amount, as prometheus_client does."""
+    total, buckets, bounds = (getattr(child, name, None) for name in ("_sum", "_buckets", "_upper_bounds"))
+    if total is None or not buckets or not bounds or len(buckets) != len(bounds) or bounds[-1] != math.inf:
+        return child.observe  # type: ignore[no-any-return]
+    add_to_sum = total.inc
+    add_to_bucket = [bucket.inc for bucket in buckets]
+    bounds = list(bounds)
+
+    def observe(amount: float) -> None:
+        add_to_sum(amount)
+        add_to_bucket[bisect.bisect_left(bounds, amount)](1)
+
+    return observe
 
 
 def _write_to_directory(directory: str) -> None:

@@ -75,6 +75,13 @@ def check_shape(
     Returns the element count."""
     if len(shape) > limits.max_tensor_rank:
         raise wording.error(wording.rank.format(name=name, rank=len(shape), limit=limits.max_tensor_rank))
+    if before_elements is None and min(shape, default=1) > 0:
+        # The common case in fewer steps (every call's tensors): no size 0 or negative, so the
+        # element count is also what the byte sizes are made of.
+        elements = math.prod(shape)
+        limit = limits.max_tensor_elements if max_elements is None else max_elements
+        if elements * itemsize <= _INT64_MAX and elements <= limit:
+            return elements
     if any(size < 0 for size in shape):
         raise wording.error(wording.negative.format(name=name, shape=shape))
     if math.prod(max(size, 1) for size in shape) * itemsize > _INT64_MAX:
@@ -198,6 +205,7 @@ def pack_value(packed: Any, buffers: list[Any], out: pb.Value) -> None:
         out.tuple_value.SetInParent()
     else:
         _, name, shape, index = packed
-        out.tensor_value.dtype = _DTYPE_BY_NAME[name]  # type: ignore[assignment]
-        out.tensor_value.shape.extend(shape)
-        out.tensor_value.data = bytes(buffers[index])
+        tensor = out.tensor_value  # each read of a message field makes a view: read it once
+        tensor.dtype = _DTYPE_BY_NAME[name]  # type: ignore[assignment]
+        tensor.shape.extend(shape)
+        tensor.data = bytes(buffers[index])
