@@ -215,8 +215,10 @@ def forge():
 
 
 def test_a_worker_that_writes_a_frame_the_daemon_cannot_take_is_replaced(
-    fresh_daemon: DaemonProcess, package_dir: Path
+    daemon_with: Callable[..., DaemonProcess], package_dir: Path
 ) -> None:
+    # No data ports: the forger writes to the worker's first socket, which must be the daemon's.
+    fresh_daemon = daemon_with(pool={"data_ports": -1})
     with InterpreterManager(fresh_daemon.target, timeout=60) as manager:
         scale = load_scale(manager, package_dir)
         manager.register_module_source("forged_reply", FORGED_REPLY)

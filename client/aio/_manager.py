@@ -185,7 +185,7 @@ class AsyncInterpreterManager(WorkerCount):
         )
         unreachable: set[str] = set()
         resent = 0  # calls sent again because their worker ended before it started them
-        misrouted_at = -2  # the list's generation when a worker last said it lacks the target
+        misrouted = False  # a worker said it lacks the target, and the list was asked for again
         while True:
             routes.check_target(request.object_id)
             if routes.stale:
@@ -215,16 +215,15 @@ class AsyncInterpreterManager(WorkerCount):
                         worker.note_abandoned()  # the worker may still be running it
                     elif rpc_error.code() != grpc.StatusCode.UNAVAILABLE:
                         worker.note_answer()  # an error, but from a worker free to send it
-                if (
-                    worker is not None
-                    and rpc_error.code() == grpc.StatusCode.NOT_FOUND
-                    and misrouted_at != routes.generation
-                ):
-                    # What the worker holds changed since the list was made: ask, then send it
-                    # again. Believed once a fresh list does not change (an unknown method).
-                    misrouted_at = routes.generation
-                    routes.stale = True
-                    continue
+                if worker is not None and rpc_error.code() == grpc.StatusCode.NOT_FOUND and not misrouted:
+                    # Nothing ran. If the list of ports is older than a hot swap or a move, the
+                    # call goes again where the new one says; else the worker's answer stands.
+                    misrouted = True
+                    generation = routes.generation
+                    async with self._routes_lock:
+                        await self._refresh_routes()
+                    if routes.generation != generation:
+                        continue
                 if worker is not None and rpc_error.code() == grpc.StatusCode.UNAVAILABLE:
                     routes.stale = True  # that worker went away: ask where the workers are now
                     if never_reached(rpc_error.details()):
