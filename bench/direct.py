@@ -308,6 +308,28 @@ def side_by_side_load(spec: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(_side_by_side(spec))
 
 
+def invoke_requests() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each model's input tensor, and its Invoke request by name (deployd.v1, one float32 tensor)."""
+    import torch  # in the load-generator child only, like the rest of its imports
+
+    from deployd_wire.proto import deployd_pb2 as pb
+
+    inputs = {
+        IDENTITY: torch.arange(16, dtype=torch.float32),
+        SEED: torch.rand(SHAPES[SEED], generator=torch.Generator().manual_seed(0)),
+    }
+    requests = {
+        model: pb.InvokeRequest(
+            object_id=model,
+            args=[
+                pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(x.shape), data=x.numpy().tobytes()))
+            ],
+        )
+        for model, x in inputs.items()
+    }
+    return inputs, requests
+
+
 async def data_ports(
     stub: Any, workers: int = WORKERS, models: tuple[str, ...] = MODELS, timeout: float = 120.0
 ) -> list[Any]:
@@ -327,25 +349,11 @@ async def data_ports(
 
 async def _side_by_side(spec: dict[str, Any]) -> dict[str, Any]:
     import grpc
-    import torch
 
     from bench.echo import Blob, echo_method
-    from deployd_wire.proto import deployd_pb2 as pb
     from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
-    inputs = {
-        IDENTITY: torch.arange(16, dtype=torch.float32),
-        SEED: torch.rand(SHAPES[SEED], generator=torch.Generator().manual_seed(0)),
-    }
-    requests = {
-        model: pb.InvokeRequest(
-            object_id=model,
-            args=[
-                pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(x.shape), data=x.numpy().tobytes()))
-            ],
-        )
-        for model, x in inputs.items()
-    }
+    inputs, requests = invoke_requests()
     payload = inputs[IDENTITY].numpy().tobytes()
     async with contextlib.AsyncExitStack() as stack:
 

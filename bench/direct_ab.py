@@ -98,24 +98,10 @@ async def compare(
     seconds: float,
 ) -> None:
     import grpc
-    import torch
 
-    from deployd_wire.proto import deployd_pb2 as pb
     from deployd_wire.proto import deployd_pb2_grpc as pb_grpc
 
-    inputs = {
-        direct.IDENTITY: torch.arange(16, dtype=torch.float32),
-        direct.SEED: torch.rand(direct.SHAPES[direct.SEED], generator=torch.Generator().manual_seed(0)),
-    }
-    requests = {
-        model: pb.InvokeRequest(
-            object_id=model,
-            args=[
-                pb.Value(tensor_value=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(x.shape), data=x.numpy().tobytes()))
-            ],
-        )
-        for model, x in inputs.items()
-    }
+    _, requests = direct.invoke_requests()
 
     def stub(target: str) -> Any:
         return pb_grpc.DeploydStub(grpc.aio.insecure_channel(target, options=direct.CHANNEL_OPTIONS))

@@ -98,16 +98,7 @@ class ModelRepository:
         warmup = await self._warmup_message(entry)
         package = await self._service.load_package_path(entry.package)
         try:
-            await self._service.load_pickle(
-                package.package_id,
-                entry.module,
-                entry.file,
-                entry.name,
-                entry.batching,
-                entry.workers,
-                warmup,
-                entry.device,
-            )
+            await self._load_pickle(package.package_id, entry, warmup)
         finally:
             if package.package_id not in loaded_before:
                 # Loaded for this model alone: it goes once the model's last version has.
@@ -173,21 +164,18 @@ class ModelRepository:
         )
         return report
 
+    async def _load_pickle(self, package_id: str, entry: ModelEntry, warmup: tuple[Any, ...]) -> None:
+        """The entry's pickle from its loaded package, as the entry says to serve it."""
+        await self._service.load_pickle(
+            package_id, entry.module, entry.file, entry.name, entry.batching, entry.workers, warmup, entry.device
+        )
+
     async def _load(self, entry: ModelEntry) -> None:
         stamp = self._stamp(entry)
         warmup = await self._warmup_message(entry)
         package = await self._service.load_package_path(entry.package)
         try:
-            await self._service.load_pickle(
-                package.package_id,
-                entry.module,
-                entry.file,
-                entry.name,
-                entry.batching,
-                entry.workers,
-                warmup,
-                entry.device,
-            )
+            await self._load_pickle(package.package_id, entry, warmup)
         except DeploydError:
             if package.package_id not in self._packages:  # loaded for this entry alone: not kept
                 await self._service.release_package_when_unused(package.package_id)
